@@ -1,0 +1,262 @@
+"""The one checkpoint schema of this project, and loading of published checkpoints.
+
+A checkpoint is a ``dict`` saved with ``torch.save`` that holds only tensors and plain Python
+types (str, int, float, bool, None, list, tuple, dict), so that ``torch.load(path)`` (which
+in current PyTorch defaults to ``weights_only=True``) reads it, as the original README's
+fine-tuning snippet does, and so that loading never runs code from the file.
+
+Keys (the first five are the published ones; every writer here fills all of them):
+
+================================ ==========================================================
+``state_dict``                   the *unwrapped* model's weights (no ``module.`` or
+                                 ``_orig_mod.`` prefix)
+``optimizer_state_dict``         ``optimizer.state_dict()`` (or ``{}``)
+``epoch``                        int, number of epochs completed
+``best_loss``                    float, best validation loss so far
+``num_epoch_no_improvement``     int, epochs since ``best_loss`` improved
+``scheduler_state_dict``         lr scheduler state (or ``{}``)
+``arch``                         str, e.g. ``"YNet3D"``, ``"ClassificationNet3D"``, ``"UNet3D"``
+``model_config``                 dict of constructor arguments (``width``, ``cls_classes`` ...)
+``config``                       the resolved run configuration (plain types)
+``schema_version``               int, ``SCHEMA_VERSION``
+``extra``                        dict, free-form plain data (e.g. RNG states as tensors)
+================================ ==========================================================
+
+Files are written atomically (temporary file in the same folder, then ``os.replace``), so a
+crash never leaves a truncated checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CheckpointError",
+    "to_plain",
+    "atomic_torch_save",
+    "save_checkpoint",
+    "load_checkpoint",
+    "clean_state_dict",
+    "unwrap_model",
+    "load_state_dict_checked",
+    "load_pretrained",
+]
+
+SCHEMA_VERSION = 1
+
+#: Prefixes stripped from published or wrapped checkpoints before matching keys.
+STRIP_PREFIXES = ("module.", "_orig_mod.", "classficationNet.", "classificationNet.")
+#: Key prefixes of published checkpoints that never belong to our networks.
+IGNORED_PREFIXES = ("projection_head.", "prototypes.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit the model; the message names file and fix."""
+
+
+def to_plain(obj: Any) -> Any:
+    """Convert ``obj`` to plain Python types accepted by ``torch.load(weights_only=True)``.
+
+    Paths become str, numpy scalars/arrays become Python numbers/lists, Namespaces become dicts,
+    tuples become lists, tensors are kept.
+    """
+    if obj is None or isinstance(obj, (bool, int, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, float):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if hasattr(obj, "__dict__") and type(obj).__name__ == "Namespace":
+        return to_plain(vars(obj))
+    if isinstance(obj, (list, tuple, set)):
+        return [to_plain(v) for v in obj]
+    if hasattr(obj, "item") and hasattr(obj, "dtype") and getattr(obj, "ndim", 1) == 0:
+        return obj.item()  # numpy scalar
+    if hasattr(obj, "tolist"):
+        return obj.tolist()  # numpy array
+    return str(obj)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the plain module under DataParallel / DistributedDataParallel / torch.compile."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any = None, epoch: int = 0, best_loss: float = math.inf,
+                    num_epoch_no_improvement: int = 0, arch: str | None = None,
+                    model_config: Mapping[str, Any] | None = None,
+                    config: Any = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a checkpoint of the unwrapped ``model`` atomically; see the module docstring."""
+    model = unwrap_model(model)
+    payload = {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else {},
+        "epoch": int(epoch),
+        "best_loss": float(best_loss),
+        "num_epoch_no_improvement": int(num_epoch_no_improvement),
+        "scheduler_state_dict": scheduler.state_dict() if scheduler is not None else {},
+        "arch": arch or type(model).__name__,
+        "model_config": to_plain(dict(model_config or {})),
+        "config": to_plain(config if config is not None else {}),
+        "schema_version": SCHEMA_VERSION,
+        "extra": to_plain(dict(extra or {})),
+    }
+    return atomic_torch_save(payload, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; errors name the file and the fix.
+
+    Accepts our schema, the published format (a dict with ``state_dict``) and a bare state dict
+    (returned as ``{"state_dict": ...}``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; check the path (--weights/--pre_path/--resume)")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError,
+            OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or not a weights-only file: "
+            f"{first}); re-download or re-create it") from e
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        return dict(obj)
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"state_dict": dict(obj)}
+    raise CheckpointError(f"{path}: no 'state_dict' in this file; expected a Semantic Genesis checkpoint")
+
+
+def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes (``module.``, ``_orig_mod.``, ``classficationNet.``) and drop
+    keys of heads that are not part of our networks (``projection_head.*``, ``prototypes.*``)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        if key.startswith(IGNORED_PREFIXES):
+            continue
+        out[key] = value
+    return out
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p.rstrip(".") + ".") for p in patterns)
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
+                            source: str = "checkpoint", new_keys: Iterable[str] = (),
+                            ignore_unexpected: Iterable[str] = (),
+                            allow_unexpected: bool = False) -> list[str]:
+    """Copy ``state_dict`` into ``model`` after checking every key and shape.
+
+    Args:
+        new_keys: keys or key prefixes of ``model`` the caller declares new (e.g. a fresh head):
+            they may be missing or of another shape, and keep their initial values.
+        ignore_unexpected: prefixes of checkpoint keys to skip silently (e.g. ``clc_out`` when
+            loading a Y-Net checkpoint into a ``UNet3D``).
+        allow_unexpected: skip every checkpoint key the model lacks.
+
+    Returns:
+        The list of model keys that were loaded.
+
+    Raises:
+        CheckpointError listing every missing, unexpected and shape-mismatched key.
+    """
+    model = unwrap_model(model)
+    new_keys = tuple(new_keys)
+    target = model.state_dict()
+    state = clean_state_dict(state_dict)
+    missing = [k for k in target if k not in state and not _matches(k, new_keys)]
+    unexpected = [k for k in state if k not in target and not allow_unexpected
+                  and not _matches(k, ignore_unexpected)]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+                  for k in target if k in state and state[k].shape != target[k].shape
+                  and not _matches(k, new_keys)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:8])
+                         + (" ..." if len(mismatched) > 8 else ""))
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): " + ", ".join(missing[:8])
+                         + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:8])
+                         + (" ..." if len(unexpected) > 8 else ""))
+        raise CheckpointError(
+            f"{source}: does not fit {type(model).__name__} ({' | '.join(parts)}); "
+            "check the architecture/--width/--cls_classes the checkpoint was made with")
+    loaded = []
+    with torch.no_grad():
+        for key, value in target.items():
+            if key in state and state[key].shape == value.shape:
+                value.copy_(state[key].to(value.dtype))
+                loaded.append(key)
+    return loaded
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, new_keys: Iterable[str] = (),
+                    map_location: Any = "cpu") -> list[str]:
+    """Load a Semantic Genesis checkpoint (ours or published) into ``model``.
+
+    Works for ``UNet3D``, ``YNet3D``, ``ClassificationNet3D`` of any width. Prefixes such as
+    ``module.``/``_orig_mod.``/``classficationNet.`` are stripped; ``projection_head.*`` and
+    ``prototypes.*`` are dropped; the Y-Net's ``clc_out.*`` is skipped when the model has no
+    head, and the decoder keys are skipped when the model is an encoder-only network.
+
+    Returns the loaded keys; raises ``CheckpointError`` listing every missing or
+    shape-mismatched key except those in ``new_keys`` (keys or prefixes, e.g. ``["clc_out"]``).
+    """
+    ckpt = load_checkpoint(path, map_location=map_location)
+    target = unwrap_model(model).state_dict()
+    ignore = []
+    if not any(k.startswith("clc_out.") for k in target):
+        ignore.append("clc_out")
+    if not any(k.startswith(("up_tr", "out_tr")) for k in target):
+        ignore += ["up_tr256", "up_tr128", "up_tr64", "out_tr"]
+    return load_state_dict_checked(model, ckpt["state_dict"], source=str(path),
+                                   new_keys=new_keys, ignore_unexpected=ignore)
