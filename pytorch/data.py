@@ -1,0 +1,256 @@
+"""Fold files of self-discovered anatomical patterns: naming, validation, resident loading.
+
+The pattern generator (stage 3) writes, for every block of 50 classes k = 1, 2, ...::
+
+    train_data{r}_vwGen_ex_ref_fold{k}.0.npy   (nb_instances * classes_in_block, X, Y, Z)
+    train_label{r}_vwGen_ex_ref_fold{k}.0.npy  (same N, 1) integer class index
+    val_data1_vwGen_ex_ref_fold{k}.0.npy       (nb_val_instances * classes_in_block, X, Y, Z)
+    val_label1_vwGen_ex_ref_fold{k}.0.npy
+
+for resolutions r = 1..``nb_multires_patch`` (validation: resolution 1 only). Cubes of one class
+are contiguous, classes in ascending order, so "the first C classes" are the first rows.
+
+``load_pretraining_data`` opens every file memory-mapped, validates shapes, labels and values,
+and copies only the rows it needs, chunk by chunk, into one resident tensor (pinned host memory
+or the GPU, float16 or float32). Peak extra memory is one chunk, never a float64 copy of a file.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pytorch.common import InputError
+
+__all__ = ["CLASSES_PER_BLOCK", "fold_blocks", "fold_file_names", "CubeSet", "load_cubes",
+           "load_pretraining_data", "BatchFeeder", "epoch_permutation", "derive_seed"]
+
+#: The pattern generator writes one group of fold files per block of this many classes.
+CLASSES_PER_BLOCK = 50
+#: Cubes must be normalised intensities; values this far outside [0, 1] are an error.
+RANGE_TOLERANCE = 1e-3
+_CHUNK = 256  # cubes copied per chunk while loading
+
+
+def fold_blocks(cls_classes: int) -> list[tuple[int, int]]:
+    """``[(k, classes used from block k), ...]`` for C = ``cls_classes``; k starts at 1."""
+    if cls_classes < 1:
+        raise InputError(f"--cls_classes must be >= 1, got {cls_classes}")
+    nb = math.ceil(cls_classes / CLASSES_PER_BLOCK)
+    return [(k, min(CLASSES_PER_BLOCK, cls_classes - (k - 1) * CLASSES_PER_BLOCK))
+            for k in range(1, nb + 1)]
+
+
+def fold_file_names(split: str, resolution: int, k: int) -> tuple[str, str]:
+    """(data file, label file) names, e.g. ``train_data2_vwGen_ex_ref_fold1.0.npy``."""
+    return (f"{split}_data{resolution}_vwGen_ex_ref_fold{k}.0.npy",
+            f"{split}_label{resolution}_vwGen_ex_ref_fold{k}.0.npy")
+
+
+@dataclass
+class CubeSet:
+    """Cubes and labels resident in memory.
+
+    ``cubes``: (N, 1, X, Y, Z), float16/float32, values in [0, 1], on ``cubes.device``
+    (pinned when on the host and CUDA is used). ``labels``: (N,) int64 on the same device.
+    """
+    cubes: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.cubes.shape[0])
+
+
+def _open(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise InputError(f"{path}: cannot be read as a .npy array ({e}); re-create it with "
+                         "self_discovery/pattern_generator_3D.py") from e
+
+
+def _rows_needed(path: Path, available: int, needed: int, what: str) -> int:
+    """Rows to take from a file: ``needed``, or ``needed - 1`` for files of the reference code."""
+    if available >= needed:
+        return needed
+    if available == needed - 1:
+        # The reference pattern generator sliced every block with ``[:-1]`` and so dropped the
+        # last cube; the published data was written by it. Accept that one missing cube.
+        warnings.warn(f"{path}: {available} rows, expected {needed}; using all of them (files "
+                      "written by the reference code lack the last cube of each block)",
+                      stacklevel=3)
+        return available
+    raise InputError(f"{path}: has {available} rows, but {needed} are needed for {what}; lower "
+                     "--cls_classes / --nb_instances / --nb_val_instances or re-create the data")
+
+
+def load_cubes(pairs: list[tuple[Path, Path, int]], cube_shape: tuple[int, int, int],
+               cls_classes: int, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu", pin_memory: bool = False) -> CubeSet:
+    """Validate and concatenate the first ``rows`` of every (data, label, rows) file pair.
+
+    Checks: data shape (N, X, Y, Z) or (N, 1, X, Y, Z) with (X, Y, Z) == ``cube_shape``; labels
+    (N, 1) or (N,) of integer values in [0, cls_classes); finite cube values in [0, 1].
+    Every error is an ``InputError`` naming the file.
+    """
+    device = torch.device(device)
+    arrays, total = [], 0
+    for data_path, label_path, rows in pairs:
+        data, labels = _open(data_path), _open(label_path)
+        shape = tuple(data.shape[1:])
+        if shape not in (tuple(cube_shape), (1, *cube_shape)):
+            raise InputError(
+                f"{data_path}: cubes of shape {shape}, expected {tuple(cube_shape)}; set "
+                "--input_rows/--input_cols/--input_deps to the size the data was made with")
+        lab_ok = labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == 1)
+        if not lab_ok:
+            raise InputError(f"{label_path}: labels of shape {labels.shape}, expected (N, 1)")
+        if labels.shape[0] != data.shape[0]:
+            raise InputError(f"{label_path}: {labels.shape[0]} labels for {data.shape[0]} cubes "
+                             f"in {data_path.name}; the two files must come from the same run")
+        rows = _rows_needed(data_path, data.shape[0], rows, "these classes")
+        lab = np.asarray(labels[:rows]).reshape(-1)
+        if lab.dtype.kind == "f":
+            if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
+                raise InputError(f"{label_path}: labels must be integer class indices")
+        elif lab.dtype.kind not in "iu":
+            raise InputError(f"{label_path}: labels of dtype {lab.dtype}, expected integers")
+        lab = lab.astype(np.int64)
+        if lab.size and (lab.min() < 0 or lab.max() >= cls_classes):
+            raise InputError(
+                f"{label_path}: labels in [{lab.min()}, {lab.max()}] but --cls_classes is "
+                f"{cls_classes} (labels must lie in [0, {cls_classes})); fix --cls_classes")
+        arrays.append((data_path, data, lab, rows))
+        total += rows
+    pin = pin_memory and device.type == "cpu" and torch.cuda.is_available()
+    cubes = torch.empty((total, 1, *cube_shape), dtype=dtype, device=device, pin_memory=pin)
+    labels_out = torch.empty(total, dtype=torch.int64)
+    at = 0
+    for data_path, data, lab, rows in arrays:
+        for s in range(0, rows, _CHUNK):
+            e = min(rows, s + _CHUNK)
+            chunk = np.array(data[s:e], dtype=np.float32).reshape(e - s, 1, *cube_shape)
+            finite = np.isfinite(chunk).reshape(e - s, -1).all(1)
+            if not finite.all():
+                first = s + int(np.nonzero(~finite)[0][0])
+                raise InputError(f"{data_path}: NaN or inf in cube {first} (row index); "
+                                 "re-create the file")
+            lo, hi = float(chunk.min()), float(chunk.max())
+            if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+                raise InputError(
+                    f"{data_path}: values in [{lo:g}, {hi:g}], expected normalised intensities in "
+                    "[0, 1] (HU clipped to [-1000, 1000] and scaled); re-create the cubes with "
+                    "self_discovery/pattern_generator_3D.py")
+            np.clip(chunk, 0.0, 1.0, out=chunk)
+            cubes[at + s:at + e].copy_(torch.from_numpy(chunk))
+        labels_out[at:at + rows] = torch.from_numpy(lab)
+        at += rows
+    return CubeSet(cubes, labels_out.to(device))
+
+
+def load_pretraining_data(data_dir: str | Path, cls_classes: int, nb_instances: int,
+                          nb_val_instances: int, nb_multires_patch: int,
+                          cube_shape: tuple[int, int, int], dtype: torch.dtype = torch.float32,
+                          device: torch.device | str = "cpu",
+                          pin_memory: bool = False) -> tuple[CubeSet, CubeSet]:
+    """Load the train (all resolutions) and validation (resolution 1) cubes of C classes.
+
+    For block k with c_k classes used, the first ``nb_instances * c_k`` rows of each train file
+    and ``nb_val_instances * c_k`` rows of each val file are taken (files with more classes,
+    e.g. the published 50-class data for C = 44, are fine). A missing file is one error naming
+    every expected file and the flags that set them.
+    """
+    data_dir = Path(data_dir)
+    if nb_multires_patch < 1:
+        raise InputError(f"--nb_multires_patch must be >= 1, got {nb_multires_patch}")
+    train, val = [], []
+    for k, c_k in fold_blocks(cls_classes):
+        for r in range(1, nb_multires_patch + 1):
+            d, lab = fold_file_names("train", r, k)
+            train.append((data_dir / d, data_dir / lab, nb_instances * c_k))
+        d, lab = fold_file_names("val", 1, k)
+        val.append((data_dir / d, data_dir / lab, nb_val_instances * c_k))
+    missing = [p.name for d, lab, _ in train + val for p in (d, lab) if not p.is_file()]
+    if missing:
+        raise InputError(
+            f"{data_dir}: missing fold file(s) {', '.join(missing)}; expected for "
+            f"--cls_classes {cls_classes} and --nb_multires_patch {nb_multires_patch} in "
+            "--data_dir (make them with self_discovery/pattern_generator_3D.py)")
+    kw = dict(cube_shape=cube_shape, cls_classes=cls_classes, dtype=dtype, device=device,
+              pin_memory=pin_memory)
+    return load_cubes(train, **kw), load_cubes(val, **kw)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (e.g. seed, epoch, rank, stream) by SeedSequence."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, rank: int = 0,
+                      world_size: int = 1) -> torch.Tensor:
+    """This rank's shuffled sample indices for ``epoch`` (CPU int64).
+
+    One permutation of ``range(n)`` per (seed, epoch), identical on every rank, truncated to a
+    multiple of ``world_size`` (at most world_size - 1 samples skipped, different ones each
+    epoch) and sharded ``perm[rank::world_size]``, so every rank runs the same number of steps.
+    """
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch, 0x5EED))
+    perm = torch.randperm(n, generator=g)
+    usable = (n // world_size) * world_size
+    return perm[:usable][rank::world_size]
+
+
+def _full_device(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>`` so devices compare equal to ``tensor.device``."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class BatchFeeder:
+    """Gathers batches of a ``CubeSet`` onto ``device`` without host synchronisation.
+
+    Data on the GPU: indexing stays on the GPU. Data in (pinned) host memory: the batch is
+    gathered into one of two pinned staging buffers and copied asynchronously; a CUDA event
+    guards reuse of each buffer. Returns (cubes float32 (n, 1, X, Y, Z), labels int64 (n,)).
+    """
+
+    def __init__(self, data: CubeSet, device: torch.device, max_batch: int) -> None:
+        self.data, self.device = data, _full_device(torch.device(device))
+        self.on_device = (_full_device(data.cubes.device) == self.device
+                          or self.device.type == "cpu")
+        self._bufs: list[torch.Tensor] = []
+        self._events: list[torch.cuda.Event | None] = []
+        self._i = 0
+        #: put an epoch's index tensor here once (``idx.to(feeder.index_device)``)
+        self.index_device = data.cubes.device if self.on_device else torch.device("cpu")
+        if not self.on_device and self.device.type == "cuda":
+            shape = (max_batch, *data.cubes.shape[1:])
+            self._bufs = [torch.empty(shape, dtype=data.cubes.dtype, pin_memory=True)
+                          for _ in range(2)]
+            self._events = [None, None]
+
+    def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.on_device:
+            idx = idx.to(self.data.cubes.device)  # a no-op when already on index_device
+            x = self.data.cubes.index_select(0, idx)
+            y = self.data.labels.index_select(0, idx.to(self.data.labels.device))
+            return (x.to(self.device, torch.float32, non_blocking=True),
+                    y.to(self.device, non_blocking=True))
+        i, self._i = self._i, 1 - self._i
+        ev = self._events[i]
+        if ev is not None:
+            ev.synchronize()  # the copy out of this buffer (two steps ago) has finished
+        buf = self._bufs[i][: idx.numel()]
+        torch.index_select(self.data.cubes, 0, idx.cpu(), out=buf)
+        x = buf.to(self.device, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self._events[i] = ev
+        y = self.data.labels.index_select(0, idx.cpu()).to(self.device, non_blocking=True)
+        return x.float(), y

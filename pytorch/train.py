@@ -1,0 +1,503 @@
+"""Pretrain Semantic Genesis (Y-Net 3D) on self-discovered anatomical patterns (SPEC stage 4).
+
+    python pytorch/train.py --data_dir self_discovery/Semantic_Genesis_data
+    torchrun --nproc_per_node=4 pytorch/train.py --data_dir ...      # DistributedDataParallel
+
+Self-classification + self-restoration: the network sees a perturbed cube (elastic deformation,
+then one of local pixel shuffling / non-linear intensity / in-painting / out-painting) and must
+name its anatomical-pattern class and restore the original. Loss = lambda_cls * CE + lambda_rec
+* MSE; Adam; lr x0.5 every 40 epochs; early stopping on the validation loss.
+
+Outputs: ``Checkpoints/<exp>/semantic_genesis_chest_ct.pt`` (best validation loss; the file the
+fine-tuning snippet loads), ``..._last.pt`` (after every epoch; ``--resume`` it), the resolved
+configuration ``..._config.json`` beside them, TensorBoard logs under ``runs/``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import math
+import os
+import re
+import time
+from typing import Any
+
+import torch
+
+from models.checkpoint import (CheckpointError, load_checkpoint, load_pretrained,
+                               load_state_dict_checked, save_checkpoint, unwrap_model)
+from pytorch import distributed as D
+from pytorch.common import InputError, middle_slice_grid, resolve_device, seed_everything, \
+    write_run_config
+from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation, fold_blocks,
+                          load_pretraining_data)
+from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
+                            make_optimizer, make_scheduler, perturb_inputs,
+                            prepare_model_for_speed, resolve_amp, summarize_stats, train_step)
+
+CHECKPOINT_NAME = "semantic_genesis_chest_ct"
+DECODER_KEYS = ("up_tr256", "up_tr128", "up_tr64", "out_tr")
+_VAL_CHUNK = 64  # validation perturbations are drawn per chunk of this many cubes
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" only where a default value exists."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.required or action.default == "" \
+                or isinstance(action, argparse._StoreTrueAction):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; defaults are the paper's / reference code's (SPEC)."""
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Pretrain Semantic Genesis (Y-Net 3D: self-classification + "
+                    "self-restoration) on the fold files of self-discovered anatomical "
+                    "patterns. Run with torchrun for multi-GPU (DistributedDataParallel).",
+        formatter_class=_HelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", required=True,
+                   help="folder with the fold files train_data{r}_vwGen_ex_ref_fold{k}.0.npy, "
+                        "train_label{r}_..., val_data1_..., val_label1_... (written by "
+                        "self_discovery/pattern_generator_3D.py)")
+    g.add_argument("--input_rows", type=int, default=64, help="cube size x (divisible by 8)")
+    g.add_argument("--input_cols", type=int, default=64, help="cube size y (divisible by 8)")
+    g.add_argument("--input_deps", type=int, default=32, help="cube size z (divisible by 8)")
+    g.add_argument("--cls_classes", type=int, default=44,
+                   help="number of anatomical-pattern classes C used (the paper: 44); the "
+                        "first C classes of the fold files, which may hold more")
+    g.add_argument("--nb_instances", type=int, default=200,
+                   help="training cubes per class and resolution in the fold files")
+    g.add_argument("--nb_val_instances", type=int, default=30,
+                   help="validation cubes per class in the fold files")
+    g.add_argument("--nb_multires_patch", type=int, default=3,
+                   help="resolutions used: train_data1..N (1 = single resolution)")
+    g.add_argument("--num_workers", type=int, default=4,
+                   help="accepted for compatibility with the reference; unused: the cubes are "
+                        "held in memory and batches are gathered on the device, no loader "
+                        "workers")
+    g.add_argument("--data_device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the cubes live: cuda (GPU memory), cpu (pinned host memory, "
+                        "copied per batch); auto = the GPU when they fit in half of its free "
+                        "memory")
+    g.add_argument("--cube_dtype", choices=("auto", "float16", "float32"), default="auto",
+                   help="storage type of the resident cubes; auto = float16 on CUDA (halves "
+                        "memory: ~7 GB for 44 classes x 200 x 3), float32 on CPU")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="elastic deformation before the perturbation (SPEC: always on; "
+                        "--no-augment leaves only the four perturbations)")
+
+    g = p.add_argument_group("model and loss")
+    g.add_argument("--exp", choices=("en_de", "en"), default="en_de",
+                   help="en_de: Y-Net 3D (classification + restoration); en: encoder + "
+                        "classification head only (cross-entropy, accuracy)")
+    g.add_argument("--width", type=int, default=32,
+                   help="base channels of the network (32 = published; the bottleneck has "
+                        "16x width channels)")
+    g.add_argument("--norm", choices=("batch_stats", "standard"), default="batch_stats",
+                   help="BatchNorm mode: batch_stats = the published normalisation with batch "
+                        "statistics in train and eval mode; standard = running statistics in "
+                        "eval mode")
+    g.add_argument("--lambda_rec", type=float, default=1.0, help="weight of the restoration MSE")
+    g.add_argument("--lambda_cls", type=float, default=0.01,
+                   help="weight of the classification cross-entropy (en_de)")
+    g.add_argument("--pre_path", default=None,
+                   help="initialise en_de from this checkpoint (e.g. an --exp en run): encoder "
+                        "and head are loaded, the decoder is new; mismatched keys are an error")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=64,
+                   help="effective (global) batch size; under torchrun with N processes each "
+                        "process takes batch_size // N cubes per step (the remainder is "
+                        "dropped), so the optimisation matches one process")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--lr_step", type=int, default=40, help="multiply the lr by --lr_gamma every "
+                                                           "this many epochs")
+    g.add_argument("--lr_gamma", type=float, default=0.5, help="step-decay factor of the lr")
+    g.add_argument("--nb_epoch", type=int, default=10000,
+                   help="maximum number of epochs (early stopping usually ends sooner)")
+    g.add_argument("--patience", type=int, default=50,
+                   help="stop after this many epochs without a lower validation loss")
+    g.add_argument("--seed", type=int, default=1,
+                   help="seed of initialisation, shuffling and perturbations; the same seed "
+                        "gives the same run (on the same device and process count)")
+
+    g = p.add_argument_group("device and speed")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    g.add_argument("--amp", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last_3d memory format (default: on CUDA only)")
+    g.add_argument("--multi_gpu", action="store_true",
+                   help="reference flag, kept: multi-GPU training now means launching with "
+                        "'torchrun --nproc_per_node=N pytorch/train.py ...' "
+                        "(DistributedDataParallel); without torchrun this prints a note and "
+                        "trains in one process")
+    g.add_argument("--sync_bn", action="store_true",
+                   help="under torchrun, synchronise BatchNorm: training-mode batch statistics "
+                        "then span the samples of all processes (the effective batch), as with "
+                        "one process; without it each process normalises over its own "
+                        "batch_size // N cubes. The published batch-statistics mode is kept in "
+                        "eval (local batch statistics). CUDA only")
+
+    g = p.add_argument_group("outputs and logging")
+    g.add_argument("--checkpoint_dir", default=None,
+                   help="folder of the checkpoints [default: Checkpoints/<exp>]; best-by-val "
+                        f"is {CHECKPOINT_NAME}.pt, the last epoch {CHECKPOINT_NAME}_last.pt, "
+                        f"the configuration {CHECKPOINT_NAME}_config.json")
+    g.add_argument("--resume", default=None,
+                   help="continue a run from its checkpoint (usually ..._last.pt): weights, "
+                        "optimiser, scheduler, epoch, early-stopping state; never implicit")
+    g.add_argument("--log_dir", default="runs",
+                   help="TensorBoard logs go to <log_dir>/<exp>_<time>[_<notes>]")
+    g.add_argument("--log_every", type=int, default=50,
+                   help="update the progress bar's loss every this many steps (the only "
+                        "in-epoch host synchronisation)")
+    g.add_argument("--nb_preview", type=int, default=4,
+                   help="validation cubes shown each epoch in TensorBoard (original | "
+                        "perturbed | restored middle slices)")
+    g.add_argument("--notes", default="", help="free text, appended to the TensorBoard run name "
+                                               "and stored in the configuration")
+    g.add_argument("--verbose", type=int, nargs="?", const=2, default=1,
+                   help="0: errors and the final line only; 1: progress bars and one line per "
+                        "epoch; 2 (or --verbose alone): also the data and model summary")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("input_rows", "input_cols", "input_deps"):
+        v = getattr(args, name)
+        if v < 8 or v % 8:
+            raise InputError(f"--{name} {v}: the network needs a multiple of 8")
+    for name in ("cls_classes", "nb_instances", "nb_val_instances", "batch_size", "width",
+                 "nb_epoch", "patience", "lr_step"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("lr", "lambda_cls", "lambda_rec", "lr_gamma"):
+        v = getattr(args, name)
+        if not math.isfinite(v) or v < 0:
+            raise InputError(f"--{name} must be a finite number >= 0, got {v}")
+    if args.resume and args.pre_path:
+        raise InputError("--resume and --pre_path exclude each other: --resume continues a run "
+                         "(weights included), --pre_path starts a new one from weights")
+    if args.pre_path and args.exp != "en_de":
+        raise InputError("--pre_path initialises --exp en_de from an en (or en_de) checkpoint")
+
+
+class _Logger:
+    """Rank-0 console lines and TensorBoard; other ranks get a silent instance."""
+
+    def __init__(self, enabled: bool, verbose: int, log_dir: Path | None) -> None:
+        self.enabled, self.verbose, self.writer = enabled, verbose, None
+        if enabled and log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(log_dir))
+
+    def line(self, msg: str, level: int = 1) -> None:
+        if self.enabled and self.verbose >= level:
+            from tqdm import tqdm
+            tqdm.write(msg)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def image(self, tag: str, img, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, img, step, dataformats="HW")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _run_name(args: argparse.Namespace) -> str:
+    notes = re.sub(r"[^A-Za-z0-9_.-]+", "-", args.notes).strip("-")[:40]
+    return f"{args.exp}_{time.strftime('%Y%m%d-%H%M%S')}" + (f"_{notes}" if notes else "")
+
+
+def _choose_storage(args, device: torch.device) -> tuple[torch.dtype, torch.device]:
+    dtype = {"float16": torch.float16, "float32": torch.float32}.get(
+        args.cube_dtype, torch.float16 if device.type == "cuda" else torch.float32)
+    if args.data_device == "cuda" and device.type != "cuda":
+        raise InputError("--data_device cuda needs --device cuda")
+    if args.data_device == "cpu" or device.type != "cuda":
+        return dtype, torch.device("cpu")
+    if args.data_device == "cuda":
+        return dtype, device
+    voxels = args.input_rows * args.input_cols * args.input_deps
+    cubes = sum(c * (args.nb_instances * args.nb_multires_patch + 2 * args.nb_val_instances)
+                for _, c in fold_blocks(args.cls_classes))
+    need = cubes * voxels * torch.finfo(dtype).bits // 8
+    free, _ = torch.cuda.mem_get_info(device)
+    return dtype, (device if need < 0.5 * free else torch.device("cpu"))
+
+
+@torch.no_grad()
+def _fixed_val_inputs(val: CubeSet, args, device: torch.device, amp_dtype) -> CubeSet:
+    """Validation cubes with their perturbed inputs stacked on channel 1: (N, 2, X, Y, Z).
+
+    Perturbations are drawn once, chunk c of ``_VAL_CHUNK`` cubes from a generator seeded by
+    (seed, c), so they are the same every epoch, for any process count and batch size, and
+    early stopping follows the model, not the noise.
+    """
+    out = torch.empty((len(val), 2, *val.cubes.shape[2:]), dtype=val.cubes.dtype,
+                      device=val.cubes.device, pin_memory=val.cubes.is_pinned())
+    for c, s in enumerate(range(0, len(val), _VAL_CHUNK)):
+        e = min(len(val), s + _VAL_CHUNK)
+        x = val.cubes[s:e].to(device, torch.float32)
+        g = torch.Generator(device).manual_seed(derive_seed(args.seed, c, 0xFA1))
+        y = perturb_inputs(x, g, args.augment)
+        out[s:e, 0:1] = x.to(out.device, out.dtype)
+        out[s:e, 1:2] = y.to(out.device, out.dtype)
+    return CubeSet(out, val.labels)
+
+
+def early_stopping_update(val_loss: float, best_loss: float, no_improve: int,
+                          patience: int) -> tuple[bool, float, int, bool]:
+    """One epoch's early-stopping bookkeeping (the reference's rule).
+
+    Returns (improved, new best loss, epochs without improvement, stop now).
+    """
+    if val_loss < best_loss:
+        return True, val_loss, 0, False
+    return False, best_loss, no_improve + 1, no_improve + 1 >= patience
+
+
+def _checkpoint_paths(args) -> tuple[Path, Path, Path]:
+    folder = Path(args.checkpoint_dir) if args.checkpoint_dir else Path("Checkpoints") / args.exp
+    return (folder / f"{CHECKPOINT_NAME}.pt", folder / f"{CHECKPOINT_NAME}_last.pt",
+            folder / f"{CHECKPOINT_NAME}_config.json")
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run pretraining with parsed ``args``; returns a summary dict (best loss, epochs, paths).
+
+    Raises InputError / CheckpointError on bad input (``main`` prints them).
+    """
+    _check_args(args)
+    device = resolve_device(args.device)
+    if args.multi_gpu and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        print("note: --multi_gpu: multi-GPU training uses DistributedDataParallel; launch "
+              "'torchrun --nproc_per_node=N pytorch/train.py ...'. Training in one process now.",
+              file=sys.stderr)
+    info, device = D.init_distributed(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        return _train(args, info, device)
+    finally:
+        D.cleanup_distributed()
+
+
+def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> dict[str, Any]:
+    ws, rank, main_rank = info.world_size, info.rank, info.is_main
+    if args.sync_bn and not info.enabled and main_rank:
+        print("note: --sync_bn only matters under torchrun with several processes",
+              file=sys.stderr)
+    if args.sync_bn and info.enabled and device.type != "cuda":
+        raise InputError("--sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
+    per_rank_batch = args.batch_size // ws
+    if per_rank_batch < 1:
+        raise InputError(f"--batch_size {args.batch_size} is smaller than the {ws} processes; "
+                         "each process needs at least one cube")
+    amp_dtype = resolve_amp(args.amp, device)
+    best_path, last_path, config_path = _checkpoint_paths(args)
+    seed_everything(args.seed)
+
+    # ---- data ----------------------------------------------------------------------------
+    cube_shape = (args.input_rows, args.input_cols, args.input_deps)
+    dtype, data_device = _choose_storage(args, device)
+    t0 = time.time()
+    train_set, val_set = load_pretraining_data(
+        args.data_dir, args.cls_classes, args.nb_instances, args.nb_val_instances,
+        args.nb_multires_patch, cube_shape, dtype=dtype, device=data_device,
+        pin_memory=device.type == "cuda")
+    val_set = _fixed_val_inputs(val_set, args, device, amp_dtype)
+
+    # ---- model, optimiser, state -----------------------------------------------------------
+    model = build_model(args.exp, args.cls_classes, args.width, args.norm)
+    model_config = {"cls_classes": args.cls_classes, "width": args.width, "norm": args.norm,
+                    "n_class": 1, "in_channels": 1}
+    start_epoch, best_loss, no_improve, ckpt = 0, math.inf, 0, None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        load_state_dict_checked(model, ckpt["state_dict"], source=str(args.resume))
+        start_epoch = int(ckpt.get("epoch", 0))
+        best_loss = float(ckpt.get("best_loss", math.inf))
+        no_improve = int(ckpt.get("num_epoch_no_improvement", 0))
+    elif args.pre_path:
+        loaded = load_pretrained(model, args.pre_path, new_keys=DECODER_KEYS)
+        if main_rank and args.verbose >= 1:
+            print(f"initialised {len(loaded)} tensors from {args.pre_path} (decoder new)")
+    if args.sync_bn and info.enabled:
+        model = convert_sync_batchnorm(model)
+    model = prepare_model_for_speed(model, device, args.channels_last, compile=False)
+    optimizer = make_optimizer(model, args.lr, device)
+    scheduler = make_scheduler(optimizer, args.lr_step, args.lr_gamma)
+    if ckpt is not None:
+        try:
+            if ckpt.get("optimizer_state_dict"):
+                optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+            if ckpt.get("scheduler_state_dict"):
+                scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{args.resume}: optimiser/scheduler state does not fit this "
+                                  f"model ({e}); resume with the run's own settings") from e
+        rng = (ckpt.get("extra") or {}).get("torch_rng_state")
+        if isinstance(rng, torch.Tensor):
+            torch.set_rng_state(rng)
+    net: torch.nn.Module = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  gradient_as_bucket_view=True)
+    if args.compile:
+        net = torch.compile(net)
+    eval_model = unwrap_model(net)  # evaluation per rank, no DDP collectives
+
+    loss_cfg = LossConfig(args.exp, args.lambda_cls, args.lambda_rec)
+    config = dict(vars(args), world_size=ws, per_rank_batch=per_rank_batch,
+                  device_resolved=str(device), amp_resolved=str(amp_dtype or "fp32"),
+                  cube_dtype_resolved=str(dtype).replace("torch.", ""),
+                  data_device_resolved=str(data_device), n_train=len(train_set),
+                  n_val=len(val_set), checkpoint=str(best_path), last_checkpoint=str(last_path))
+    log = _Logger(main_rank, args.verbose,
+                  Path(args.log_dir) / _run_name(args) if main_rank else None)
+    if main_rank:
+        write_run_config(config, config_path.parent, name=config_path.name)
+    log.line(f"data: {len(train_set)} train / {len(val_set)} val cubes {cube_shape} "
+             f"({str(dtype)[6:]} on {data_device}, {time.time() - t0:.1f} s); "
+             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
+             f"{ws} process(es) x batch {per_rank_batch}; amp {config['amp_resolved']}", 2)
+    if ckpt is not None:
+        log.line(f"resumed {args.resume}: {start_epoch} epochs done, best val loss "
+                 f"{best_loss:.5f}, {no_improve} epoch(s) without improvement")
+
+    feeder = BatchFeeder(train_set, device, per_rank_batch)
+    val_feeder = BatchFeeder(val_set, device, per_rank_batch)
+    val_idx = torch.arange(rank, len(val_set), ws).to(val_feeder.index_device)
+    epochs_run, stopped_early = 0, no_improve >= args.patience
+    if stopped_early:
+        log.line(f"early stopping already reached ({no_improve} >= --patience {args.patience})")
+    from tqdm import tqdm
+
+    for epoch in range(start_epoch, args.nb_epoch):
+        if stopped_early:
+            break
+        t_epoch = time.time()
+        # ---- train ------------------------------------------------------------------------
+        net.train()
+        idx = epoch_permutation(len(train_set), args.seed, epoch, rank, ws).to(
+            feeder.index_device)  # one copy per epoch, sliced on the device
+        gen = torch.Generator(device).manual_seed(derive_seed(args.seed, epoch, rank, 0xA11))
+        sums = torch.zeros(5, device=device)
+        steps = math.ceil(len(idx) / per_rank_batch)
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True,
+                   disable=None if (main_rank and args.verbose >= 1) else True)
+        for step in bar:
+            original, labels = feeder(idx[step * per_rank_batch:(step + 1) * per_rank_batch])
+            inputs = perturb_inputs(original, gen, args.augment)
+            sums += train_step(net, optimizer, inputs, original, labels, loss_cfg, amp_dtype)
+            if args.log_every > 0 and (step + 1) % args.log_every == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{(sums[0] / sums[4]).item():.4f}")  # sync: log interval
+        bar.close()
+        # ---- validate ---------------------------------------------------------------------
+        eval_model.eval()
+        vsums = torch.zeros(5, device=device)
+        for s in tqdm(range(0, len(val_idx), per_rank_batch), desc=f"epoch {epoch + 1} val",
+                      leave=False, disable=None if (main_rank and args.verbose >= 1) else True):
+            both, labels = val_feeder(val_idx[s:s + per_rank_batch])
+            vsums += eval_step(eval_model, both[:, 1:2], both[:, 0:1], labels, loss_cfg,
+                               amp_dtype)[0]
+        D.all_reduce_sum(sums)
+        D.all_reduce_sum(vsums)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        tr, va = summarize_stats(sums), summarize_stats(vsums)  # one host sync per epoch
+        if not (math.isfinite(tr["loss"]) and math.isfinite(va["loss"])):
+            raise FloatingPointError(f"epoch {epoch + 1}: non-finite loss (train {tr['loss']}, "
+                                     f"val {va['loss']}); lower --lr or use --amp fp32")
+        # ---- decisions (rank 0, shared) ---------------------------------------------------
+        decision = None
+        if main_rank:
+            decision = early_stopping_update(va["loss"], best_loss, no_improve, args.patience)
+        improved, best_loss, no_improve, stopped_early = D.broadcast_object(decision)
+        epochs_run += 1
+        seconds = time.time() - t_epoch
+        if main_rank:
+            extra = {"torch_rng_state": torch.get_rng_state(), "world_size": ws,
+                     "train": tr, "val": va, "lr": lr}
+            kw = dict(optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
+                      best_loss=best_loss, num_epoch_no_improvement=no_improve,
+                      arch=type(model).__name__, model_config=model_config, config=config,
+                      extra=extra)
+            if improved:
+                save_checkpoint(best_path, net, **kw)
+            save_checkpoint(last_path, net, **kw)
+            log.line(f"epoch {epoch + 1:4d}  train loss {tr['loss']:.5f} (cls {tr['cls']:.4f}, "
+                     f"rec {tr['rec']:.5f})  val loss {va['loss']:.5f} (cls {va['cls']:.4f}, "
+                     f"rec {va['rec']:.5f}) acc {100 * va['acc']:.1f}%  lr {lr:.2e}  "
+                     f"{seconds:.1f} s" + ("  *best" if improved else
+                                           f"  ({no_improve}/{args.patience})"))
+            log.scalars({"loss/train": tr["loss"], "loss/val": va["loss"],
+                         "cls/train": tr["cls"], "cls/val": va["cls"], "rec/train": tr["rec"],
+                         "rec/val": va["rec"], "acc/train": tr["acc"], "acc/val": va["acc"],
+                         "lr": lr, "time/epoch_s": seconds,
+                         "time/train_cubes_per_s": tr["n"] / max(seconds, 1e-9)}, epoch + 1)
+            if log.writer is not None and args.nb_preview > 0:
+                log.image("val/original_perturbed_restored",
+                          _preview(eval_model, val_set, args, device, amp_dtype, loss_cfg),
+                          epoch + 1)
+        if stopped_early:
+            log.line(f"early stopping: no lower validation loss for {args.patience} epochs")
+    D.barrier()
+    log.close()
+    summary = {"best_loss": best_loss, "epochs_run": epochs_run,
+               "epoch": start_epoch + epochs_run, "stopped_early": stopped_early,
+               "best_checkpoint": str(best_path), "last_checkpoint": str(last_path),
+               "config": str(config_path)}
+    if main_rank and args.verbose >= 0:
+        print(f"done: {start_epoch + epochs_run} epochs, best val loss {best_loss:.5f}; "
+              f"best checkpoint {best_path}")
+    return summary
+
+
+@torch.no_grad()
+def _preview(model, val_set: CubeSet, args, device, amp_dtype, loss_cfg):
+    """Middle slices (original | perturbed | restored) of the first validation cubes."""
+    n = min(args.nb_preview, len(val_set))
+    both = val_set.cubes[:n].to(device, torch.float32)
+    labels = val_set.labels[:n].to(device)
+    _, restored = eval_step(model, both[:, 1:2], both[:, 0:1], labels, loss_cfg, amp_dtype)
+    rows = []
+    for i in range(n):
+        row = [both[i, 0], both[i, 1]]
+        if restored is not None:
+            row.append(restored[i, 0].float())
+        rows.append(row)
+    return middle_slice_grid(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        train(args)
+    except (InputError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

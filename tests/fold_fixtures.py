@@ -1,0 +1,71 @@
+"""Tiny, valid fold files of self-discovered patterns for the pretraining tests.
+
+``make_fold_files(folder, classes=3, instances=4, val_instances=2, shape=SHAPE)`` writes
+``train_data{1..R}_vwGen_ex_ref_fold{k}.0.npy`` / labels and ``val_*1`` for every block of 50
+classes, each class a learnable pattern (a bright blob at a class-specific place on a noisy
+background), values in [0, 1]. ``TRAIN_ARGS`` are the matching ``pytorch/train.py`` flags.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from pytorch.data import CLASSES_PER_BLOCK, fold_file_names
+
+SHAPE = (16, 16, 8)  # divisible by 8 (the network pools three times); fast on CPU
+
+
+def _cubes(rng: np.random.Generator, classes: range, instances: int,
+           shape: tuple[int, int, int], dtype) -> tuple[np.ndarray, np.ndarray]:
+    X, Y, Z = shape
+    xs, ys, zs = np.meshgrid(np.arange(X), np.arange(Y), np.arange(Z), indexing="ij")
+    cubes, labels = [], []
+    for c in classes:
+        cx, cy = (c * 7) % X, (c * 11) % Y
+        blob = np.exp(-(((xs - cx) ** 2 + (ys - cy) ** 2) / 30.0 + (zs - Z / 2) ** 2 / 20.0))
+        for _ in range(instances):
+            noise = rng.uniform(0.0, 0.3, shape)
+            cubes.append(np.clip(0.2 + 0.6 * blob + noise * 0.5, 0.0, 1.0))
+            labels.append(c)
+    return (np.stack(cubes).astype(dtype),
+            np.asarray(labels, dtype=np.int64).reshape(-1, 1))
+
+
+def make_fold_files(folder: str | Path, classes: int = 3, instances: int = 4,
+                    val_instances: int = 2, resolutions: int = 3,
+                    shape: tuple[int, int, int] = SHAPE, seed: int = 0,
+                    dtype=np.float32) -> Path:
+    """Write the fold files for ``classes`` classes into ``folder``; returns ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k in range(1, math.ceil(classes / CLASSES_PER_BLOCK) + 1):
+        block = range((k - 1) * CLASSES_PER_BLOCK, min(classes, k * CLASSES_PER_BLOCK))
+        for r in range(1, resolutions + 1):
+            x, y = _cubes(rng, block, instances, shape, dtype)
+            d, lab = fold_file_names("train", r, k)
+            np.save(folder / d, x)
+            np.save(folder / lab, y)
+        x, y = _cubes(rng, block, val_instances, shape, dtype)
+        d, lab = fold_file_names("val", 1, k)
+        np.save(folder / d, x)
+        np.save(folder / lab, y)
+    return folder
+
+
+def train_args(data_dir: str | Path, out: str | Path, classes: int = 3, instances: int = 4,
+               val_instances: int = 2, width: int = 4, epochs: int = 2,
+               batch_size: int = 8, resolutions: int = 3,
+               shape: tuple[int, int, int] = SHAPE) -> list[str]:
+    """``pytorch/train.py`` flags for fold files made by ``make_fold_files``."""
+    out = Path(out)
+    return ["--data_dir", str(data_dir), "--input_rows", str(shape[0]),
+            "--input_cols", str(shape[1]), "--input_deps", str(shape[2]),
+            "--nb_multires_patch", str(resolutions),
+            "--cls_classes", str(classes), "--nb_instances", str(instances),
+            "--nb_val_instances", str(val_instances), "--width", str(width),
+            "--nb_epoch", str(epochs), "--batch_size", str(batch_size), "--device", "cpu",
+            "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "runs"),
+            "--verbose", "1", "--nb_preview", "2"]
