@@ -6,13 +6,22 @@ memory-mapped so that a crop reads only its region.
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from pytorch.common import InputError
 
-__all__ = ["SPLITS", "list_volumes", "open_volume"]
+__all__ = ["SPLITS", "list_volumes", "open_volume", "HU_DETECT_MAX", "to_unit_range",
+           "load_resized", "ResizedVolumeDataset"]
+
+#: A volume whose maximum exceeds this is taken to be in Hounsfield units, not [0, 1].
+HU_DETECT_MAX = 1.5
 
 SPLITS = ("train", "validation")
 
@@ -42,3 +51,74 @@ def open_volume(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
         raise InputError(f"{path}: expected a 3D numeric volume (x, y, z), got shape {vol.shape} "
                          f"dtype {vol.dtype}")
     return vol
+
+
+def to_unit_range(vol: np.ndarray | torch.Tensor, path: str | os.PathLike = "volume"
+                  ) -> np.ndarray | torch.Tensor:
+    """Return ``vol`` unchanged when it looks normalised (max <= ``HU_DETECT_MAX``); otherwise
+    treat it as HU: clip to [-1000, 1000], scale to [0, 1] and warn naming ``path``."""
+    if float(vol.max()) <= HU_DETECT_MAX:
+        return vol
+    warnings.warn(f"{path}: values up to {float(vol.max()):.0f} look like Hounsfield units; "
+                  "clipping to [-1000, 1000] and scaling to [0, 1] (prepare volumes with "
+                  "scripts/prepare_dataset.py to avoid this)", stacklevel=2)
+    return (vol.clip(-1000.0, 1000.0) + 1000.0) / 2000.0
+
+
+def load_resized(path: str | os.PathLike, size: Sequence[int]) -> torch.Tensor:
+    """Read a volume (X, Y, Z) and resize it trilinearly to ``size`` = (rows, cols, depth).
+
+    Returns a float32 tensor (1, rows, cols, depth) with values in [0, 1]
+    (``F.interpolate(mode="trilinear", align_corners=False)``, as stage 1 and 2 of the method).
+    Raises InputError naming the file when it holds NaN or inf values.
+    """
+    path = Path(path)
+    vol = torch.from_numpy(np.ascontiguousarray(open_volume(path, mmap=False), dtype=np.float32))
+    if vol.numel() == 0 or min(vol.shape) < 1:
+        raise InputError(f"{path}: empty volume {tuple(vol.shape)}; re-create it with "
+                         "scripts/prepare_dataset.py")
+    if not bool(torch.isfinite(vol).all()):
+        raise InputError(f"{path}: volume contains NaN or inf values; re-create it with "
+                         "scripts/prepare_dataset.py or remove it from the folder")
+    vol = to_unit_range(vol, path)
+    size = tuple(int(s) for s in size)
+    if tuple(vol.shape) != size:
+        vol = F.interpolate(vol[None, None], size=size, mode="trilinear",
+                            align_corners=False)[0, 0]             # (rows, cols, depth)
+    return vol.unsqueeze(0).contiguous()                           # (1, rows, cols, depth)
+
+
+class ResizedVolumeDataset(Dataset):
+    """Whole volumes resized to one size: item ``i`` is ``(volume (1, X, Y, Z), i)``.
+
+    Args:
+        files: volume paths (e.g. ``list_volumes(data_dir / "train")``), order kept.
+        size: (rows, cols, depth) after trilinear resizing.
+
+    ``preload()`` reads and resizes every volume once and keeps them in memory (for many epochs
+    over a dataset that fits in RAM: 4 MiB per volume at 128 x 128 x 64); afterwards items come
+    from memory and a DataLoader needs no workers.
+    """
+
+    def __init__(self, files: Sequence[str | os.PathLike], size: Sequence[int]) -> None:
+        self.files = [Path(f) for f in files]
+        self.size = tuple(int(s) for s in size)
+        self._memory: list[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def preloaded(self) -> bool:
+        return self._memory is not None
+
+    def preload(self, progress: bool = False, desc: str = "loading volumes") -> None:
+        """Read and resize every volume now (tqdm bar when ``progress``)."""
+        from tqdm import tqdm
+        self._memory = [load_resized(f, self.size)
+                        for f in tqdm(self.files, desc=desc, disable=not progress or None)]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self._memory is not None:
+            return self._memory[i], i
+        return load_resized(self.files[i], self.size), i          # (1, X, Y, Z)

@@ -1,0 +1,243 @@
+"""Reading CT volumes in any format SimpleITK reads, resampling and HU normalisation.
+
+Arrays are (x, y, z), z last. SimpleITK's ``GetArrayFromImage`` returns (z, y, x); every
+function here transposes once, on the way in. Volumes are reoriented to SimpleITK's identity
+direction (LPS: x runs right->left, y anterior->posterior, z inferior->superior) when their
+axes are axis-aligned, so files written by different tools mean the same thing per axis.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["IMAGE_SUFFIXES", "IGNORED_SUFFIXES", "CTReadError", "read_ct", "read_sitk",
+           "resample", "resampled_shape", "normalize_hu", "find_ct_inputs", "dicom_series",
+           "volume_suffix", "volume_stem"]
+
+#: File name endings treated as single-file (or header) volumes, checked longest first.
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mhd", ".mha", ".hdr", ".img.gz",
+                  ".vtk", ".gipl", ".gipl.gz", ".mnc", ".npy", ".dcm", ".ima")
+#: Companion data files or non-image files that are never volumes on their own.
+IGNORED_SUFFIXES = (".raw", ".zraw", ".img", ".raw.gz", ".json", ".csv", ".txt", ".md", ".py",
+                    ".pdf", ".html", ".xml", ".log", ".tmp", ".yaml", ".yml", ".ini", ".sh",
+                    ".zip", ".tar", ".gz", ".bz2")
+
+
+class CTReadError(ValueError):
+    """A file or folder that cannot be read as a CT volume; the message says why."""
+
+
+def volume_suffix(path: str | os.PathLike) -> str:
+    """The (possibly double) file suffix of a volume path, lower case (``.nii.gz``)."""
+    name = Path(path).name.lower()
+    for suf in sorted(IMAGE_SUFFIXES + IGNORED_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suf):
+            return suf
+    return Path(name).suffix
+
+
+def volume_stem(path: str | os.PathLike) -> str:
+    """File name without its volume suffix (``case1.nii.gz`` -> ``case1``)."""
+    name = Path(path).name
+    suf = volume_suffix(path)
+    return name[: len(name) - len(suf)] if suf and name.lower().endswith(suf) else Path(name).stem
+
+
+def dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str]]]:
+    """The DICOM series directly inside ``folder``: a list of (series UID, sorted file names)."""
+    import SimpleITK as sitk
+
+    folder = str(folder)
+    out = []
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)   # "No Series were found" is not news here
+    try:
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or ()
+    except RuntimeError:
+        ids = ()
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    for sid in ids:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid)
+        if files:
+            out.append((sid, list(files)))
+    return out
+
+
+def find_ct_inputs(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Everything under ``root`` (recursively) that may be a CT volume, in sorted order.
+
+    Returns items ``{"path": Path, "kind": "file"|"dicom", "series": uid|None,
+    "files": [..]|None}``: one per DICOM series (all its slices) and one per other file that
+    is not a known companion / non-image file (``.raw`` beside an ``.mhd``, ``.json``, ...).
+    A ``root`` that is a file gives that file; a ``root`` that is a series folder gives it.
+    """
+    root = Path(root)
+    if root.is_file():
+        return [{"path": root, "kind": "file", "series": None, "files": None}]
+    if not root.is_dir():
+        raise CTReadError(f"{root}: no such file or folder")
+    items: list[dict[str, Any]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        names = sorted(f for f in filenames if not f.startswith("."))
+        if not names:
+            continue
+        series = dicom_series(dirpath)
+        in_series: set[str] = set()
+        for sid, files in series:
+            in_series.update(os.path.abspath(f) for f in files)
+            items.append({"path": Path(dirpath), "kind": "dicom", "series": sid,
+                          "files": files, "n_series": len(series)})
+        for name in names:
+            full = Path(dirpath) / name
+            if os.path.abspath(full) in in_series:
+                continue
+            suf = volume_suffix(name)
+            if suf in IGNORED_SUFFIXES and suf not in IMAGE_SUFFIXES:
+                continue
+            items.append({"path": full, "kind": "file", "series": None, "files": None})
+    return items
+
+
+def read_sitk(path: str | os.PathLike, series_files: Sequence[str] | None = None):
+    """Read a SimpleITK image from a file or a DICOM series folder (largest series when the
+    folder holds several, or the given ``series_files``). Raises :class:`CTReadError`."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    try:
+        if series_files is None and path.is_dir():
+            series = dicom_series(path)
+            if not series:
+                raise CTReadError(f"{path}: folder holds no DICOM series")
+            series_files = max(series, key=lambda s: len(s[1]))[1]
+        if series_files is not None:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(list(series_files))
+            return reader.Execute()
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()
+        why = next((m for m in msg if "ERROR" in m or "Unable" in m), msg[-1] if msg else "")
+        raise CTReadError(f"{path}: SimpleITK cannot read it ({why.strip()[:200]})") from e
+
+
+def read_ct(path: str | os.PathLike, series_files: Sequence[str] | None = None,
+            reorient: bool = True) -> tuple[np.ndarray, tuple[float, float, float], dict[str, Any]]:
+    """Read a CT volume (any SimpleITK file, or a DICOM series folder).
+
+    Args:
+        path: a file (``.mhd``, ``.nii.gz``, ``.nrrd``, ``.dcm`` volume, ...) or a folder
+            holding a DICOM series.
+        series_files: the slices of one series (from :func:`find_ct_inputs`), else the
+            folder's largest series is read.
+        reorient: turn axis-aligned volumes to the identity direction (LPS) first.
+
+    Returns:
+        ``hu``: float32 (X, Y, Z), the stored values after the file's rescale (HU for CT);
+        ``spacing``: (sx, sy, sz) in mm; ``meta``: plain-typed facts (original size,
+        spacing, origin, direction and orientation code, pixel type, number of components).
+
+    Raises:
+        CTReadError: unreadable, not 3D (a 2D image or a single slice), multi-component.
+    """
+    import SimpleITK as sitk
+
+    img = read_sitk(path, series_files)
+    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+        img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
+    size = tuple(int(s) for s in img.GetSize())
+    if img.GetDimension() != 3 or min(size) < 2:
+        raise CTReadError(f"{path}: a {img.GetDimension()}D image of size {size}, not a 3D volume "
+                          "(a single slice or 2D image); skip it or give the whole series")
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise CTReadError(f"{path}: {img.GetNumberOfComponentsPerPixel()} components per voxel "
+                          "(colour/vector image), not a CT volume")
+    meta: dict[str, Any] = {
+        "source": str(path),
+        "original_size_xyz": list(size),
+        "original_spacing": [float(s) for s in img.GetSpacing()],
+        "original_origin": [float(o) for o in img.GetOrigin()],
+        "original_direction": [float(d) for d in img.GetDirection()],
+        "pixel_type": img.GetPixelIDTypeAsString(),
+    }
+    try:
+        meta["original_orientation"] = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+            img.GetDirection())
+    except (AttributeError, RuntimeError):
+        meta["original_orientation"] = ""
+    direction = np.asarray(img.GetDirection(), float).reshape(3, 3)
+    axis_aligned = np.allclose(np.abs(direction).max(axis=0), 1.0, atol=1e-3)
+    if reorient and axis_aligned and not np.allclose(direction, np.eye(3), atol=1e-3):
+        img = sitk.DICOMOrient(img, "LPS")
+        meta["reoriented_to"] = "LPS"
+    elif reorient and not axis_aligned:
+        meta["reoriented_to"] = "none (oblique direction kept)"
+    img = sitk.Cast(img, sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(img)                     # (Z, Y, X)
+    hu = np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))  # (X, Y, Z)
+    spacing = tuple(float(s) for s in img.GetSpacing())   # (sx, sy, sz), same order as hu axes
+    meta["spacing"] = list(spacing)
+    meta["origin"] = [float(o) for o in img.GetOrigin()]
+    meta["shape_xyz"] = list(hu.shape)
+    return hu.astype(np.float32, copy=False), spacing, meta  # type: ignore[return-value]
+
+
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float],
+                    new_spacing: Sequence[float]) -> tuple[int, int, int]:
+    """Output size that keeps the physical extent ``shape * spacing`` (rounded, at least 1)."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, new_spacing))  # type: ignore[return-value]
+
+
+def resample(hu: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[float],
+             pad_value: float = -1024.0) -> np.ndarray:
+    """Linear resampling of an (X, Y, Z) volume from ``spacing`` to ``new_spacing`` (mm).
+
+    The physical extent (``shape * spacing``, voxel edges to voxel edges) is kept: the output
+    has :func:`resampled_shape` voxels aligned on the same outer edge. Output points within
+    half an input voxel of the edge take the nearest edge value; points beyond the input
+    (only from rounding the size up) get ``pad_value``, air (-1024 HU) by default -- a real
+    HU value, never a pixel-type code. Separable (one axis at a time, trilinear overall),
+    float32, vectorised.
+    """
+    out = np.asarray(hu, dtype=np.float32)
+    if out.ndim != 3:
+        raise ValueError(f"resample expects an (X, Y, Z) volume, got shape {out.shape}")
+    new_shape = resampled_shape(out.shape, spacing, new_spacing)
+    for axis, (n, s, t, m) in enumerate(zip(out.shape, spacing, new_spacing, new_shape)):
+        if m == n and abs(s - t) < 1e-9:
+            continue
+        p = (np.arange(m, dtype=np.float64) + 0.5) * (t / s) - 0.5   # output centres, input index
+        outside = (p < -0.5 - 1e-6) | (p > n - 0.5 + 1e-6)
+        pc = np.clip(p, 0, n - 1)
+        i0 = np.floor(pc).astype(np.intp)
+        i1 = np.minimum(i0 + 1, n - 1)
+        w = (pc - i0).astype(np.float32)
+        bshape = [1, 1, 1]
+        bshape[axis] = m
+        w = w.reshape(bshape)
+        a0 = np.take(out, i0, axis=axis)
+        a1 = np.take(out, i1, axis=axis)
+        a1 -= a0
+        a1 *= w
+        a0 += a1
+        if outside.any():
+            idx = [slice(None)] * 3
+            idx[axis] = np.flatnonzero(outside)
+            a0[tuple(idx)] = pad_value
+        out = a0
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def normalize_hu(hu: np.ndarray, hu_min: float = -1000.0, hu_max: float = 1000.0) -> np.ndarray:
+    """Clip to [hu_min, hu_max] and scale linearly to [0, 1] (float32, same shape)."""
+    if not hu_max > hu_min:
+        raise ValueError(f"hu_max ({hu_max}) must be greater than hu_min ({hu_min})")
+    out = np.clip(np.asarray(hu, dtype=np.float32), hu_min, hu_max)
+    out -= np.float32(hu_min)
+    out *= np.float32(1.0 / (hu_max - hu_min))
+    return out

@@ -1,0 +1,385 @@
+"""Stage 1 of self-discovery: train the 3D U-Net autoencoder on whole volumes.
+
+Every volume of ``--data_dir``/train and ``--data_dir``/validation is resized trilinearly to
+``--input_rows`` x ``--input_cols`` x ``--input_deps`` (128 x 128 x 64) and reconstructed by
+``UNet3D(decoder="upsampling")`` (sigmoid output). Loss MSE, Adam (lr 1e-3), the learning rate
+halves after 20 epochs without a validation improvement of 1e-4 (down to 1e-6), training stops
+after ``--patience`` (50) epochs without improvement. The best-validation checkpoint is
+``<checkpoint_dir>/Unet_autoencoder.pt`` (where ``feature_extractor.py --weights`` points by
+default), the last one ``Unet_autoencoder_last.pt`` (what ``--resume`` continues).
+
+Run from the repository root::
+
+    python self_discovery/train_autoencoder.py --data_dir dataset/
+    torchrun --nproc_per_node=4 self_discovery/train_autoencoder.py --data_dir dataset/
+
+Fixes of the reference script: its undefined ``batch_size`` (now ``--batch_size``); explicit
+``--resume`` (optimizer, scheduler, epoch and early-stopping state) distinct from
+``--weights`` (initial weights only).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import math
+import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from models.checkpoint import (CheckpointError, load_checkpoint, load_state_dict_checked,
+                               save_checkpoint)
+from models.ynet3d import UNet3D
+from pytorch.common import (InputError, middle_slice_grid, resolve_device, seed_everything,
+                            write_run_config)
+from pytorch.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object,
+                                 cleanup_distributed, init_distributed, shard_indices)
+from self_discovery.volumes import ResizedVolumeDataset, list_volumes
+
+__all__ = ["BEST_NAME", "LAST_NAME", "ARCH", "build_parser", "build_model", "model_config",
+           "train_step", "train", "main"]
+
+BEST_NAME = "Unet_autoencoder.pt"
+LAST_NAME = "Unet_autoencoder_last.pt"
+ARCH = "UNet3D"
+#: Normalisation of the autoencoder: ordinary BatchNorm (running statistics in eval mode), as
+#: the reference's Keras model, so that a volume's features do not depend on its batch.
+NORM = "standard"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Self-discovery stage 1: train the 3D U-Net autoencoder whose bottleneck "
+                    "features rank patients by similarity (feature_extractor.py uses it).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", required=True,
+                   help="folder holding train/ and validation/ with one float32 .npy volume "
+                        "(x, y, z) in [0, 1] per patient (scripts/prepare_dataset.py)")
+    g.add_argument("--input_rows", type=int, default=128, help="volumes are resized to this x size")
+    g.add_argument("--input_cols", type=int, default=128, help="volumes are resized to this y size")
+    g.add_argument("--input_deps", type=int, default=64,
+                   help="volumes are resized to this z size (all three divisible by 8)")
+    g.add_argument("--num_workers", type=int, default=4,
+                   help="DataLoader worker processes reading and resizing volumes")
+    g.add_argument("--cache", action="store_true",
+                   help="read and resize every volume once and keep them in memory "
+                        "(4 MiB per volume at 128x128x64); faster epochs")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="Unet", choices=["Unet"],
+                   help="autoencoder architecture (the reference offers only the 3D U-Net)")
+    g.add_argument("--decoder", default="upsampling", choices=["upsampling", "transpose"],
+                   help="decoder upsampling: nearest-neighbour (the method) or transposed conv")
+    g.add_argument("--width", type=int, default=32,
+                   help="base channels w; the bottleneck (feature size) has 16*w channels")
+    g.add_argument("--weights", default=None,
+                   help="initial weights (a checkpoint of this autoencoder); training starts at "
+                        "epoch 0 with a fresh optimizer. Not a resume: see --resume")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch_size", type=int, default=8, help="volumes per step (per process)")
+    g.add_argument("--nb_epoch", type=int, default=10000,
+                   help="maximum number of epochs; early stopping usually ends training first")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--lr_patience", type=int, default=20,
+                   help="halve the learning rate after this many epochs without a validation "
+                        "improvement of 1e-4 (minimum lr 1e-6)")
+    g.add_argument("--patience", type=int, default=50,
+                   help="stop after this many epochs without a validation-loss improvement")
+    g.add_argument("--seed", type=int, default=1, help="seed of weights init and shuffling")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when present)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast on CUDA (no effect on CPU)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--checkpoint_dir", default="self_discovery/Checkpoints/Autoencoder",
+                   help=f"where {BEST_NAME} (best validation loss), {LAST_NAME} (last epoch) "
+                        "and config.json are written")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help=f"continue an interrupted run (weights, optimizer, lr schedule, epoch, "
+                        f"early stopping) from a checkpoint; without a value from "
+                        f"<checkpoint_dir>/{LAST_NAME}")
+    g.add_argument("--log_dir", default="runs/autoencoder",
+                   help="TensorBoard folder (losses, lr, middle-slice input|reconstruction)")
+    g.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
+                   help="0: errors only, 1: one line per epoch and progress bars, 2: also lr "
+                        "changes and checkpoint saves")
+    return p
+
+
+def model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Constructor arguments of the autoencoder, stored in the checkpoint."""
+    return {"n_class": 1, "width": int(args.width), "decoder": args.decoder, "norm": NORM,
+            "in_channels": 1}
+
+
+def build_model(width: int = 32, decoder: str = "upsampling", norm: str = NORM) -> UNet3D:
+    """The stage-1 autoencoder: (N, 1, X, Y, Z) -> (N, 1, X, Y, Z) in [0, 1] (sigmoid)."""
+    return UNet3D(n_class=1, width=width, decoder=decoder, norm=norm)  # type: ignore[arg-type]
+
+
+def _autocast(device: torch.device, amp: bool) -> AbstractContextManager:
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               amp: bool = False) -> torch.Tensor:
+    """One Adam step of MSE reconstruction on a batch x (N, 1, X, Y, Z); returns the detached
+    loss (a device tensor: no host synchronisation)."""
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(x.device, amp):
+        out = model(x)                                    # (N, 1, X, Y, Z)
+    loss = F.mse_loss(out.float(), x)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    size = (args.input_rows, args.input_cols, args.input_deps)
+    if any(s <= 0 or s % 8 for s in size):
+        raise InputError(f"--input_rows/--input_cols/--input_deps {size}: each must be a "
+                         "positive multiple of 8 (three 2x poolings)")
+    for flag in ("batch_size", "width", "patience", "lr_patience"):
+        if getattr(args, flag) <= 0:
+            raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.nb_epoch < 0 or args.num_workers < 0 or args.lr <= 0:
+        raise InputError("--nb_epoch and --num_workers must be >= 0 and --lr > 0")
+    if args.resume and args.weights:
+        raise InputError("--resume and --weights exclude each other: --resume continues a run, "
+                         "--weights only initialises a new one")
+
+
+def _resume_path(args: argparse.Namespace) -> Path | None:
+    if not args.resume:
+        return None
+    return Path(args.checkpoint_dir) / LAST_NAME if args.resume == "auto" else Path(args.resume)
+
+
+def _loader(ds: ResizedVolumeDataset, sampler, batch_size: int, workers: int,
+            device: torch.device) -> DataLoader:
+    workers = 0 if ds.preloaded else workers
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      drop_last=False)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run stage 1 as configured by ``args`` (see ``build_parser``).
+
+    Returns ``{"history": [{"epoch", "train_loss", "val_loss", "lr", "seconds"}, ...],
+    "best_loss", "epoch", "best_path", "last_path"}`` (the history of this invocation only).
+    """
+    _check_args(args)
+    device = resolve_device(args.device)
+    was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    info, device = init_distributed(device)
+    try:
+        return _train(args, info, device)
+    finally:
+        if not was_initialised:
+            cleanup_distributed()
+
+
+def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> dict[str, Any]:
+    main_rank = info.is_main
+
+    def say(*msg: object) -> None:
+        if main_rank and args.verbose >= 1:
+            print(*msg, flush=True)
+
+    data_dir = Path(args.data_dir)
+    train_files = list_volumes(data_dir / "train")
+    val_files = list_volumes(data_dir / "validation")
+    size = (args.input_rows, args.input_cols, args.input_deps)
+    ckpt_dir = Path(args.checkpoint_dir)
+    best_path, last_path = ckpt_dir / BEST_NAME, ckpt_dir / LAST_NAME
+
+    seed_everything(args.seed)   # same initial weights on every rank
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = build_model(args.width, args.decoder).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.5, patience=args.lr_patience, threshold=1e-4,
+        threshold_mode="abs", min_lr=1e-6)
+    start_epoch, best_loss, no_improve = 0, math.inf, 0
+
+    resume = _resume_path(args)
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        cfg = ckpt.get("model_config") or {}
+        for key in ("width", "decoder"):
+            if key in cfg and cfg[key] != getattr(args, key):
+                raise InputError(f"{resume}: made with --{key} {cfg[key]}, this run has "
+                                 f"--{key} {getattr(args, key)}; use the same value to resume")
+        load_state_dict_checked(model, ckpt["state_dict"], source=str(resume))
+        if ckpt.get("optimizer_state_dict"):
+            optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        if ckpt.get("scheduler_state_dict"):
+            scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+        start_epoch = int(ckpt.get("epoch", 0))
+        best_loss = float(ckpt.get("best_loss", math.inf))
+        no_improve = int(ckpt.get("num_epoch_no_improvement", 0))
+        say(f"resumed from {resume}: epoch {start_epoch}, best val loss {best_loss:.6f}")
+    elif args.weights:
+        ckpt = load_checkpoint(args.weights)
+        load_state_dict_checked(model, ckpt["state_dict"], source=str(args.weights),
+                                ignore_unexpected=["clc_out"])
+        say(f"initial weights from {args.weights} (epoch counter and optimizer start fresh)")
+    elif main_rank and last_path.exists():
+        say(f"note: {last_path} exists and will be overwritten; use --resume to continue it")
+
+    ddp_model: nn.Module = model
+    if info.enabled:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_ds = ResizedVolumeDataset(train_files, size)
+    val_ds = ResizedVolumeDataset(val_files, size)
+    if args.cache:
+        train_ds.preload(progress=main_rank and args.verbose >= 1, desc="caching train")
+        val_ds.preload(progress=main_rank and args.verbose >= 1, desc="caching validation")
+    # DistributedSampler also for one process: epoch-seeded shuffles, reproducible on resume.
+    train_sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
+                                       shuffle=True, seed=args.seed, drop_last=False)
+    train_loader = _loader(train_ds, train_sampler, args.batch_size, args.num_workers, device)
+    val_part = Subset(val_ds, shard_indices(len(val_ds), info.rank, info.world_size))
+    val_loader = DataLoader(val_part, batch_size=args.batch_size, shuffle=False,
+                            num_workers=0 if val_ds.preloaded else args.num_workers,
+                            pin_memory=device.type == "cuda",
+                            persistent_workers=args.num_workers > 0 and not val_ds.preloaded)
+
+    writer = None
+    if main_rank:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=args.log_dir)
+        run_cfg = dict(vars(args), resolved_device=str(device), world_size=info.world_size,
+                       n_train=len(train_files), n_val=len(val_files))
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(run_cfg, ckpt_dir)
+        say(f"autoencoder: {len(train_files)} train / {len(val_files)} validation volumes "
+            f"resized to {size}, width {args.width}, device {device}"
+            + (f" x {info.world_size} processes" if info.enabled else ""))
+    config = dict(vars(args), world_size=info.world_size)
+    history: list[dict[str, Any]] = []
+    from tqdm import tqdm
+    show_bars = main_rank and args.verbose >= 1
+    epoch = start_epoch
+    stop = no_improve >= args.patience
+    while epoch < args.nb_epoch and not stop:
+        t0 = time.perf_counter()
+        ddp_model.train()
+        train_sampler.set_epoch(epoch)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # train sum, n, val sum, n
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1} train", leave=False,
+                   disable=None if show_bars else True)
+        for step, (x, _) in enumerate(bar):
+            x = x.to(device, non_blocking=True)                     # (N, 1, X, Y, Z)
+            loss = train_step(ddp_model, optimizer, x, args.amp)
+            sums[0] += loss * x.shape[0]
+            sums[1] += x.shape[0]
+            if show_bars and step % 20 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{float(loss):.5f}")          # rare sync, display only
+        if info.enabled:  # BatchNorm running statistics of rank 0 everywhere before validating
+            for buf in model.buffers():
+                torch.distributed.broadcast(buf, 0)
+        model.eval()  # unwrapped: validation shards may differ in length between ranks
+        grid_rows: list[list[torch.Tensor]] = []
+        with torch.no_grad():
+            for x, _ in tqdm(val_loader, desc=f"epoch {epoch + 1} val", leave=False,
+                             disable=None if show_bars else True):
+                x = x.to(device, non_blocking=True)
+                with _autocast(device, args.amp):
+                    out = model(x)                                  # (N, 1, X, Y, Z)
+                sums[2] += F.mse_loss(out.float(), x, reduction="none").mean(dim=(1, 2, 3, 4)).sum()
+                sums[3] += x.shape[0]
+                if main_rank and len(grid_rows) < 4:
+                    grid_rows += [[x[i, 0].cpu(), out[i, 0].float().cpu()]
+                                  for i in range(min(4 - len(grid_rows), x.shape[0]))]
+        all_reduce_sum(sums)
+        train_loss = float(sums[0] / sums[1].clamp(min=1))
+        val_loss = float(sums[2] / sums[3].clamp(min=1))
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise InputError(f"epoch {epoch + 1}: loss is not finite (train {train_loss}, val "
+                             f"{val_loss}); lower --lr or try --no-amp")
+        epoch += 1
+        # Decisions on rank 0, broadcast so every rank agrees.
+        decision = None
+        if main_rank:
+            old_lr = optimizer.param_groups[0]["lr"]
+            scheduler.step(val_loss)
+            lr = optimizer.param_groups[0]["lr"]
+            improved = val_loss < best_loss
+            if improved:
+                best_loss, no_improve = val_loss, 0
+            else:
+                no_improve += 1
+            decision = {"lr": lr, "improved": improved, "best_loss": best_loss,
+                        "no_improve": no_improve, "stop": no_improve >= args.patience,
+                        "sched": scheduler.state_dict()}
+            if args.verbose >= 2 and lr != old_lr:
+                say(f"learning rate {old_lr:.2e} -> {lr:.2e}")
+        decision = broadcast_object(decision)
+        for group in optimizer.param_groups:
+            group["lr"] = decision["lr"]
+        scheduler.load_state_dict(decision["sched"])
+        best_loss, no_improve = decision["best_loss"], decision["no_improve"]
+        stop = decision["stop"]
+        seconds = time.perf_counter() - t0
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "lr": decision["lr"], "seconds": seconds})
+        if main_rank:
+            kw = dict(optimizer=optimizer, scheduler=scheduler, epoch=epoch, best_loss=best_loss,
+                      num_epoch_no_improvement=no_improve, arch=ARCH,
+                      model_config=model_config(args), config=config)
+            if decision["improved"]:
+                save_checkpoint(best_path, model, **kw)
+                if args.verbose >= 2:
+                    say(f"saved {best_path}")
+            save_checkpoint(last_path, model, **kw)
+            assert writer is not None
+            writer.add_scalar("loss/train", train_loss, epoch)
+            writer.add_scalar("loss/val", val_loss, epoch)
+            writer.add_scalar("lr", decision["lr"], epoch)
+            if grid_rows:
+                writer.add_image("val/input|reconstruction", middle_slice_grid(grid_rows), epoch,
+                                 dataformats="HW")
+            writer.flush()
+            say(f"epoch {epoch}/{args.nb_epoch}: train {train_loss:.6f} val {val_loss:.6f} "
+                f"lr {decision['lr']:.2e} {seconds:.1f}s"
+                + (" *best*" if decision["improved"] else f" ({no_improve} without improvement)"))
+        if stop:
+            say(f"early stopping: {no_improve} epochs without validation improvement")
+    barrier()
+    if writer is not None:
+        writer.close()
+    return {"history": history, "best_loss": best_loss, "epoch": epoch, "is_main": main_rank,
+            "best_path": str(best_path), "last_path": str(last_path)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = train(args)
+    except (InputError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result["is_main"] and result["epoch"] and args.verbose >= 1:
+        print(f"best validation loss {result['best_loss']:.6f}; checkpoint {result['best_path']}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

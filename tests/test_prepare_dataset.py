@@ -1,0 +1,214 @@
+"""Stage 0 (scripts/prepare_dataset.py, scripts/ct_io.py) and the phantoms (scripts/phantoms.py).
+
+Phantom-based, tiny volumes: every format round trip with an orientation check, resampling
+keeps the physical extent, bad files are skipped with a message, re-runs skip finished work.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from scripts import prepare_dataset as pd
+from scripts.ct_io import find_ct_inputs, normalize_hu, read_ct, resample, resampled_shape
+from scripts.phantoms import (make_chest_phantom, make_nodule_cubes, phantom_lung_mask,
+                              write_phantom_dataset, write_volume)
+
+SHAPE = (40, 36, 12)
+SPACING = (0.8, 0.9, 2.5)
+
+
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    rc = pd.main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out + cap.err
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+# ------------------------------------------------------------------------------- phantoms
+def test_phantom_is_deterministic_anatomical_and_seeded():
+    hu, mask = make_chest_phantom((64, 64, 24), seed=3, nodules=2)
+    hu2, mask2 = make_chest_phantom((64, 64, 24), seed=3, nodules=2)
+    assert hu.dtype == np.float32 and mask.dtype == np.uint8 and hu.shape == (64, 64, 24)
+    assert hu.tobytes() == hu2.tobytes() and mask.tobytes() == mask2.tobytes()
+    assert not np.array_equal(hu, make_chest_phantom((64, 64, 24), seed=4, nodules=2)[0])
+    # air in the corners, lung, soft tissue and bone all present
+    assert np.all(hu[:2, :2] < -900)
+    assert 0.1 < np.mean(hu < -700) < 0.8
+    assert np.mean((hu > -150) & (hu < 150)) > 0.1
+    assert np.mean(hu > 500) > 0.002
+    # nodules: solid, inside the chest, masked
+    assert mask.sum() > 0 and np.median(hu[mask > 0]) > -100
+    # LPS layout: spine (bone) posterior = high y; two lungs at low and high x
+    bone = np.argwhere(hu[:, :, 12] > 500)
+    assert bone[:, 1].mean() > 32
+    lung = phantom_lung_mask((64, 64, 24), seed=3)
+    xs = np.argwhere(lung[:, :, 14])[:, 0]
+    assert (xs < 24).any() and (xs > 40).any()
+
+
+def test_nodule_cubes():
+    cubes, labels = make_nodule_cubes(6, size=(16, 16, 8), seed=1)
+    assert cubes.shape == (6, 16, 16, 8) and cubes.dtype == np.float32
+    assert labels.tolist().count(1) == 3 and 0.0 <= cubes.min() and cubes.max() <= 1.0
+    centre = cubes[:, 6:10, 6:10, 3:5].mean(axis=(1, 2, 3))
+    assert centre[labels == 1].min() > centre[labels == 0].mean()
+
+
+# ------------------------------------------------------------------------------- reading
+@pytest.mark.parametrize("fmt", ["nrrd", "nii.gz", "mhd", "dicom"])
+def test_format_round_trip_and_orientation(tmp_path, capsys, fmt):
+    src = tmp_path / "in"
+    write_phantom_dataset(src, 1, SHAPE, seed=5, fmt=fmt, spacing=SPACING)
+    rc, log = _run(capsys, "--input_dir", str(src), "--output_dir", str(tmp_path / "out"),
+                   "--val_fraction", "0")
+    assert rc == 0, log
+    vol = np.load(tmp_path / "out" / "train" / "phantom_000.npy")
+    hu, _ = make_chest_phantom(SHAPE, seed=5, spacing=SPACING)
+    assert vol.dtype == np.float32 and vol.shape == SHAPE
+    np.testing.assert_allclose(vol, normalize_hu(np.round(hu)), atol=1e-6)
+    rec = _manifest(tmp_path / "out")["volumes"][0]
+    np.testing.assert_allclose(rec["original_spacing"], SPACING, rtol=1e-5)
+    assert rec["original_shape"] == list(SHAPE) and rec["output_shape"] == list(SHAPE)
+    assert rec["format"] == fmt and rec["split"] == "train"
+    assert "phantom_000" in (tmp_path / "out" / "manifest.csv").read_text()
+
+
+def test_known_voxel_lands_at_its_sitk_index(tmp_path):
+    """SimpleITK index (i, j, k) = (x, y, z) must become array[i, j, k] after reading."""
+    arr = np.full((12, 10, 8), -1000, np.int16)           # SimpleITK order (z, y, x)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.7, 0.8, 3.0))
+    img.SetPixel((7, 2, 5), 1000)                           # x=7, y=2, z=5
+    sitk.WriteImage(img, str(tmp_path / "m.nrrd"))
+    hu, spacing, meta = read_ct(tmp_path / "m.nrrd")
+    assert hu.shape == (8, 10, 12) and spacing == pytest.approx((0.7, 0.8, 3.0))
+    assert hu[7, 2, 5] == 1000 and np.count_nonzero(hu > 0) == 1
+    # a RAS-stored (NIfTI-style) file is turned to LPS: the marker moves to the flipped index
+    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    sitk.WriteImage(img, str(tmp_path / "ras.nrrd"))
+    hu2, _, meta2 = read_ct(tmp_path / "ras.nrrd")
+    assert meta2["original_orientation"] == "RAS" and hu2[8 - 1 - 7, 10 - 1 - 2, 5] == 1000
+    hu3, _, _ = read_ct(tmp_path / "ras.nrrd", reorient=False)
+    assert hu3[7, 2, 5] == 1000
+
+
+def test_resample_keeps_physical_extent_and_pads_with_air():
+    ramp = np.broadcast_to(np.arange(20, dtype=np.float32).reshape(20, 1, 1) * 10 - 500,
+                           (20, 6, 9)).copy()
+    out = resample(ramp, (1.0, 1.0, 2.5), (0.5, 1.5, 1.0))
+    assert out.shape == resampled_shape((20, 6, 9), (1.0, 1.0, 2.5), (0.5, 1.5, 1.0)) == (40, 4, 22)
+    for n, s, m, t in zip(ramp.shape, (1.0, 1.0, 2.5), out.shape, (0.5, 1.5, 1.0)):
+        assert abs(n * s - m * t) <= t / 2 + 1e-9                # extent kept within half a voxel
+    # linear along x: interior output voxel centres at (j + 0.5) * 0.5 - 0.5 input index
+    j = np.arange(2, 38)
+    np.testing.assert_allclose(out[j, 0, 5], ((j + 0.5) * 0.5 - 0.5) * 10 - 500, atol=1e-3)
+    # y: 6 voxels of 1 mm -> 4 of 1.5 mm, same extent, no padding needed; z rounds up: 22.5 -> 22
+    assert out.min() >= -1024.0
+    # a body touching the ends of the scan keeps its tissue there: no fake air slices at the
+    # edges whichever way the size rounds (8.33 -> 8, 3.75 -> 4, 3.5 -> 4)
+    for n, t in ((5, 0.6), (3, 0.8), (7, 2.0)):
+        tissue = np.full((4, 4, n), 40.0, np.float32)
+        out = resample(tissue, (1, 1, 1), (1, 1, t))
+        assert out.shape[2] == int(round(n / t)) and np.all(out == 40.0)
+
+
+def test_prepare_with_spacing_writes_manifest(tmp_path, capsys):
+    src = tmp_path / "in"
+    write_phantom_dataset(src, 1, (48, 48, 16), seed=2, fmt="mhd", spacing=(0.7, 0.7, 2.5))
+    rc, log = _run(capsys, "--input_dir", str(src), "--output_dir", str(tmp_path / "out"),
+                   "--spacing", "1.4", "1.4", "1.25", "--val_fraction", "0")
+    assert rc == 0, log
+    vol = np.load(tmp_path / "out" / "train" / "phantom_000.npy")
+    assert vol.shape == (24, 24, 32)
+    assert 0.0 <= vol.min() and vol.max() <= 1.0
+    rec = _manifest(tmp_path / "out")["volumes"][0]
+    assert rec["output_spacing"] == [1.4, 1.4, 1.25] and rec["output_shape"] == [24, 24, 32]
+    extent_in = np.array(rec["original_shape"]) * np.array(rec["original_spacing"])
+    extent_out = np.array(rec["output_shape"]) * np.array(rec["output_spacing"])
+    np.testing.assert_allclose(extent_in, extent_out, atol=0.7)
+
+
+# ------------------------------------------------------------------------------- bad input
+def test_bad_files_are_skipped_with_a_message(tmp_path, capsys):
+    src = tmp_path / "in"
+    write_phantom_dataset(src, 1, SHAPE, seed=1, fmt="nrrd")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 30), np.int16) - 1000), str(src / "flat2d.nrrd"))
+    write_volume(src / "oneslice.nii.gz", np.full((30, 30, 1), -1000, np.int16))
+    write_volume(src / "empty.nrrd", np.zeros((20, 20, 12), np.int16))
+    write_volume(src / "mask.nrrd", (np.arange(20 * 20 * 12).reshape(20, 20, 12) % 2).astype(np.uint8))
+    (src / "broken.nii.gz").write_bytes(b"not an image at all")
+    (src / "notes.txt").write_text("ignored silently")
+    rc, log = _run(capsys, "--input_dir", str(src), "--output_dir", str(tmp_path / "out"))
+    assert rc == 0, log
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.npy")) == ["phantom_000.npy"]
+    for name in ("flat2d.nrrd", "oneslice.nii.gz", "empty.nrrd", "mask.nrrd", "broken.nii.gz"):
+        assert "skipped: " in log and name in log, name
+    assert "notes.txt" not in log
+    assert "5 skipped" in log
+    skipped = _manifest(tmp_path / "out")["skipped"]
+    assert len(skipped) == 5 and all(s["reason"] for s in skipped)
+
+    # only bad files: nothing written, exit status 2
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.mhd").write_text("ObjectType = Image\nNDims = 3\n")
+    rc, log = _run(capsys, "--input_dir", str(bad), "--output_dir", str(tmp_path / "out2"))
+    assert rc == 2 and "no volume was written" in log
+    rc, log = _run(capsys, "--input_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o3"))
+    assert rc == 2 and "error:" in log and "missing" in log
+
+
+# ------------------------------------------------------------------------------- re-runs, splits
+def test_rerun_skips_done_and_split_is_stable(tmp_path, capsys):
+    src = tmp_path / "in"
+    write_phantom_dataset(src, 6, (24, 24, 10), seed=0, fmt="nrrd")
+    out = tmp_path / "out"
+    args = ["--input_dir", str(src), "--output_dir", str(out), "--val_fraction", "0.34", "--seed", "3"]
+    rc, log = _run(capsys, *args)
+    assert rc == 0 and "6 written" in log
+    val = sorted(p.name for p in (out / "validation").glob("*.npy"))
+    train = sorted(p.name for p in (out / "train").glob("*.npy"))
+    assert len(val) == 2 and len(train) == 4
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.npy")}
+    # one more patient arrives: only it is written, the others keep their files and splits
+    write_phantom_dataset(src, 1, (24, 24, 10), seed=50, fmt="nrrd", prefix="late")
+    rc, log = _run(capsys, *args)
+    assert rc == 0 and "1 written, 6 already done" in log
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
+    assert set(val) <= {p.name for p in (out / "validation").glob("*.npy")}
+    man = _manifest(out)
+    assert len(man["volumes"]) == 7 and {v["patient"] for v in man["volumes"]} >= {"late_000"}
+    # --overwrite redoes everything
+    rc, log = _run(capsys, *args, "--overwrite")
+    assert rc == 0 and "7 written" in log and len(list(out.rglob("*.npy"))) == 7
+
+
+def test_npy_inputs_and_dicom_series_discovery(tmp_path, capsys):
+    src = tmp_path / "in"
+    write_phantom_dataset(src / "npy", 2, (24, 24, 10), seed=0, fmt="npy")
+    write_phantom_dataset(src / "dcm" / "patientA", 1, (24, 24, 10), seed=9, fmt="dicom")
+    items = find_ct_inputs(src)
+    assert [i["kind"] for i in items] == ["dicom", "file", "file"]
+    rc, log = _run(capsys, "--input_dir", str(src), "--output_dir", str(tmp_path / "out"),
+                   "--val_fraction", "0")
+    assert rc == 0, log
+    names = sorted(p.name for p in (tmp_path / "out" / "train").glob("*.npy"))
+    assert names == ["dcm_patientA_phantom_000.npy", "phantom_000.npy", "phantom_001.npy"]
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "train" / "phantom_000.npy"),
+                                  np.load(src / "npy" / "phantom_000.npy"))
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        pd.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--input_dir", "--output_dir", "--val_fraction", "--spacing", "--hu_min",
+                 "--hu_max", "--seed", "--overwrite"):
+        assert flag in text
