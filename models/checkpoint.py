@@ -32,7 +32,8 @@ import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "CheckpointError",
     "to_plain",
+    "atomic_path",
     "atomic_torch_save",
     "save_checkpoint",
     "load_checkpoint",
@@ -89,22 +91,37 @@ def to_plain(obj: Any) -> Any:
     return str(obj)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+
+    On any exception the temporary file is removed, so ``path`` is either the old file or the
+    complete new one, never a partial write. ``suffix`` keeps an extension some writers
+    need (``np.save`` appends ``.npy`` to names without it).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -195,7 +212,8 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
 
     Args:
         new_keys: keys or key prefixes of ``model`` the caller declares new (e.g. a fresh head):
-            they may be missing or of another shape, and keep their initial values.
+            they may be missing or of another shape, and then keep their initial values (when
+            present with the model's shape they are loaded like any other key).
         ignore_unexpected: prefixes of checkpoint keys to skip silently (e.g. ``clc_out`` when
             loading a Y-Net checkpoint into a ``UNet3D``).
         allow_unexpected: skip every checkpoint key the model lacks.

@@ -5,16 +5,13 @@ import argparse
 import json
 import os
 import random
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models.checkpoint import to_plain
+from models.checkpoint import atomic_path, to_plain
 
 __all__ = ["REPO_ROOT", "atomic_path", "save_npy_atomic", "save_json_atomic", "resolve_device",
            "seed_everything", "write_run_config", "InputError", "middle_slice_grid", "save_png"]
@@ -25,27 +22,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 class InputError(ValueError):
     """Bad user input (files, shapes, values). The message names the file and the fix."""
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``.
-
-    On any exception the temporary file is removed, so ``path`` is either the old file or the
-    complete new one, never a partial write. ``suffix`` keeps an extension some writers
-    need (``np.save`` appends ``.npy`` to names without it).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
