@@ -235,16 +235,13 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
                   for k in target if k in state and state[k].shape != target[k].shape
                   and not _matches(k, new_keys)]
     if missing or unexpected or mismatched:
-        parts = []
+        parts = []  # every offending key is listed: the message is the diagnosis
         if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:8])
-                         + (" ..." if len(mismatched) > 8 else ""))
+            parts.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched))
         if missing:
-            parts.append(f"{len(missing)} missing key(s): " + ", ".join(missing[:8])
-                         + (" ..." if len(missing) > 8 else ""))
+            parts.append(f"{len(missing)} missing key(s): " + ", ".join(missing))
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:8])
-                         + (" ..." if len(unexpected) > 8 else ""))
+            parts.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(unexpected))
         raise CheckpointError(
             f"{source}: does not fit {type(model).__name__} ({' | '.join(parts)}); "
             "check the architecture/--width/--cls_classes the checkpoint was made with")

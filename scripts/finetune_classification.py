@@ -1,0 +1,544 @@
+"""Fine-tune a (pretrained) Semantic Genesis encoder for 3D cube classification.
+
+The network is the original README's ``TargetNet`` with a correct head: encoder -> global
+average pooling -> linear -> logits (the README applied ReLU before the sigmoid). Two classes
+train one logit with binary cross-entropy (``--loss bce``), more classes one logit per class with
+cross-entropy (``--loss ce``). Validation reports loss, ROC AUC and accuracy (scikit-learn);
+training stops early when the monitored validation value has not improved for ``--patience``
+epochs, and the best epoch's weights are kept.
+
+Data (cubes in [0, 1], axes (x, y, z), sides divisible by 8, e.g. 64 x 64 x 32):
+  * ``--data a.npy [b.npy ...] --labels labels.npy``: stacked cubes (N, X, Y, Z) (or (N, 1, X,
+    Y, Z)) or one cube (X, Y, Z) per file, or folders of such files; labels as ``.npy``
+    (N,) / (N, 1) or a text file with one integer per line (``.txt``/``.csv``).
+  * ``--data_dir root``: one sub-folder per class (class index = sorted folder order), each
+    holding cube ``.npy`` files.
+Validation: ``--val_data``/``--val_labels`` or ``--val_data_dir``, else a stratified
+``--val_fraction`` of the training data. An optional test set is evaluated with the best weights.
+
+Outputs in ``--output_dir``: ``config.json``, ``metrics.json`` (per-epoch history, best
+validation and test metrics), ``best.pt`` (``models.checkpoint`` schema, arch
+``TargetClassifier``), ``last.pt`` (for ``--resume``), ``tensorboard/``.
+
+    python scripts/finetune_classification.py --data_dir cubes/ \
+        --weights Checkpoints/en_de/semantic_genesis_chest_ct.pt --output_dir runs/ncc
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from models.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint
+from models.targets import build_classifier
+from pytorch.common import (InputError, resolve_device, save_json_atomic, seed_everything,
+                            write_run_config)
+
+__all__ = ["CubeSet", "load_cubes", "load_labels", "load_class_folders", "split_stratified",
+           "classification_metrics", "build_parser", "run", "main"]
+
+
+# ------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------
+class CubeSet:
+    """Cubes from one or more ``.npy`` files (memory-mapped), with integer labels.
+
+    ``arrays[k]`` is (n_k, X, Y, Z); ``index[i] = (k, j)`` locates cube i; ``labels`` (N,) int64.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], sources: list[str], labels: np.ndarray,
+                 class_names: list[str] | None = None) -> None:
+        self.arrays = arrays
+        self.sources = sources
+        counts = [a.shape[0] for a in arrays]
+        self.index = np.concatenate(
+            [np.stack([np.full(n, k), np.arange(n)], 1) for k, n in enumerate(counts)]
+            or [np.zeros((0, 2))]).astype(np.int64)                 # (N, 2): (file, row)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        self.class_names = class_names
+        shapes = {a.shape[1:] for a in arrays}
+        self.cube_shape: tuple[int, int, int] = tuple(arrays[0].shape[1:]) if arrays else (0, 0, 0)
+        if len(shapes) > 1:
+            raise InputError("cubes of different shapes: " + ", ".join(
+                f"{s} {tuple(a.shape[1:])}" for s, a in zip(sources, arrays)) + "; crop/resize them to one size")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def cube(self, i: int) -> np.ndarray:
+        """Cube i as float32 (X, Y, Z)."""
+        k, j = self.index[i]
+        return np.array(self.arrays[k][j], dtype=np.float32)  # a writable copy
+
+    def subset(self, idx: Sequence[int]) -> "CubeSet":
+        idx = np.asarray(idx, dtype=np.int64)
+        out = CubeSet.__new__(CubeSet)
+        out.arrays, out.sources, out.class_names = self.arrays, self.sources, self.class_names
+        out.index, out.labels, out.cube_shape = self.index[idx], self.labels[idx], self.cube_shape
+        return out
+
+
+def _npy_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".npy" and not p.name.startswith("."))
+        if not files:
+            raise InputError(f"{path}: folder holds no .npy cube files")
+        return files
+    if not path.is_file():
+        raise InputError(f"{path}: no such file or folder; check --data/--data_dir")
+    if path.suffix != ".npy":
+        raise InputError(f"{path}: cubes must be .npy files (N, X, Y, Z) or (X, Y, Z)")
+    return [path]
+
+
+def _open_cubes(path: Path) -> np.ndarray:
+    """A ``.npy`` file as (n, X, Y, Z), memory-mapped; checks sides and value range."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise InputError(f"{path}: not a readable .npy file ({e}); re-create it") from e
+    if arr.ndim == 5 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    elif arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise InputError(f"{path}: expected cubes (N, X, Y, Z), (N, 1, X, Y, Z) or one cube (X, Y, Z), "
+                         f"got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise InputError(f"{path}: holds no cubes")
+    if any(s % 8 for s in arr.shape[1:]):
+        raise InputError(f"{path}: cube sides {arr.shape[1:]} must be divisible by 8 (the encoder "
+                         "pools three times); crop or pad the cubes, e.g. to 64 x 64 x 32")
+    step = max(1, arr.shape[0] // 8)
+    probe = np.asarray(arr[::step])
+    lo, hi = float(probe.min()), float(probe.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -0.05 or hi > 1.05:
+        raise InputError(f"{path}: values in [{lo:.4g}, {hi:.4g}], expected [0, 1]; clip CT to "
+                         "[-1000, 1000] HU and scale to [0, 1] (scripts/ct_io.normalize_hu)")
+    return arr
+
+
+def load_cubes(paths: Sequence[str | os.PathLike]) -> tuple[list[np.ndarray], list[str]]:
+    """Open every cube file under ``paths`` (files or folders, folders in sorted order)."""
+    files = [f for p in paths for f in _npy_files(Path(p))]
+    return [_open_cubes(f) for f in files], [str(f) for f in files]
+
+
+def load_labels(path: str | os.PathLike) -> np.ndarray:
+    """Integer labels (N,) from ``.npy`` ((N,) or (N, 1); one-hot (N, C) is arg-maxed) or text."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: labels file not found; check --labels")
+    try:
+        if path.suffix == ".npy":
+            lab = np.load(path)
+            if lab.ndim == 2 and lab.shape[1] > 1:
+                lab = lab.argmax(1)
+        else:
+            text = path.read_text().replace(",", " ").split()
+            lab = np.array([float(t) for t in text])
+    except ValueError as e:
+        raise InputError(f"{path}: cannot read labels ({e}); use .npy or one integer per line") from e
+    lab = np.asarray(lab).reshape(-1)
+    if lab.size and (not np.all(np.isfinite(lab)) or np.any(lab < 0) or np.any(lab != np.round(lab))):
+        raise InputError(f"{path}: labels must be integers >= 0 (class indices)")
+    return lab.astype(np.int64)
+
+
+def load_class_folders(root: str | os.PathLike) -> CubeSet:
+    """``root/<class>/*.npy``: one sub-folder per class, class index = sorted folder order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: --data_dir must be a folder with one sub-folder per class")
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise InputError(f"{root}: found {len(classes)} class sub-folder(s); need at least 2 "
+                         "(e.g. {root}/nodule and {root}/no_nodule)")
+    arrays, sources, labels = [], [], []
+    for c, folder in enumerate(classes):
+        arr, src = load_cubes([folder])
+        arrays += arr
+        sources += src
+        labels += [np.full(a.shape[0], c, np.int64) for a in arr]
+    return CubeSet(arrays, sources, np.concatenate(labels), [p.name for p in classes])
+
+
+def load_dataset(data: Sequence[str] | None, labels: str | None, data_dir: str | None,
+                 what: str = "") -> CubeSet | None:
+    """Build a :class:`CubeSet` from ``--{what}data``/``--{what}labels`` or ``--{what}data_dir``."""
+    if data_dir and data:
+        raise InputError(f"give either --{what}data_dir or --{what}data/--{what}labels, not both")
+    if data_dir:
+        return load_class_folders(data_dir)
+    if not data:
+        if labels:
+            raise InputError(f"--{what}labels {labels} given without --{what}data")
+        return None
+    if not labels:
+        raise InputError(f"--{what}data needs --{what}labels (one integer per cube)")
+    arrays, sources = load_cubes(data)
+    lab = load_labels(labels)
+    n = sum(a.shape[0] for a in arrays)
+    if lab.size != n:
+        raise InputError(f"{labels} has {lab.size} labels but {', '.join(sources)} hold{'s' if len(sources) == 1 else ''} "
+                         f"{n} cube(s); give one label per cube, in file order")
+    return CubeSet(arrays, sources, lab)
+
+
+def split_stratified(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx): ``fraction`` of each class (at least one when it has >= 2 cubes)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5A11]))
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(fraction * idx.size))
+        if fraction > 0 and idx.size >= 2:
+            k = min(max(k, 1), idx.size - 1)
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+class CubeDataset(Dataset):
+    """(1, X, Y, Z) float32 cube and its integer label; optional seeded random flips.
+
+    Augmentation randomness depends only on (seed, epoch, index): same seed -> same bytes,
+    with any number of workers. Set ``.epoch`` before each epoch.
+    """
+
+    def __init__(self, cubes: CubeSet, augment: bool = False, seed: int = 0) -> None:
+        self.cubes, self.augment, self.seed, self.epoch = cubes, augment, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.cubes)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cube = self.cubes.cube(i)                                    # (X, Y, Z)
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+            axes = tuple(int(a) for a in np.flatnonzero(rng.random(3) < 0.5))
+            if axes:
+                cube = np.flip(cube, axes)
+        x = torch.from_numpy(np.ascontiguousarray(cube)[None])    # (1, X, Y, Z)
+        return x, torch.tensor(self.cubes.labels[i], dtype=torch.int64)
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A permutation of range(n) that depends only on (seed, epoch): a resumed run sees the same
+    order as an uninterrupted one. Set ``.epoch`` before each epoch."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch, 0x5F1E])
+        return iter(rng.permutation(self.n).tolist())
+
+
+# ------------------------------------------------------------------------------------------
+# metrics and training
+# ------------------------------------------------------------------------------------------
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
+    """AUC and accuracy. ``probs``: (N,) probability of class 1, or (N, C) class probabilities.
+
+    AUC is None when the labels hold a single class (it is undefined); multi-class AUC is the
+    one-vs-rest macro average.
+    """
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    labels = np.asarray(labels).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64)
+    pred = (probs >= 0.5).astype(np.int64) if probs.ndim == 1 else probs.argmax(1)
+    auc: float | None = None
+    present = np.unique(labels)
+    if present.size >= 2:
+        if probs.ndim == 1 or probs.shape[1] == 2:
+            auc = float(roc_auc_score(labels, probs if probs.ndim == 1 else probs[:, 1]))
+        elif present.size == probs.shape[1]:
+            auc = float(roc_auc_score(labels, probs, multi_class="ovr"))
+    return {"auc": auc, "accuracy": float(accuracy_score(labels, pred))}
+
+
+def _loss_and_probs(logits: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, 1) or (N, C), labels (N,) -> (mean loss, probabilities (N,) or (N, C))."""
+    if loss == "bce":
+        z = logits[:, 0]
+        return F.binary_cross_entropy_with_logits(z, y.float()), torch.sigmoid(z)
+    return F.cross_entropy(logits, y), torch.softmax(logits, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, loss: str, device: torch.device) -> dict[str, Any]:
+    """Mean loss, AUC and accuracy of ``model`` over ``loader``."""
+    model.eval()
+    total, n, probs, labels = 0.0, 0, [], []
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device)
+        value, p = _loss_and_probs(model(x), y, loss)
+        total += float(value) * y.numel()
+        n += y.numel()
+        probs.append(p.float().cpu().numpy())
+        labels.append(y.cpu().numpy())
+    lab, pr = np.concatenate(labels), np.concatenate(probs)
+    return {"loss": total / max(n, 1), **classification_metrics(lab, pr), "n": int(n)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description="Fine-tune a Semantic Genesis encoder (encoder + global pooling + linear head) "
+                    "for 3D cube classification.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = ap.add_argument_group("data (cubes in [0, 1], axes (x, y, z), sides divisible by 8)")
+    g.add_argument("--data", nargs="+", default=None,
+                   help=".npy files (N, X, Y, Z) or one cube (X, Y, Z) per file, or folders of them")
+    g.add_argument("--labels", default=None,
+                   help="labels for --data: .npy (N,) / (N, 1) or text, one integer per cube in file order")
+    g.add_argument("--data_dir", default=None,
+                   help="instead of --data/--labels: a folder with one sub-folder of .npy cubes per class")
+    g.add_argument("--val_data", nargs="+", default=None, help="explicit validation cubes (as --data)")
+    g.add_argument("--val_labels", default=None, help="labels for --val_data")
+    g.add_argument("--val_data_dir", default=None, help="explicit validation set, one sub-folder per class")
+    g.add_argument("--val_fraction", type=float, default=0.2,
+                   help="without explicit validation data: stratified fraction of the training cubes held out")
+    g.add_argument("--test_data", nargs="+", default=None,
+                   help="optional test cubes, evaluated once with the best weights")
+    g.add_argument("--test_labels", default=None, help="labels for --test_data")
+    g.add_argument("--test_data_dir", default=None, help="optional test set, one sub-folder per class")
+    g.add_argument("--augment", action="store_true", help="random flips along x, y, z while training")
+    g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+
+    m = ap.add_argument_group("model")
+    m.add_argument("--weights", default=None,
+                   help="pretrained Semantic Genesis checkpoint (ours or published); omit to train from scratch")
+    m.add_argument("--width", type=int, default=32, help="base channels of the U-Net (32 = published)")
+    m.add_argument("--norm", default="batch_stats", choices=["batch_stats", "standard"],
+                   help="BatchNorm: batch statistics also in eval (published) or running statistics")
+    m.add_argument("--freeze_encoder", action="store_true",
+                   help="train only the linear head (the encoder keeps its pretrained weights)")
+    m.add_argument("--loss", default="auto", choices=["auto", "bce", "ce"],
+                   help="bce: one logit, binary cross-entropy (2 classes); ce: one logit per class, "
+                        "cross-entropy; auto: bce for 2 classes else ce")
+
+    t = ap.add_argument_group("training")
+    t.add_argument("--nb_epoch", type=int, default=100, help="maximum number of epochs")
+    t.add_argument("--patience", type=int, default=10,
+                   help="stop after this many epochs without improvement of --monitor")
+    t.add_argument("--monitor", default="loss", choices=["loss", "auc"],
+                   help="validation value for early stopping and the best checkpoint")
+    t.add_argument("--batch_size", type=int, default=16, help="cubes per batch")
+    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
+                   help="sgd: momentum 0.9 as in the README snippet; adam")
+    t.add_argument("--lr", type=float, default=1e-2, help="learning rate")
+    t.add_argument("--weight_decay", type=float, default=0.0, help="L2 weight decay")
+    t.add_argument("--seed", type=int, default=0, help="seed of the split, the shuffling and the head")
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    t.add_argument("--resume", default=None,
+                   help="continue an interrupted run from its last.pt (model, optimizer, epoch, history)")
+
+    o = ap.add_argument_group("outputs")
+    o.add_argument("--output_dir", default="runs/finetune_classification",
+                   help="metrics.json, config.json, best.pt, last.pt and tensorboard/ go here")
+    o.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    return ap
+
+
+def _make_optimizer(params: list[nn.Parameter], args: argparse.Namespace) -> torch.optim.Optimizer:
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=False)
+    return torch.optim.Adam(params, args.lr, weight_decay=args.weight_decay)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("nb_epoch", "patience", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise InputError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.lr <= 0:
+        raise InputError(f"--lr must be > 0, got {args.lr}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Fine-tune as configured by ``args`` (see :func:`build_parser`); return the metrics dict
+    that is also written to ``output_dir/metrics.json``."""
+    _check_args(args)
+    out = Path(args.output_dir)
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+
+    full = load_dataset(args.data, args.labels, args.data_dir)
+    if full is None:
+        raise InputError("no training data: give --data and --labels, or --data_dir")
+    val = load_dataset(args.val_data, args.val_labels, args.val_data_dir, "val_")
+    test = load_dataset(args.test_data, args.test_labels, args.test_data_dir, "test_")
+    if val is None:
+        if args.val_fraction <= 0:
+            raise InputError("no validation data: give --val_data/--val_labels or --val_data_dir, "
+                             "or --val_fraction > 0")
+        tr_idx, va_idx = split_stratified(full.labels, args.val_fraction, args.seed)
+        train, val = full.subset(tr_idx), full.subset(va_idx)
+    else:
+        train = full
+    for name, ds in (("validation", val), ("test", test)):
+        if ds is not None and ds.cube_shape != train.cube_shape:
+            raise InputError(f"{name} cubes {ds.cube_shape} differ from training cubes {train.cube_shape}")
+    if len(train) == 0 or len(val) == 0:
+        raise InputError(f"need training and validation cubes, got {len(train)} and {len(val)}; "
+                         "add data or change --val_fraction")
+    all_labels = np.concatenate([train.labels, val.labels] + ([test.labels] if test is not None else []))
+    n_classes = max(2, int(all_labels.max()) + 1)
+    loss = args.loss if args.loss != "auto" else ("bce" if n_classes == 2 else "ce")
+    if loss == "bce" and n_classes > 2:
+        raise InputError(f"--loss bce needs 2 classes, the labels have {n_classes}; use --loss ce")
+    n_out = 1 if loss == "bce" else n_classes
+    class_names = full.class_names or [str(c) for c in range(n_classes)]
+
+    model, loaded = build_classifier(width=args.width, weights=args.weights, n_class=n_out,
+                                     norm=args.norm, freeze_encoder=args.freeze_encoder)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _make_optimizer(params, args)
+
+    history: list[dict[str, Any]] = []
+    start_epoch, best_value, best_epoch, no_improve = 0, None, -1, 0
+    best_val: dict[str, Any] = {}
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        load_state_dict_checked(model, ckpt["state_dict"], source=str(args.resume))
+        if ckpt.get("optimizer_state_dict"):
+            optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        extra = ckpt.get("extra", {})
+        start_epoch = int(ckpt.get("epoch", 0))
+        no_improve = int(ckpt.get("num_epoch_no_improvement", 0))
+        history = list(extra.get("history", []))
+        best_value, best_epoch = extra.get("best_value"), int(extra.get("best_epoch", -1))
+        best_val = dict(extra.get("best_val", {}))
+    elif (out / "last.pt").exists():
+        print(f"note: {out / 'last.pt'} exists and will be overwritten; use --resume to continue it",
+              file=sys.stderr)
+
+    pin = device.type == "cuda"
+    workers = max(0, args.num_workers)
+    train_ds = CubeDataset(train, augment=args.augment, seed=args.seed)
+    sampler = EpochShuffle(len(train), args.seed)
+    train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler,
+                              num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+                              drop_last=len(train) > args.batch_size and len(train) % args.batch_size == 1)
+    eval_kw = dict(batch_size=args.batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
+    val_loader = DataLoader(CubeDataset(val), persistent_workers=workers > 0, **eval_kw)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_config(args, out)
+    writer = SummaryWriter(str(out / "tensorboard"))
+    model_config = {"width": args.width, "n_class": n_out, "norm": args.norm, "in_channels": 1}
+    better = (lambda a, b: a < b - 1e-6) if args.monitor == "loss" else (lambda a, b: a > b + 1e-6)
+    stopped_early = False
+    t0 = time.time()
+    try:
+        for epoch in range(start_epoch, args.nb_epoch):
+            model.train()
+            if args.freeze_encoder:
+                model.base_model.eval()  # frozen: do not update its BatchNorm running statistics
+            train_ds.epoch = sampler.epoch = epoch
+            total, n = 0.0, 0
+            for x, y in tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.nb_epoch}", leave=False,
+                             disable=None if not args.quiet else True):
+                x, y = x.to(device, non_blocking=True), y.to(device)
+                value, _ = _loss_and_probs(model(x), y, loss)
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+                total += float(value.detach()) * y.numel()
+                n += y.numel()
+            train_loss = total / max(n, 1)
+            v = evaluate(model, val_loader, loss, device)
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": v["loss"],
+                   "val_auc": v["auc"], "val_accuracy": v["accuracy"],
+                   "lr": optimizer.param_groups[0]["lr"]}
+            history.append(row)
+            writer.add_scalar("loss/train", train_loss, epoch + 1)
+            writer.add_scalar("loss/val", v["loss"], epoch + 1)
+            writer.add_scalar("val/accuracy", v["accuracy"], epoch + 1)
+            if v["auc"] is not None:
+                writer.add_scalar("val/auc", v["auc"], epoch + 1)
+            current = v["loss"] if args.monitor == "loss" else (v["auc"] if v["auc"] is not None else -v["loss"])
+            if best_value is None or better(current, best_value):
+                best_value, best_epoch, best_val, no_improve = current, epoch + 1, v, 0
+                save_checkpoint(out / "best.pt", model, optimizer=optimizer, epoch=epoch + 1,
+                                best_loss=v["loss"], num_epoch_no_improvement=0,
+                                arch="TargetClassifier", model_config=model_config, config=vars(args),
+                                extra={"classes": class_names, "loss": loss, "val": v})
+            else:
+                no_improve += 1
+            save_checkpoint(out / "last.pt", model, optimizer=optimizer, epoch=epoch + 1,
+                            best_loss=best_val.get("loss", math.inf), num_epoch_no_improvement=no_improve,
+                            arch="TargetClassifier", model_config=model_config, config=vars(args),
+                            extra={"history": history, "best_value": best_value,
+                                   "best_epoch": best_epoch, "best_val": best_val})
+            if not args.quiet:
+                auc = "n/a" if v["auc"] is None else f"{v['auc']:.4f}"
+                print(f"epoch {epoch + 1}: train_loss {train_loss:.4f} val_loss {v['loss']:.4f} "
+                      f"val_auc {auc} val_acc {v['accuracy']:.4f}"
+                      + (" *" if no_improve == 0 else f" ({no_improve}/{args.patience})"), flush=True)
+            if no_improve >= args.patience:
+                stopped_early = True
+                break
+    finally:
+        writer.close()
+
+    metrics: dict[str, Any] = {
+        "task": "classification", "weights": args.weights, "init": "pretrained" if args.weights else "scratch",
+        "loaded_keys": len(loaded), "classes": class_names, "loss": loss,
+        "n_train": len(train), "n_val": len(val), "n_test": len(test) if test is not None else 0,
+        "best_epoch": best_epoch, "epochs_run": len(history), "stopped_early": stopped_early,
+        "monitor": args.monitor, "val": best_val, "history": history,
+        "seconds": time.time() - t0,
+    }
+    if test is not None:
+        ckpt = load_checkpoint(out / "best.pt")
+        load_state_dict_checked(model, ckpt["state_dict"], source=str(out / "best.pt"))
+        test_loader = DataLoader(CubeDataset(test), **eval_kw)
+        metrics["test"] = evaluate(model, test_loader, loss, device)
+    save_json_atomic(out / "metrics.json", metrics)
+    if not args.quiet:
+        summary = metrics.get("test", best_val)
+        auc = "n/a" if summary.get("auc") is None else f"{summary['auc']:.4f}"
+        print(f"best epoch {best_epoch}; {'test' if test is not None else 'val'} AUC {auc} "
+              f"accuracy {summary.get('accuracy', float('nan')):.4f}; wrote {out / 'metrics.json'}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (InputError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
