@@ -1,4 +1,4 @@
-"""Pretraining (pytorch/train.py, engine, data): outputs, resume, fine-tuning snippet, bad input.
+"""Pretraining (pytorch/train.py, engine, data): outputs, resume, bad input.
 
 Tiny fold files (16 x 16 x 8 cubes, 3 classes), width 4-8, 1-2 epochs, CPU only.
 """
@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 import torch
 
 from models.checkpoint import load_state_dict_checked, save_checkpoint
-from models.ynet3d import ContBatchNorm3d, UNet3D, YNet3D
+from models.ynet3d import ContBatchNorm3d, YNet3D
 from pytorch import train as train_cli
 from pytorch.data import epoch_permutation, fold_file_names, load_pretraining_data
 from pytorch.engine import (LossConfig, SyncContBatchNorm3d, build_model, convert_sync_batchnorm,
@@ -247,165 +245,5 @@ def test_input_size_must_divide_by_8(folds, tmp_path, capsys):
     assert "--input_deps" in _error(argv, capsys)
 
 
-# ------------------------------------------------------------------------------ fine-tuning
-# The original README's two fine-tuning snippets, loading part unchanged except for the path
-# (WEIGHT_DIR) and a tiny dataset; run on our width-32 en_de checkpoint.
-_SNIPPET_CLASSIFICATION = '''
-import torch
-from torch import nn
-import torch.nn.functional as F
-from torch.utils.data import Dataset, DataLoader
-from models.ynet3d import *
-
-# prepare your own data
-train_loader = DataLoader(TINY_DATASET, batch_size=config.batch_size, shuffle=True)
-
-# prepare the 3D model
-class TargetNet(nn.Module):
-    def __init__(self, base_model,n_class=1):
-        super(TargetNet, self).__init__()
-
-        self.base_model = base_model
-        self.dense_1 = nn.Linear(512, n_class, bias=True)
-
-    def forward(self, x):
-        self.base_model(x)
-        self.base_out = self.base_model.out512
-        # This global average polling is for shape (N,C,H,W) not for (N, H, W, C)
-        # where N = batch_size, C = channels, H = height, and W = Width
-        self.out_glb_avg_pool = F.avg_pool3d(self.base_out, kernel_size=self.base_out.size()[2:]).view(self.base_out.size()[0],-1)
-        self.linear_out = self.dense_1(self.out_glb_avg_pool)
-        final_out = F.relu(self.linear_out)
-        return final_out
-
-base_model = UNet3D()
-
-#Load pre-trained weights
-weight_dir = WEIGHT_DIR
-checkpoint = torch.load(weight_dir)
-state_dict = checkpoint['state_dict']
-state_dict = {k.replace("module.", ""): v for k, v in state_dict.items()}
-delete = [key for key in state_dict if "projection_head" in key]
-for key in delete: del state_dict[key]
-delete = [key for key in state_dict if "prototypes" in key]
-for key in delete: del state_dict[key]
-for key in state_dict.keys():
-    if key in base_model.state_dict().keys():
-        base_model.state_dict()[key].copy_(state_dict[key])
-        print("Copying {} <---- {}".format(key, key))
-    elif key.replace("classficationNet.", "") in base_model.state_dict().keys():
-        base_model.state_dict()[key.replace("classficationNet.", "")].copy_(state_dict[key])
-        print("Copying {} <---- {}".format(key.replace("classficationNet.", ""), key))
-    else:
-        print("Key {} is not found".format(key))
-
-target_model = TargetNet(base_model)
-target_model.to(device)
-target_model = nn.DataParallel(target_model, device_ids = [i for i in range(torch.cuda.device_count())])
-criterion = nn.BCELoss()
-optimizer = torch.optim.SGD(target_model.parameters(), config.lr, momentum=0.9, weight_decay=0.0, nesterov=False)
-
-# train the model
-
-for epoch in range(intial_epoch, config.nb_epoch):
-    target_model.train()
-    for batch_ndx, (x,y) in enumerate(train_loader):
-        x, y = x.float().to(device), y.float().to(device)
-        pred = F.sigmoid(target_model(x))
-        loss = criterion(pred, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-'''
-
-_SNIPPET_SEGMENTATION = '''
-import torch
-from torch import nn
-import torch.nn.functional as F
-from torch.utils.data import Dataset, DataLoader
-from models.ynet3d import *
-
-#Declare the Dice Loss
-def torch_dice_coef_loss(y_true,y_pred, smooth=1.):
-    y_true_f = torch.flatten(y_true)
-    y_pred_f = torch.flatten(y_pred)
-    intersection = torch.sum(y_true_f * y_pred_f)
-    return 1. - ((2. * intersection + smooth) / (torch.sum(y_true_f) + torch.sum(y_pred_f) + smooth))
-
-# prepare your own data
-train_loader = DataLoader(TINY_DATASET, batch_size=config.batch_size, shuffle=True)
-
-# prepare the 3D model
-
-model = UNet3D()
-
-#Load pre-trained weights
-weight_dir = WEIGHT_DIR
-checkpoint = torch.load(weight_dir)
-state_dict = checkpoint['state_dict']
-#Load pre-trained weights
-checkpoint = torch.load(weight_dir)
-state_dict = checkpoint['state_dict']
-state_dict = {k.replace("module.", ""): v for k, v in state_dict.items()}
-delete = [key for key in state_dict if "projection_head" in key]
-for key in delete: del state_dict[key]
-delete = [key for key in state_dict if "prototypes" in key]
-for key in delete: del state_dict[key]
-for key in state_dict.keys():
-    if key in model.state_dict().keys():
-        model.state_dict()[key].copy_(state_dict[key])
-        print("Copying {} <---- {}".format(key, key))
-    elif key.replace("classficationNet.", "") in model.state_dict().keys():
-        model.state_dict()[key.replace("classficationNet.", "")].copy_(state_dict[key])
-        print("Copying {} <---- {}".format(key.replace("classficationNet.", ""), key))
-    else:
-        print("Key {} is not found".format(key))
-
-model.to(device)
-model = nn.DataParallel(model, device_ids = [i for i in range(torch.cuda.device_count())])
-criterion = torch_dice_coef_loss
-optimizer = torch.optim.SGD(model.parameters(), config.lr, momentum=0.9, weight_decay=0.0, nesterov=False)
-
-# train the model
-
-for epoch in range(intial_epoch, config.nb_epoch):
-    model.train()
-    for batch_ndx, (x,y) in enumerate(train_loader):
-        x, y = x.float().to(device), y.float().to(device)
-        pred = model(x)
-        loss = criterion(pred, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-'''
-
-
-@pytest.fixture(scope="module")
-def width32_checkpoint(tmp_path_factory) -> Path:
-    """A width-32 en_de checkpoint as pretraining writes it (saved untrained)."""
-    torch.manual_seed(0)
-    ynet = YNet3D(cls_classes=44, width=32)
-    folder = tmp_path_factory.mktemp("w32")
-    return save_checkpoint(folder / "Checkpoints" / "en_de" / f"{CKPT}.pt", ynet,
-                           optimizer=torch.optim.Adam(ynet.parameters()), epoch=1, best_loss=0.1,
-                           arch="YNet3D", model_config={"width": 32, "cls_classes": 44})
-
-
-@pytest.mark.parametrize("snippet", ["classification", "segmentation"])
-def test_readme_finetuning_snippet_copies_every_unet_key(width32_checkpoint, capsys, snippet):
-    import argparse
-
-    path = width32_checkpoint
-    x = torch.rand(2, 1, *SHAPE)
-    y = (torch.rand(2, 1) if snippet == "classification" else (torch.rand(2, 1, *SHAPE) > 0.5))
-    ns = {"TINY_DATASET": torch.utils.data.TensorDataset(x, y.float()),
-          "WEIGHT_DIR": str(path), "device": torch.device("cpu"), "intial_epoch": 0,
-          "config": argparse.Namespace(batch_size=2, lr=1e-3, nb_epoch=1)}
-    code = _SNIPPET_CLASSIFICATION if snippet == "classification" else _SNIPPET_SEGMENTATION
-    exec(compile(textwrap.dedent(code), f"readme_{snippet}_snippet", "exec"), ns)
-    printed = capsys.readouterr().out
-    copied = set(re.findall(r"^Copying (\S+) <---- \S+$", printed, re.M))
-    unet_keys = set(UNet3D().state_dict())
-    assert copied == unet_keys
-    not_found = set(re.findall(r"^Key (\S+) is not found$", printed, re.M))
-    assert not_found and all(k.startswith("clc_out.") for k in not_found)
+# The original README's fine-tuning snippets run verbatim against our checkpoint in
+# tests/test_readme_snippets.py.
