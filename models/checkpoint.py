@@ -31,7 +31,6 @@ import math
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +42,7 @@ from torch import nn
 __all__ = [
     "SCHEMA_VERSION",
     "CheckpointError",
+    "InputError",
     "to_plain",
     "atomic_path",
     "atomic_torch_save",
@@ -60,6 +60,13 @@ SCHEMA_VERSION = 1
 STRIP_PREFIXES = ("module.", "_orig_mod.", "classficationNet.", "classificationNet.")
 #: Key prefixes of published checkpoints that never belong to our networks.
 IGNORED_PREFIXES = ("projection_head.", "prototypes.")
+
+
+class InputError(ValueError):
+    """Bad user input (files, shapes, values). The message names the file and the fix.
+
+    Defined here so that writers in this module can raise it; import it from ``pytorch.common``.
+    """
 
 
 class CheckpointError(RuntimeError):
@@ -100,7 +107,13 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     need (``np.save`` appends ``.npy`` to names without it).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise InputError(f"{path.parent}: exists but is not a folder, so {path.name} cannot be "
+                         "written there; choose another output folder") from e
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name for this output")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
     try:
@@ -170,9 +183,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise CheckpointError(f"{path}: checkpoint not found; check the path (--weights/--pre_path/--resume)")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError,
-            OSError) as e:
+    except Exception as e:  # noqa: BLE001 -- any failure to parse the file means "not a checkpoint"
+        # (a text file renamed .pt raises KeyError/UnpicklingError, a truncated one RuntimeError)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first.split(". ")[0][:160]  # torch's zip errors run on for several sentences
+        if isinstance(e, (KeyError, pickle.UnpicklingError)) or len(first) < 8:
+            first = f"not a torch.save file ({type(e).__name__}: {first})"
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint (truncated or not a weights-only file: "
             f"{first}); re-download or re-create it") from e
@@ -236,6 +252,11 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
                   and not _matches(k, new_keys)]
     if missing or unexpected or mismatched:
         parts = []  # every offending key is listed: the message is the diagnosis
+        first_conv = [k for k in target if k.endswith("down_tr64.ops.0.conv1.weight")
+                      and k in state]  # (width, in_channels, 3, 3, 3), maybe under a prefix
+        if first_conv and state[first_conv[0]].shape[0] != target[first_conv[0]].shape[0]:
+            ws, wm = state[first_conv[0]].shape[0], target[first_conv[0]].shape[0]
+            parts.append(f"the checkpoint has width {ws}, the model {wm}: pass --width {ws}")
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched))
         if missing:

@@ -98,6 +98,8 @@ def infer_width(state_dict: Mapping[str, torch.Tensor]) -> int | None:
 
 
 def _with_width_hint(err: CheckpointError, path: str | os.PathLike, width: int) -> CheckpointError:
+    if "pass --width" in str(err):  # load_state_dict_checked already gave the hint
+        return err
     try:
         found = infer_width(load_checkpoint(path)["state_dict"])
     except CheckpointError:

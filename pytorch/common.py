@@ -11,17 +11,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoint import atomic_path, to_plain
+from models.checkpoint import InputError, atomic_path, to_plain
 
-__all__ = ["REPO_ROOT", "atomic_path", "save_npy_atomic", "save_json_atomic", "resolve_device",
-           "seed_everything", "write_run_config", "InputError", "middle_slice_grid", "save_png"]
+__all__ = ["REPO_ROOT", "HelpFormatter", "atomic_path", "save_npy_atomic", "save_json_atomic", "resolve_device",
+           "seed_everything", "write_run_config", "InputError", "make_output_dir", "middle_slice_grid", "save_png"]
 
 #: The repository root; CLI defaults are relative to the working directory, as in the reference.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class InputError(ValueError):
-    """Bad user input (files, shapes, values). The message names the file and the fix."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` formatter of every CLI: shows "(default: ...)" only where a default value
+    exists (not for None, "", required options or on/off switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.required or action.default == "" \
+                or action.default is argparse.SUPPRESS \
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def make_output_dir(path: str | os.PathLike, flag: str = "output folder") -> Path:
+    """``mkdir -p path``; a path that is a file (or under one) is an ``InputError`` naming ``flag``."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as e:
+        raise InputError(f"{path}: cannot create this folder ({e.strerror}); set {flag} to a "
+                         "writable folder") from e
+    return path
 
 
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -32,8 +32,8 @@ import torch
 from models.checkpoint import (CheckpointError, load_checkpoint, load_pretrained,
                                load_state_dict_checked, save_checkpoint, unwrap_model)
 from pytorch import distributed as D
-from pytorch.common import InputError, middle_slice_grid, resolve_device, seed_everything, \
-    write_run_config
+from pytorch.common import InputError, make_output_dir, middle_slice_grid, resolve_device, \
+    seed_everything, write_run_config
 from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation, fold_blocks,
                           load_pretraining_data)
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
@@ -200,7 +200,7 @@ class _Logger:
         self.enabled, self.verbose, self.writer = enabled, verbose, None
         if enabled and log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(log_dir))
+            self.writer = SummaryWriter(str(make_output_dir(log_dir, "--log_dir")))
 
     def line(self, msg: str, level: int = 1) -> None:
         if self.enabled and self.verbose >= level:

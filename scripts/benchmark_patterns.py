@@ -26,7 +26,6 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -39,7 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from pytorch.common import save_json_atomic
+from pytorch.common import HelpFormatter, atomic_path, save_json_atomic, save_npy_atomic
 from self_discovery.feature_extractor import INDEX_NAME
 from self_discovery.pattern_generator_3D import lung_test_weight_sum, normalize_crop
 
@@ -110,23 +109,24 @@ def write_dataset(root: Path, n_train: int, n_val: int, shape: Sequence[int], fe
         for i in range(n):
             name = f"p{i:04d}.npy"
             if len(made) < max(1, distinct):
-                np.save(d / name, synthetic_volume(shape, rng, noise))
+                save_npy_atomic(d / name, synthetic_volume(shape, rng, noise))
                 made.append(d / name)
             else:
-                shutil.copyfile(made[copies % len(made)], d / name)
+                with atomic_path(d / name) as tmp:
+                    shutil.copyfile(made[copies % len(made)], tmp)
                 copies += 1
             names[split].append(name)
             bar.update(1)
     bar.close()
     feats = root / "features"
     feats.mkdir(parents=True, exist_ok=True)
-    np.save(feats / "train_features.npy",
+    save_npy_atomic(feats / "train_features.npy",
             rng.standard_normal((n_train, feat_dim)).astype(np.float32))
-    np.save(feats / "validation_features.npy",
+    save_npy_atomic(feats / "validation_features.npy",
             rng.standard_normal((n_val, feat_dim)).astype(np.float32))
-    (feats / INDEX_NAME).write_text(json.dumps({"train": names["train"],
-                                                "validation": names["validation"],
-                                                "feature_dim": feat_dim}))
+    save_json_atomic(feats / INDEX_NAME, {"train": names["train"],
+                                          "validation": names["validation"],
+                                          "feature_dim": feat_dim})
     return root
 
 
@@ -168,7 +168,7 @@ def bench_lung_test(volume_path: Path | None, repeats: int = 50, naive_repeats: 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     g = ap.add_argument_group("synthetic data")
     g.add_argument("--patients", type=int, default=230,
                    help="patients in all (train = patients - val_patients)")

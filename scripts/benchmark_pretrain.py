@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pytorch.common import InputError, resolve_device, save_json_atomic
+from pytorch.common import HelpFormatter, InputError, resolve_device, save_json_atomic
 
 PATHS = ("published_loader", "published", "ours_perturb", "model_only", "ours")
 #: Context (issue 6): cubes/s of the published code on an H200, batch 64, 64 x 64 x 32, width 32.
@@ -49,7 +49,7 @@ PUBLISHED_H200 = {"published_loop": 85, "numpy_loader_4_workers": 95,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     g.add_argument("--batch_size", type=int, default=64, help="cubes per step (published: 64)")

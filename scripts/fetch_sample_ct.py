@@ -184,8 +184,10 @@ def link_images(folder: Path, dest: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: fetch (or verify) the sample CTs; print their folder last. 0 ok, 2 failure."""
+    from pytorch.common import HelpFormatter
+
     ap = argparse.ArgumentParser(prog="fetch_sample_ct.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     g = ap.add_argument_group("sample data")
     g.add_argument("--cache_dir", default=None,
                    help="folder to keep the files in (default $SEMANTIC_GENESIS_CACHE/sample_ct "

@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint
 from models.targets import build_classifier
-from pytorch.common import (InputError, resolve_device, save_json_atomic, seed_everything,
-                            write_run_config)
+from pytorch.common import (HelpFormatter, InputError, make_output_dir, resolve_device,
+                            save_json_atomic, seed_everything, write_run_config)
 
 __all__ = ["CubeSet", "load_cubes", "load_labels", "load_class_folders", "split_stratified",
            "classification_metrics", "build_parser", "run", "main"]
@@ -126,6 +126,10 @@ def _open_cubes(path: Path) -> np.ndarray:
     if any(s % 8 for s in arr.shape[1:]):
         raise InputError(f"{path}: cube sides {arr.shape[1:]} must be divisible by 8 (the encoder "
                          "pools three times); crop or pad the cubes, e.g. to 64 x 64 x 32")
+    finite = np.array([np.isfinite(cube).all() for cube in arr])  # every cube, one at a time
+    if not finite.all():
+        raise InputError(f"{path}: NaN or inf in {int((~finite).sum())} cube(s), the first at "
+                         f"index {int(np.argmin(finite))}; re-create the cubes or drop those rows")
     step = max(1, arr.shape[0] // 8)
     probe = np.asarray(arr[::step])
     lo, hi = float(probe.min()), float(probe.max())
@@ -170,7 +174,7 @@ def load_class_folders(root: str | os.PathLike) -> CubeSet:
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise InputError(f"{root}: found {len(classes)} class sub-folder(s); need at least 2 "
-                         "(e.g. {root}/nodule and {root}/no_nodule)")
+                         f"(e.g. {root}/nodule and {root}/no_nodule)")
     arrays, sources, labels = [], [], []
     for c, folder in enumerate(classes):
         arr, src = load_cubes([folder])
@@ -307,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description="Fine-tune a Semantic Genesis encoder (encoder + global pooling + linear head) "
                     "for 3D cube classification.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = ap.add_argument_group("data (cubes in [0, 1], axes (x, y, z), sides divisible by 8)")
     g.add_argument("--data", nargs="+", default=None,
                    help=".npy files (N, X, Y, Z) or one cube (X, Y, Z) per file, or folders of them")
@@ -449,7 +453,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, "--output_dir")
     write_run_config(args, out)
     writer = SummaryWriter(str(out / "tensorboard"))
     model_config = {"width": args.width, "n_class": n_out, "norm": args.norm, "in_channels": 1}

@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint
 from models.targets import bce_dice_loss, binary_dice_iou, build_segmentation_model, dice_coef_loss
-from pytorch.common import (InputError, resolve_device, save_json_atomic, save_npy_atomic,
-                            seed_everything, write_run_config)
+from pytorch.common import (HelpFormatter, InputError, make_output_dir, resolve_device,
+                            save_json_atomic, save_npy_atomic, seed_everything, write_run_config)
 from scripts.ct_io import CTReadError, find_ct_inputs, normalize_hu, read_ct, volume_stem
 
 __all__ = ["Case", "list_volumes", "load_cases", "sample_crop", "CropDataset",
@@ -107,6 +107,9 @@ def _read(item: dict[str, Any], is_mask: bool) -> tuple[np.ndarray, dict[str, An
             raise InputError(f"{path}: expected a volume (X, Y, Z), got shape {arr.shape}")
         if not is_mask:
             arr = arr.astype(np.float32, copy=False)
+            if not np.isfinite(arr).all():
+                raise InputError(f"{path}: NaN or inf in {int((~np.isfinite(arr)).sum())} voxel(s); "
+                                 "re-create the volume (or give the HU volume in a SimpleITK format)")
             lo, hi = float(arr.min()), float(arr.max())
             if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -0.05 or hi > 1.05:
                 raise InputError(f"{path}: .npy image values in [{lo:.4g}, {hi:.4g}], expected [0, 1]; "
@@ -310,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description="Fine-tune the whole Semantic Genesis 3D U-Net for binary segmentation "
                     "(random crops with foreground oversampling, Dice loss, sliding-window evaluation).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = ap.add_argument_group("data (.npy in [0, 1] or HU volumes in any SimpleITK format; axes (x, y, z))")
     g.add_argument("--images", nargs="+", default=None,
                    help="training images: folders and/or files, paired with --masks by sorted name")
@@ -451,7 +454,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, "--output_dir")
     write_run_config(args, out)
     writer = SummaryWriter(str(out / "tensorboard"))
     model_config = {"width": args.width, "n_class": 1, "norm": args.norm, "in_channels": 1}

@@ -251,10 +251,18 @@ def _to_sitk(vol_xyz: np.ndarray, spacing: Sequence[float], origin: Sequence[flo
 
 def _write_dicom_series(hu: np.ndarray, spacing: Sequence[float], folder: Path,
                         patient: str, uid_seed: int) -> Path:
-    """Write an int16 HU volume (x, y, z) as a CT DICOM series, one file per z slice."""
+    """Write an int16 HU volume (x, y, z) as a CT DICOM series, one file per z slice.
+
+    The slices go to a temporary folder renamed to ``folder`` at the end, so a crash never
+    leaves a partial series that ``--skip_existing`` would keep."""
+    import shutil
+    import tempfile
+
     import SimpleITK as sitk
 
-    folder.mkdir(parents=True, exist_ok=True)
+    final = folder
+    final.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     img = _to_sitk(np.round(hu).astype(np.int16), spacing, origin=(0.0, 0.0, 0.0))
     root = "1.2.826.0.1.3680043.8.498"   # generic example UID root
     study = f"{root}.{uid_seed + 1}.1"
@@ -281,7 +289,17 @@ def _write_dicom_series(hu: np.ndarray, spacing: Sequence[float], folder: Path,
             sl.SetMetaData(key, val)
         writer.SetFileName(str(folder / f"slice_{k:04d}.dcm"))
         writer.Execute(sl)
-    return folder
+    os.chmod(folder, 0o777 & ~_umask())  # mkdtemp makes 0700
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(folder, final)
+    return final
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_volume(path: str | os.PathLike, vol_xyz: np.ndarray,
@@ -290,9 +308,22 @@ def write_volume(path: str | os.PathLike, vol_xyz: np.ndarray,
     .mhd, ...), with its spacing, transposing to SimpleITK's (z, y, x)."""
     import SimpleITK as sitk
 
+    import tempfile
+
+    from models.checkpoint import atomic_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(_to_sitk(vol_xyz, spacing), str(path), True)
+    img = _to_sitk(vol_xyz, spacing)
+    if path.suffix.lower() == ".mhd":  # header + data file: move the data first, the header last
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+            sitk.WriteImage(img, str(Path(tmp) / path.name), True)
+            for f in sorted(Path(tmp).iterdir(), key=lambda f: f.suffix.lower() == ".mhd"):
+                os.replace(f, path.parent / f.name)
+        return path
+    ext = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    with atomic_path(path, suffix=ext) as tmp:  # SimpleITK picks the format from the extension
+        sitk.WriteImage(img, str(tmp), True)
     return path
 
 
@@ -386,8 +417,10 @@ def make_nodule_cubes(n: int, size: Sequence[int] = (64, 64, 32), seed: int = 0,
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: write a folder of phantom patients (for trying the pipeline without data)."""
+    from pytorch.common import HelpFormatter, InputError, make_output_dir
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     g = ap.add_argument_group("phantoms")
     g.add_argument("--output_dir", required=True, help="folder to write the phantom volumes into")
     g.add_argument("--n", type=int, default=10, help="number of phantom patients")
@@ -409,6 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--cube_size", type=int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="size of the nodule cubes")
     args = ap.parse_args(argv)
+    try:
+        for folder, flag in ((args.output_dir, "--output_dir"), (args.mask_dir, "--mask_dir")):
+            if folder:
+                make_output_dir(folder, flag)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.nodule_cubes > 0:
         from pytorch.common import save_npy_atomic
 

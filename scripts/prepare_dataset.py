@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pytorch.common import InputError, atomic_path, save_json_atomic, save_npy_atomic
+from pytorch.common import HelpFormatter, InputError, atomic_path, save_json_atomic, save_npy_atomic
 from scripts.ct_io import (CTReadError, find_ct_inputs, normalize_hu, read_ct, resample,
                            volume_stem)
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of stage 0 (every flag documented)."""
     ap = argparse.ArgumentParser(
         prog="prepare_dataset.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = ap.add_argument_group("input / output")
     g.add_argument("--input_dir", required=True, nargs="+",
                    help="folder(s) (searched recursively) or file(s) holding one CT per patient: "
@@ -294,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     for s in summary["skipped"]:
         print(f"  skipped: {s['reason']}")
     if summary["n_train"] + summary["n_validation"] == 0:
-        print("error: no volume was written; see the skipped files above", file=sys.stderr)
+        skipped = summary["skipped"]
+        first = (f"{skipped[0]['reason']}" + (f" (and {len(skipped) - 1} more skipped, listed above)"
+                                             if len(skipped) > 1 else "")) if skipped else "nothing to do"
+        print(f"error: no volume was written: {first}; fix or remove the skipped file(s), or check "
+              "--min_size / --no_hu_check", file=sys.stderr)
         return 2
     return 0
 

@@ -30,7 +30,7 @@ EPOCHS=""
 DEVICE=auto
 DRY=0
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --full) MODE=full ;;

@@ -35,7 +35,8 @@ import numpy as np
 
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.targets import infer_width
-from pytorch.common import InputError, save_json_atomic, save_npy_atomic, write_run_config
+from pytorch.common import HelpFormatter, InputError, make_output_dir, save_json_atomic, \
+    save_npy_atomic, write_run_config
 
 __all__ = ["build_classification_task", "build_segmentation_task", "summarize", "format_table",
            "build_parser", "run", "main"]
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description="Fine-tune phantom target tasks from scratch and from a Semantic Genesis "
                     "checkpoint over several seeds; print a scratch-vs-pretrained table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = ap.add_argument_group("benchmark")
     g.add_argument("--weights", required=True, help="the pretrained checkpoint to compare with scratch")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -183,8 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(f"{args.weights}: the checkpoint has width {ckpt_width}, --width is {args.width}; "
                          f"pass --width {ckpt_width} or omit it")
     width = args.width or ckpt_width or 32
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(args.output_dir, "--output_dir")
     write_run_config(args, out)
     common = {"--width": str(width), "--norm": args.norm, "--device": args.device,
               "--num_workers": str(args.num_workers), "--quiet": args.quiet}

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Subset
 
 from models.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked
 from models.ynet3d import UNet3D
-from pytorch.common import InputError, resolve_device, save_json_atomic, save_npy_atomic, \
+from pytorch.common import HelpFormatter, InputError, resolve_device, save_json_atomic, save_npy_atomic, \
     write_run_config
 from pytorch.distributed import (DistInfo, all_gather_objects, barrier, cleanup_distributed,
                                  init_distributed, shard_indices)
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Self-discovery stage 2: one feature vector per patient (global-average-"
                     "pooled autoencoder bottleneck) for train and validation volumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", required=True,
                    help="folder holding train/ and validation/ with one .npy volume per patient "
@@ -271,6 +271,10 @@ def load_features(train_features_path: str | os.PathLike, val_features_path: str
             raise InputError(f"{path}: not a readable .npy ({e}); {rerun}") from e
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
             raise InputError(f"{path}: expected a float (N, D) array, got {arr.shape} {arr.dtype}; "
+                             f"{rerun}")
+        if not np.isfinite(arr).all():
+            raise InputError(f"{path}: {int((~np.isfinite(arr)).any(axis=1).sum())} feature rows hold "
+                             f"NaN or inf (a diverged autoencoder?); retrain the autoencoder, then "
                              f"{rerun}")
         feats.append(arr.astype(np.float32, copy=False))
     train_feats, val_feats = feats

@@ -70,7 +70,7 @@ from sklearn.neighbors import NearestNeighbors
 from tqdm import tqdm
 
 from pytorch.common import InputError, atomic_path, save_npy_atomic, write_run_config, \
-    middle_slice_grid, save_png
+    middle_slice_grid, save_png, HelpFormatter, make_output_dir
 from self_discovery.volumes import open_volume
 
 __all__ = ["LUNG_HU", "CLASSES_PER_FILE", "CSV_COLUMNS", "lung_test_weight_sum",
@@ -573,7 +573,7 @@ def generate_patterns(args: argparse.Namespace) -> list[ClassPlan]:
         print(f"resuming: {len(plans)} class(es) from {a.prev_coordinates} (blocks complete in "
               "--save are kept, other recorded classes re-cropped from their coordinates)")
     same_run = _same_cube_config(a, save) if plans else False
-    save.mkdir(parents=True, exist_ok=True)
+    make_output_dir(save, "--save")
     write_run_config(a, save)
 
     per_file = a.classes_per_file
@@ -726,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description="Self-discovery of anatomical patterns (Semantic Genesis stage 3): crop "
                     "C classes of similar cubes from the train/validation volumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = ap.add_argument_group("data")
     g.add_argument("--data_dir", default="dataset/",
                    help="folder holding train/ and validation/ with one .npy volume (x, y, z) "

@@ -40,8 +40,8 @@ from torch.utils.data.distributed import DistributedSampler
 from models.checkpoint import (CheckpointError, load_checkpoint, load_state_dict_checked,
                                save_checkpoint)
 from models.ynet3d import UNet3D
-from pytorch.common import (InputError, middle_slice_grid, resolve_device, seed_everything,
-                            write_run_config)
+from pytorch.common import (HelpFormatter, InputError, make_output_dir, middle_slice_grid,
+                            resolve_device, seed_everything, write_run_config)
 from pytorch.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object,
                                  cleanup_distributed, init_distributed, shard_indices)
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Self-discovery stage 1: train the 3D U-Net autoencoder whose bottleneck "
                     "features rank patients by similarity (feature_extractor.py uses it).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", required=True,
                    help="folder holding train/ and validation/ with one float32 .npy volume "
@@ -109,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"<checkpoint_dir>/{LAST_NAME}")
     g.add_argument("--log_dir", default="runs/autoencoder",
                    help="TensorBoard folder (losses, lr, middle-slice input|reconstruction)")
-    g.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
-                   help="0: errors only, 1: one line per epoch and progress bars, 2: also lr "
-                        "changes and checkpoint saves")
+    g.add_argument("--verbose", type=int, nargs="?", const=2, default=1, choices=[0, 1, 2],
+                   help="0: errors only, 1: one line per epoch and progress bars, 2 (or "
+                        "--verbose alone, as pytorch/train.py): also lr changes and checkpoint "
+                        "saves")
     return p
 
 
@@ -263,10 +264,10 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
     writer = None
     if main_rank:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=args.log_dir)
+        writer = SummaryWriter(log_dir=str(make_output_dir(args.log_dir, "--log_dir")))
         run_cfg = dict(vars(args), resolved_device=str(device), world_size=info.world_size,
                        n_train=len(train_files), n_val=len(val_files))
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(ckpt_dir, "--checkpoint_dir")
         write_run_config(run_cfg, ckpt_dir)
         say(f"autoencoder: {len(train_files)} train / {len(val_files)} validation volumes "
             f"resized to {size}, width {args.width}, device {device}"

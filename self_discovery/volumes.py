@@ -33,7 +33,8 @@ def list_volumes(folder: str | os.PathLike, flag: str = "--data_dir") -> list[Pa
         raise InputError(f"{folder}: folder not found; set {flag} to a folder holding train/ and "
                          "validation/ with one .npy volume per patient "
                          "(scripts/prepare_dataset.py makes them)")
-    files = sorted(p for p in folder.iterdir() if p.suffix == ".npy" and p.is_file())
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".npy" and p.is_file()
+                   and not p.name.startswith("."))  # ".name.*.tmp.npy": a killed atomic write
     if not files:
         raise InputError(f"{folder}: no .npy volumes; run scripts/prepare_dataset.py or set {flag}")
     return files

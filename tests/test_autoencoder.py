@@ -136,3 +136,12 @@ def test_hu_volume_is_rescaled_with_warning(tmp_path):
     with pytest.warns(UserWarning, match="Hounsfield"):
         t = load_resized(tmp_path / "hu.npy", (16, 16, 8))
     assert t.shape == (1, 16, 16, 8) and float(t.min()) == 0.0 and float(t.max()) == 1.0
+
+
+def test_reference_flags_and_defaults():
+    """SPEC command-line contract: reference flag names/defaults; ``--verbose`` also bare."""
+    a = ta.build_parser().parse_args(["--data_dir", "dataset/", "--verbose"])
+    assert (a.arch, a.decoder, a.input_rows, a.input_cols, a.input_deps, a.batch_size) == \
+        ("Unet", "upsampling", 128, 128, 64, 8)
+    assert a.weights is None and a.verbose == 2
+    assert ta.build_parser().parse_args(["--data_dir", "d", "--verbose", "0"]).verbose == 0

@@ -1,0 +1,279 @@
+"""Bad input at every CLI ends in ONE line ``error: <file>: <what>; <fix>`` and exit code 2,
+``--help`` explains every flag without "(default: None)" noise, and writers are atomic.
+
+Every test runs ``main([...])`` in-process on tiny data (volumes of 16 x 16 x 8, width 4) and
+fails before any training starts, so the whole file takes a few seconds.
+"""
+from __future__ import annotations
+
+import importlib
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import CheckpointError, atomic_path, load_checkpoint, save_checkpoint
+from models.ynet3d import UNet3D, YNet3D
+from pytorch.common import InputError, make_output_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (16, 16, 8)
+
+# modules with build_parser(); phantoms and fetch_sample_ct build theirs inside main()
+PARSER_MODULES = ["pytorch.train", "self_discovery.train_autoencoder",
+                  "self_discovery.feature_extractor", "self_discovery.pattern_generator_3D",
+                  "scripts.prepare_dataset", "scripts.finetune_classification",
+                  "scripts.finetune_segmentation", "scripts.transfer_benchmark",
+                  "scripts.benchmark_patterns", "scripts.benchmark_pretrain",
+                  "scripts.compare_precision"]
+
+
+def one_error_line(capsys, rc: int, *needles: str) -> str:
+    """Assert exit code 2 and a single ``error: ...`` line holding every needle."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def junk(tmp_path_factory) -> dict[str, Path]:
+    """A text file renamed .pt, a truncated checkpoint and a width-4 Y-Net checkpoint."""
+    root = tmp_path_factory.mktemp("junk")
+    text = root / "text.pt"
+    text.write_text("hello, I am not a checkpoint\n")
+    torch.manual_seed(0)
+    ynet = save_checkpoint(root / "ynet4.pt", YNet3D(cls_classes=3, width=4), arch="YNet3D",
+                           model_config={"width": 4, "cls_classes": 3})
+    trunc = root / "trunc.pt"
+    trunc.write_bytes(ynet.read_bytes()[:20000])
+    return {"text": text, "trunc": trunc, "ynet4": ynet, "root": root}
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory) -> Path:
+    """data_dir/{train,validation}/p*.npy, 4 + 2 random volumes in [0, 1]."""
+    root = tmp_path_factory.mktemp("vols")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("validation", 2)):
+        (root / split).mkdir()
+        for i in range(n):
+            np.save(root / split / f"p{i}.npy", rng.random(SHAPE, dtype=np.float32))
+    return root
+
+
+# --- --help ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", PARSER_MODULES)
+def test_help_explains_every_flag_without_none_defaults(name):
+    parser = importlib.import_module(name).build_parser()
+    for action in parser._actions:
+        assert action.help and len(action.help.strip()) > 5, (name, action.option_strings)
+    text = parser.format_help()
+    assert "(default: None)" not in text
+
+
+@pytest.mark.parametrize("name", ["scripts.phantoms", "scripts.fetch_sample_ct"])
+def test_help_of_main_built_parsers(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(name).main(["--help"])
+    assert e.value.code == 0
+    assert "(default: None)" not in capsys.readouterr().out
+
+
+def test_quickstart_help_shows_only_the_header():
+    out = subprocess.run(["bash", str(REPO / "scripts" / "quickstart.sh"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "Usage:" in out and "set -euo" not in out
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+def test_text_file_renamed_pt_is_a_checkpoint_error(junk):
+    with pytest.raises(CheckpointError, match="not a torch.save file") as e:
+        load_checkpoint(junk["text"])
+    assert str(e.value).startswith(str(junk["text"])) and "\n" not in str(e.value)
+
+
+def test_truncated_checkpoint_message_is_short(junk):
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(junk["trunc"])
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 400 and msg.endswith("re-download or re-create it")
+
+
+def test_autoencoder_weights_text_file(volumes, junk, tmp_path, capsys):
+    from self_discovery import train_autoencoder as ae
+    rc = ae.main(["--data_dir", str(volumes), "--weights", str(junk["text"]), "--width", "4",
+                  "--input_rows", "16", "--input_cols", "16", "--input_deps", "8",
+                  "--device", "cpu", "--num_workers", "0", "--nb_epoch", "1",
+                  "--checkpoint_dir", str(tmp_path / "ck"), "--log_dir", str(tmp_path / "tb")])
+    one_error_line(capsys, rc, str(junk["text"]), "re-create it")
+
+
+def test_autoencoder_wrong_width_names_the_width(volumes, tmp_path, capsys):
+    from self_discovery import train_autoencoder as ae
+    ckpt = save_checkpoint(tmp_path / "ae4.pt", UNet3D(width=4, decoder="upsampling"))
+    rc = ae.main(["--data_dir", str(volumes), "--weights", str(ckpt), "--width", "8",
+                  "--input_rows", "16", "--input_cols", "16", "--input_deps", "8",
+                  "--device", "cpu", "--num_workers", "0", "--nb_epoch", "1",
+                  "--checkpoint_dir", str(tmp_path / "ck"), "--log_dir", str(tmp_path / "tb")])
+    line = one_error_line(capsys, rc, str(ckpt), "pass --width 4")
+    assert line.count("pass --width") == 1
+
+
+def test_finetune_width_hint_given_once(junk, tmp_path, capsys):
+    from scripts import finetune_classification as fc
+    from scripts.phantoms import make_nodule_cubes
+    c, lab = make_nodule_cubes(4, SHAPE, seed=0)
+    np.save(tmp_path / "c.npy", c)
+    np.save(tmp_path / "l.npy", lab)
+    rc = fc.main(["--data", str(tmp_path / "c.npy"), "--labels", str(tmp_path / "l.npy"),
+                  "--weights", str(junk["ynet4"]), "--width", "8", "--device", "cpu",
+                  "--nb_epoch", "1", "--quiet", "--output_dir", str(tmp_path / "out")])
+    line = one_error_line(capsys, rc, str(junk["ynet4"]), "pass --width 4")
+    assert line.count("pass --width") == 1
+
+
+# --- pretraining / pattern generation -------------------------------------------------------
+
+def test_train_log_dir_under_a_file(junk, tmp_path, capsys):
+    from pytorch import train
+    from tests.fold_fixtures import make_fold_files, train_args
+    data = make_fold_files(tmp_path / "folds", classes=2, instances=2, val_instances=1,
+                           resolutions=1)
+    args = train_args(data, tmp_path, classes=2, instances=2, val_instances=1, resolutions=1,
+                      epochs=1, width=4)
+    args[args.index("--log_dir") + 1] = str(junk["text"])
+    rc = train.main(args)
+    one_error_line(capsys, rc, str(junk["text"]), "--log_dir")
+
+
+def test_pattern_generator_nan_features(volumes, tmp_path, capsys):
+    from self_discovery import pattern_generator_3D as pg
+    feats = np.random.default_rng(0).random((4, 8)).astype(np.float32)
+    feats[2, 3] = np.nan
+    np.save(tmp_path / "train_features.npy", feats)
+    np.save(tmp_path / "validation_features.npy", feats[:2])
+    rc = pg.main(["--data_dir", str(volumes), "--save", str(tmp_path / "out"), "--is_normalized",
+                  "--train_features", str(tmp_path / "train_features.npy"),
+                  "--val_features", str(tmp_path / "validation_features.npy"),
+                  "--input_rows", "8", "--input_cols", "8", "--input_deps", "8",
+                  "--nb_classes", "1", "--nb_instances", "2", "--nb_instances_val", "1"])
+    one_error_line(capsys, rc, "train_features.npy", "NaN", "feature_extractor.py")
+
+
+# --- fine-tuning ----------------------------------------------------------------------------
+
+def test_classification_nan_in_any_cube(tmp_path, capsys):
+    """The value check probes every few cubes; NaN in a skipped cube must still be caught."""
+    from scripts import finetune_classification as fc
+    c = np.random.default_rng(0).random((24, *SHAPE)).astype(np.float32)
+    c[1, 0, 0, 0] = np.nan
+    np.save(tmp_path / "c.npy", c)
+    np.save(tmp_path / "l.npy", np.arange(24) % 2)
+    rc = fc.main(["--data", str(tmp_path / "c.npy"), "--labels", str(tmp_path / "l.npy"),
+                  "--width", "4", "--device", "cpu", "--nb_epoch", "1", "--quiet",
+                  "--output_dir", str(tmp_path / "out")])
+    one_error_line(capsys, rc, str(tmp_path / "c.npy"), "NaN", "index 1")
+
+
+def test_classification_empty_data_dir_names_it(tmp_path, capsys):
+    from scripts import finetune_classification as fc
+    (tmp_path / "empty").mkdir()
+    rc = fc.main(["--data_dir", str(tmp_path / "empty"), "--device", "cpu", "--quiet",
+                  "--output_dir", str(tmp_path / "out")])
+    line = one_error_line(capsys, rc, str(tmp_path / "empty"))
+    assert "{root}" not in line and f"{tmp_path / 'empty'}/nodule" in line
+
+
+def test_segmentation_nan_image(tmp_path, capsys):
+    from scripts import finetune_segmentation as fs
+    rng = np.random.default_rng(0)
+    for d in ("img", "msk"):
+        (tmp_path / d).mkdir()
+    for i in range(3):
+        img = rng.random(SHAPE, dtype=np.float32)
+        if i == 0:
+            img[0, 0, 0] = np.nan
+        np.save(tmp_path / "img" / f"p{i}.npy", img)
+        np.save(tmp_path / "msk" / f"p{i}.npy", (rng.random(SHAPE) > 0.7).astype(np.float32))
+    rc = fs.main(["--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
+                  "--width", "4", "--device", "cpu", "--nb_epoch", "1", "--quiet",
+                  "--crop", "16", "16", "8", "--output_dir", str(tmp_path / "out")])
+    one_error_line(capsys, rc, "p0.npy", "NaN")
+
+
+# --- data preparation, phantoms, output folders ---------------------------------------------
+
+def test_prepare_dataset_all_skipped_names_the_file(tmp_path, capsys):
+    from scripts import prepare_dataset as pd
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "flat.npy", np.zeros((16, 16), np.float32))
+    rc = pd.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
+                  "--min_size", "1"])
+    one_error_line(capsys, rc, "flat.npy", "no volume was written", "fix or remove")
+
+
+def test_output_folder_under_a_file(junk, tmp_path, capsys):
+    with pytest.raises(InputError, match="--save"):
+        make_output_dir(junk["text"] / "sub", "--save")
+    with pytest.raises(InputError, match="not a folder"):
+        with atomic_path(junk["text"] / "x.json") as tmp:
+            tmp.write_text("{}")
+    from scripts import phantoms
+    rc = phantoms.main(["--output_dir", str(junk["text"] / "x"), "--n", "1",
+                        "--shape", "16", "16", "8", "--format", "npy"])
+    one_error_line(capsys, rc, str(junk["text"] / "x"), "--output_dir")
+
+
+@pytest.mark.parametrize("ext", ["nrrd", "nii.gz", "mhd"])
+def test_write_volume_is_atomic_and_readable(tmp_path, ext):
+    import SimpleITK as sitk
+
+    from scripts.phantoms import write_volume
+    vol = np.arange(8 * 8 * 4, dtype=np.int16).reshape(8, 8, 4)
+    path = write_volume(tmp_path / f"v.{ext}", vol)
+    back = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))  # (z, y, x)
+    np.testing.assert_array_equal(back.transpose(2, 1, 0), vol)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+def test_benchmark_patterns_dataset_written_atomically(tmp_path):
+    from scripts.benchmark_patterns import write_dataset
+    root = write_dataset(tmp_path, 2, 1, (8, 8, 8), feat_dim=4, distinct=1)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert files == ["data/train/p0000.npy", "data/train/p0001.npy", "data/validation/p0000.npy",
+                     "features/features_index.json", "features/train_features.npy",
+                     "features/validation_features.npy"]
+
+
+def test_width_hint_for_prefixed_keys():
+    """A fine-tuning model keeps the encoder under ``base_model.``: the hint still appears."""
+    from models.checkpoint import load_state_dict_checked
+    from models.targets import build_classifier
+    (small, _), (big, _) = build_classifier(width=4), build_classifier(width=8)
+    with pytest.raises(CheckpointError, match="pass --width 4"):
+        load_state_dict_checked(big, small.state_dict(), source="last.pt")
+
+
+def test_list_volumes_skips_leftovers_of_killed_atomic_writes(tmp_path):
+    """A SIGKILL during save_npy_atomic leaves ``.p1.npy.XXXX.tmp.npy``; it is never a patient."""
+    from self_discovery.volumes import list_volumes
+    np.save(tmp_path / "p0.npy", np.zeros(SHAPE, np.float32))
+    np.save(tmp_path / ".p1.npy.abcd.tmp.npy", np.zeros(SHAPE, np.float32))
+    assert [p.name for p in list_volumes(tmp_path)] == ["p0.npy"]
+
+
+def test_dicom_phantom_series_written_via_a_temporary_folder(tmp_path):
+    from scripts.phantoms import write_phantom_dataset
+    (path,) = write_phantom_dataset(tmp_path, 1, (24, 24, 4), fmt="dicom")
+    (path,) = write_phantom_dataset(tmp_path, 1, (24, 24, 4), fmt="dicom")  # overwrite
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert len(list(path.iterdir())) == 4
