@@ -5,16 +5,18 @@ import argparse
 import json
 import os
 import random
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models.checkpoint import InputError, atomic_path, to_plain
+from models.checkpoint import CheckpointError, InputError, atomic_path, to_plain
 
 __all__ = ["REPO_ROOT", "HelpFormatter", "atomic_path", "save_npy_atomic", "save_json_atomic", "resolve_device",
-           "seed_everything", "write_run_config", "InputError", "make_output_dir", "middle_slice_grid", "save_png"]
+           "seed_everything", "write_run_config", "InputError", "call_reporting_errors", "make_output_dir", "middle_slice_grid", "save_png"]
 
 #: The repository root; CLI defaults are relative to the working directory, as in the reference.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +43,17 @@ def make_output_dir(path: str | os.PathLike, flag: str = "output folder") -> Pat
         raise InputError(f"{path}: cannot create this folder ({e.strerror}); set {flag} to a "
                          "writable folder") from e
     return path
+
+
+def call_reporting_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
+    """Call ``fn``; bad user input (``InputError``, ``CheckpointError``) becomes one
+    ``error: ...`` line on stderr and ``(False, None)``, so every CLI's ``main`` ends the same
+    way (exit code 2, no traceback). Returns ``(True, result)`` otherwise."""
+    try:
+        return True, fn(*args, **kwargs)
+    except (InputError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False, None
 
 
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -32,8 +32,8 @@ import torch
 from models.checkpoint import (CheckpointError, load_checkpoint, load_pretrained,
                                load_state_dict_checked, save_checkpoint, unwrap_model)
 from pytorch import distributed as D
-from pytorch.common import InputError, make_output_dir, middle_slice_grid, resolve_device, \
-    seed_everything, write_run_config
+from pytorch.common import (InputError, call_reporting_errors, make_output_dir, middle_slice_grid,
+                            resolve_device, seed_everything, write_run_config)
 from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation, fold_blocks,
                           load_pretraining_data)
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
@@ -490,13 +490,8 @@ def _preview(model, val_set: CubeSet, args, device, amp_dtype, loss_cfg):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        train(args)
-    except (InputError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    ok, _ = call_reporting_errors(train, build_parser().parse_args(argv))
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":

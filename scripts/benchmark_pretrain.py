@@ -37,7 +37,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pytorch.common import HelpFormatter, InputError, resolve_device, save_json_atomic
+from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, resolve_device,
+                            save_json_atomic)
 
 PATHS = ("published_loader", "published", "ours_perturb", "model_only", "ours")
 #: Context (issue 6): cubes/s of the published code on an H200, batch 64, 64 x 64 x 32, width 32.
@@ -315,10 +316,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = run_benchmark(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+    ok, report = call_reporting_errors(run_benchmark, args)
+    if not ok:
         return 2
     print(format_table(report))
     if args.json:

@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pytorch.common import HelpFormatter, InputError, resolve_device, save_json_atomic
+from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, resolve_device,
+                            save_json_atomic)
 
 CURVES = ("loss", "cls", "rec")  # columns 0..2 of engine.train_step's stats
 
@@ -343,10 +344,8 @@ def format_report(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        res = run(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+    ok, res = call_reporting_errors(run, args)
+    if not ok:
         return 2
     print(format_report(res))
     if args.json:

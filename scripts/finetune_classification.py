@@ -45,10 +45,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from models.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint
+from models.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from models.targets import build_classifier
-from pytorch.common import (HelpFormatter, InputError, make_output_dir, resolve_device,
-                            save_json_atomic, seed_everything, write_run_config)
+from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, make_output_dir,
+                            resolve_device, save_json_atomic, seed_everything, write_run_config)
 
 __all__ = ["CubeSet", "load_cubes", "load_labels", "load_class_folders", "split_stratified",
            "classification_metrics", "build_parser", "run", "main"]
@@ -535,13 +535,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (InputError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    ok, _ = call_reporting_errors(run, build_parser().parse_args(argv))
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":

@@ -47,10 +47,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from models.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint
+from models.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from models.targets import bce_dice_loss, binary_dice_iou, build_segmentation_model, dice_coef_loss
-from pytorch.common import (HelpFormatter, InputError, make_output_dir, resolve_device,
-                            save_json_atomic, save_npy_atomic, seed_everything, write_run_config)
+from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, make_output_dir,
+                            resolve_device, save_json_atomic, save_npy_atomic, seed_everything,
+                            write_run_config)
 from scripts.ct_io import CTReadError, find_ct_inputs, normalize_hu, read_ct, volume_stem
 
 __all__ = ["Case", "list_volumes", "load_cases", "sample_crop", "CropDataset",
@@ -530,13 +531,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (InputError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    ok, _ = call_reporting_errors(run, build_parser().parse_args(argv))
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":

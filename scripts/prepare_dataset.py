@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pytorch.common import HelpFormatter, InputError, atomic_path, save_json_atomic, save_npy_atomic
+from pytorch.common import (HelpFormatter, InputError, atomic_path, call_reporting_errors,
+                            save_json_atomic, save_npy_atomic)
 from scripts.ct_io import (CTReadError, find_ct_inputs, normalize_hu, read_ct, resample,
                            volume_stem)
 
@@ -281,10 +282,8 @@ def prepare_dataset(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns 0 when the dataset holds at least one volume, else 2."""
     args = build_parser().parse_args(argv)
-    try:
-        summary = prepare_dataset(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+    ok, summary = call_reporting_errors(prepare_dataset, args)
+    if not ok:
         return 2
     out = summary["output_dir"]
     print(f"prepare_dataset: {len(summary['written'])} written, {len(summary['existing'])} "

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import load_checkpoint
 from models.targets import infer_width
-from pytorch.common import HelpFormatter, InputError, make_output_dir, save_json_atomic, \
-    save_npy_atomic, write_run_config
+from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, make_output_dir,
+                            save_json_atomic, save_npy_atomic, write_run_config)
 
 __all__ = ["build_classification_task", "build_segmentation_task", "summarize", "format_table",
            "build_parser", "run", "main"]
@@ -230,13 +230,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (InputError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    ok, _ = call_reporting_errors(run, build_parser().parse_args(argv))
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from models.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked
+from models.checkpoint import load_checkpoint, load_state_dict_checked
 from models.ynet3d import UNet3D
-from pytorch.common import HelpFormatter, InputError, resolve_device, save_json_atomic, save_npy_atomic, \
-    write_run_config
+from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, resolve_device,
+                            save_json_atomic, save_npy_atomic, write_run_config)
 from pytorch.distributed import (DistInfo, all_gather_objects, barrier, cleanup_distributed,
                                  init_distributed, shard_indices)
 from self_discovery.volumes import SPLITS, ResizedVolumeDataset, list_volumes
@@ -305,13 +305,8 @@ def load_features(train_features_path: str | os.PathLike, val_features_path: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (InputError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    ok, _ = call_reporting_errors(run, build_parser().parse_args(argv))
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ import numpy as np
 from sklearn.neighbors import NearestNeighbors
 from tqdm import tqdm
 
-from pytorch.common import InputError, atomic_path, save_npy_atomic, write_run_config, \
-    middle_slice_grid, save_png, HelpFormatter, make_output_dir
+from pytorch.common import (HelpFormatter, InputError, atomic_path, call_reporting_errors,
+                            make_output_dir, middle_slice_grid, save_npy_atomic, save_png,
+                            write_run_config)
 from self_discovery.volumes import open_volume
 
 __all__ = ["LUNG_HU", "CLASSES_PER_FILE", "CSV_COLUMNS", "lung_test_weight_sum",
@@ -797,10 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: returns 0, or 2 after a one-line error on bad input."""
     args = build_parser().parse_args(argv)
-    try:
-        plans = generate_patterns(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+    ok, plans = call_reporting_errors(generate_patterns, args)
+    if not ok:
         return 2
     print(f"wrote {len(plans)} classes to {args.save}")
     return 0

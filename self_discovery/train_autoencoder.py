@@ -37,11 +37,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from models.checkpoint import (CheckpointError, load_checkpoint, load_state_dict_checked,
-                               save_checkpoint)
+from models.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from models.ynet3d import UNet3D
-from pytorch.common import (HelpFormatter, InputError, make_output_dir, middle_slice_grid,
-                            resolve_device, seed_everything, write_run_config)
+from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, make_output_dir,
+                            middle_slice_grid, resolve_device, seed_everything, write_run_config)
 from pytorch.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object,
                                  cleanup_distributed, init_distributed, shard_indices)
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes
@@ -371,10 +370,8 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = train(args)
-    except (InputError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    ok, result = call_reporting_errors(train, args)
+    if not ok:
         return 2
     if result["is_main"] and result["epoch"] and args.verbose >= 1:
         print(f"best validation loss {result['best_loss']:.6f}; checkpoint {result['best_path']}",
