@@ -49,6 +49,7 @@ from models.checkpoint import load_checkpoint, load_state_dict_checked, save_che
 from models.targets import build_classifier
 from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, make_output_dir,
                             resolve_device, save_json_atomic, seed_everything, write_run_config)
+from scripts.finetune_common import make_optimizer, restore_state
 
 __all__ = ["CubeSet", "load_cubes", "load_labels", "load_class_folders", "split_stratified",
            "classification_metrics", "build_parser", "run", "main"]
@@ -366,12 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _make_optimizer(params: list[nn.Parameter], args: argparse.Namespace) -> torch.optim.Optimizer:
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(params, args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=False)
-    return torch.optim.Adam(params, args.lr, weight_decay=args.weight_decay)
-
-
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("nb_epoch", "patience", "batch_size"):
         if getattr(args, name) < 1:
@@ -421,25 +416,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      norm=args.norm, freeze_encoder=args.freeze_encoder)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(params, args)
+    optimizer = make_optimizer(params, args.optimizer, args.lr, args.weight_decay)
 
-    history: list[dict[str, Any]] = []
-    start_epoch, best_value, best_epoch, no_improve = 0, None, -1, 0
-    best_val: dict[str, Any] = {}
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        load_state_dict_checked(model, ckpt["state_dict"], source=str(args.resume))
-        if ckpt.get("optimizer_state_dict"):
-            optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-        extra = ckpt.get("extra", {})
-        start_epoch = int(ckpt.get("epoch", 0))
-        no_improve = int(ckpt.get("num_epoch_no_improvement", 0))
-        history = list(extra.get("history", []))
-        best_value, best_epoch = extra.get("best_value"), int(extra.get("best_epoch", -1))
-        best_val = dict(extra.get("best_val", {}))
-    elif (out / "last.pt").exists():
-        print(f"note: {out / 'last.pt'} exists and will be overwritten; use --resume to continue it",
-              file=sys.stderr)
+    state = restore_state(args.resume, model, optimizer, out)
+    history, start_epoch, no_improve = state.history, state.start_epoch, state.no_improve
+    best_value, best_epoch, best_val = state.best_value, state.best_epoch, state.best_val
 
     pin = device.type == "cuda"
     workers = max(0, args.num_workers)

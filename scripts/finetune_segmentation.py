@@ -53,6 +53,7 @@ from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, ma
                             resolve_device, save_json_atomic, save_npy_atomic, seed_everything,
                             write_run_config)
 from scripts.ct_io import CTReadError, find_ct_inputs, normalize_hu, read_ct, volume_stem
+from scripts.finetune_common import make_optimizer, restore_state
 
 __all__ = ["Case", "list_volumes", "load_cases", "sample_crop", "CropDataset",
            "sliding_window_predict", "evaluate_cases", "build_parser", "run", "main"]
@@ -422,30 +423,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     model, loaded = build_segmentation_model(width=args.width, weights=args.weights, norm=args.norm)
     model.to(device)
-    if args.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=0.9,
-                                                           weight_decay=args.weight_decay, nesterov=False)
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(list(model.parameters()), args.optimizer, args.lr, args.weight_decay)
     criterion = dice_coef_loss if args.loss == "dice" else bce_dice_loss
 
-    history: list[dict[str, Any]] = []
-    start_epoch, best_value, best_epoch, no_improve = 0, None, -1, 0
-    best_val: dict[str, Any] = {}
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        load_state_dict_checked(model, ckpt["state_dict"], source=str(args.resume))
-        if ckpt.get("optimizer_state_dict"):
-            optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-        extra = ckpt.get("extra", {})
-        start_epoch = int(ckpt.get("epoch", 0))
-        no_improve = int(ckpt.get("num_epoch_no_improvement", 0))
-        history = list(extra.get("history", []))
-        best_value, best_epoch = extra.get("best_value"), int(extra.get("best_epoch", -1))
-        best_val = dict(extra.get("best_val", {}))
-    elif (out / "last.pt").exists():
-        print(f"note: {out / 'last.pt'} exists and will be overwritten; use --resume to continue it",
-              file=sys.stderr)
+    state = restore_state(args.resume, model, optimizer, out)
+    history, start_epoch, no_improve = state.history, state.start_epoch, state.no_improve
+    best_value, best_epoch, best_val = state.best_value, state.best_epoch, state.best_val
 
     workers = max(0, args.num_workers)
     train_ds = CropDataset(train, crop, args.steps_per_epoch * args.batch_size, args.foreground_prob,

@@ -1,0 +1,59 @@
+"""Pieces shared by the two fine-tuning scripts: optimiser and resumable run state."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.checkpoint import load_checkpoint, load_state_dict_checked
+
+__all__ = ["make_optimizer", "FinetuneState", "restore_state"]
+
+
+def make_optimizer(params: list[nn.Parameter], name: str, lr: float,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """``sgd``: momentum 0.9, no Nesterov, as the original README's snippets; or ``adam``."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr, momentum=0.9, weight_decay=weight_decay, nesterov=False)
+    if name == "adam":
+        return torch.optim.Adam(params, lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be sgd or adam, got {name!r}")
+
+
+@dataclass
+class FinetuneState:
+    """Where a fine-tuning run stands; stored in ``last.pt`` (epoch, counters, ``extra``)."""
+    start_epoch: int = 0
+    best_value: float | None = None
+    best_epoch: int = -1
+    no_improve: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val: dict[str, Any] = field(default_factory=dict)
+
+
+def restore_state(resume: str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  output_dir: Path) -> FinetuneState:
+    """Load ``--resume`` (model, optimizer, epoch, history) or start fresh.
+
+    Starting fresh over an existing ``last.pt`` prints a note: nothing resumes silently.
+    """
+    if not resume:
+        if (output_dir / "last.pt").exists():
+            print(f"note: {output_dir / 'last.pt'} exists and will be overwritten; use --resume "
+                  "to continue it", file=sys.stderr)
+        return FinetuneState()
+    ckpt = load_checkpoint(resume)
+    load_state_dict_checked(model, ckpt["state_dict"], source=str(resume))
+    if ckpt.get("optimizer_state_dict"):
+        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+    extra = ckpt.get("extra", {})
+    return FinetuneState(start_epoch=int(ckpt.get("epoch", 0)),
+                         best_value=extra.get("best_value"),
+                         best_epoch=int(extra.get("best_epoch", -1)),
+                         no_improve=int(ckpt.get("num_epoch_no_improvement", 0)),
+                         history=list(extra.get("history", [])),
+                         best_val=dict(extra.get("best_val", {})))
