@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_shape(text: str) -> tuple[int, int, int]:
+def parse_input(text: str) -> tuple[int, int, int]:
+    """``"64x64x32"`` -> (64, 64, 32); each size must be a positive multiple of 8."""
     try:
         shape = tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -184,7 +185,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from scripts.published_style import PublishedStyleDataset
 
     device = resolve_device(args.device)
-    shape = _parse_shape(args.input)
+    shape = parse_input(args.input)
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     bad = [p for p in paths if p not in PATHS]
     if bad:

@@ -38,7 +38,6 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 import argparse
 import copy
 import math
-import platform
 import time
 from typing import Any
 
@@ -47,6 +46,7 @@ import torch
 
 from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, resolve_device,
                             save_json_atomic)
+from scripts.benchmark_pretrain import machine_name, parse_input
 
 CURVES = ("loss", "cls", "rec")  # columns 0..2 of engine.train_step's stats
 
@@ -97,18 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=1.0,
                    help="verdict yes when gap / noise <= this for every curve")
     return p
-
-
-def parse_input(text: str) -> tuple[int, int, int]:
-    """``"64x64x32"`` -> (64, 64, 32); each size must be a positive multiple of 8."""
-    try:
-        shape = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or any(v <= 0 or v % 8 for v in shape):
-        raise InputError(f"--input {text!r}: give XxYxZ with each size a positive multiple of 8, "
-                         "e.g. 64x64x32")
-    return shape  # type: ignore[return-value]
 
 
 def synthetic_cubes(n: int, classes: int, shape: tuple[int, int, int], seed: int,
@@ -242,21 +230,6 @@ def compare_curves(ref: list[float], other: list[float], window: int) -> dict[st
             "max_abs_diff_raw": float(np.max(np.abs(b - a))),
             "final_smoothed_ref": float(ma[-1]), "final_smoothed_other": float(mb[-1]),
             "first_ref": float(a[0]), "first_other": float(b[0])}
-
-
-def machine_name(device: torch.device) -> str:
-    """The processor (or GPU) the run used, in words."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
