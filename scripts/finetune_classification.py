@@ -49,7 +49,8 @@ from models.checkpoint import load_checkpoint, load_state_dict_checked, save_che
 from models.targets import build_classifier
 from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, make_output_dir,
                             resolve_device, save_json_atomic, seed_everything, write_run_config)
-from scripts.finetune_common import make_optimizer, restore_state
+from scripts.finetune_common import (add_model_flags, add_optimizer_flags, make_optimizer,
+                                     restore_state)
 
 __all__ = ["CubeSet", "load_cubes", "load_labels", "load_class_folders", "split_stratified",
            "classification_metrics", "build_parser", "run", "main"]
@@ -332,12 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", action="store_true", help="random flips along x, y, z while training")
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
 
-    m = ap.add_argument_group("model")
-    m.add_argument("--weights", default=None,
-                   help="pretrained Semantic Genesis checkpoint (ours or published); omit to train from scratch")
-    m.add_argument("--width", type=int, default=32, help="base channels of the U-Net (32 = published)")
-    m.add_argument("--norm", default="batch_stats", choices=["batch_stats", "standard"],
-                   help="BatchNorm: batch statistics also in eval (published) or running statistics")
+    m = add_model_flags(ap)
     m.add_argument("--freeze_encoder", action="store_true",
                    help="train only the linear head (the encoder keeps its pretrained weights)")
     m.add_argument("--loss", default="auto", choices=["auto", "bce", "ce"],
@@ -351,10 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--monitor", default="loss", choices=["loss", "auc"],
                    help="validation value for early stopping and the best checkpoint")
     t.add_argument("--batch_size", type=int, default=16, help="cubes per batch")
-    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
-                   help="sgd: momentum 0.9 as in the README snippet; adam")
-    t.add_argument("--lr", type=float, default=1e-2, help="learning rate")
-    t.add_argument("--weight_decay", type=float, default=0.0, help="L2 weight decay")
+    add_optimizer_flags(t)
     t.add_argument("--seed", type=int, default=0, help="seed of the split, the shuffling and the head")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     t.add_argument("--resume", default=None,

@@ -1,6 +1,7 @@
 """Pieces shared by the two fine-tuning scripts: optimiser and resumable run state."""
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,29 @@ from torch import nn
 
 from models.checkpoint import load_checkpoint, load_state_dict_checked
 
-__all__ = ["make_optimizer", "FinetuneState", "restore_state"]
+__all__ = ["add_model_flags", "add_optimizer_flags", "make_optimizer", "FinetuneState",
+           "restore_state"]
+
+
+def add_model_flags(ap: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "model" flag group both scripts share (``--weights``, ``--width``, ``--norm``)."""
+    m = ap.add_argument_group("model")
+    m.add_argument("--weights", default=None,
+                   help="pretrained Semantic Genesis checkpoint (ours or published); omit to train "
+                        "from scratch")
+    m.add_argument("--width", type=int, default=32,
+                   help="base channels of the U-Net (32 = published)")
+    m.add_argument("--norm", default="batch_stats", choices=["batch_stats", "standard"],
+                   help="BatchNorm: batch statistics also in eval (published) or running statistics")
+    return m
+
+
+def add_optimizer_flags(group: argparse._ArgumentGroup) -> None:
+    """``--optimizer``, ``--lr``, ``--weight_decay`` (see :func:`make_optimizer`)."""
+    group.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
+                       help="sgd: momentum 0.9 as in the README snippet; adam")
+    group.add_argument("--lr", type=float, default=1e-2, help="learning rate")
+    group.add_argument("--weight_decay", type=float, default=0.0, help="L2 weight decay")
 
 
 def make_optimizer(params: list[nn.Parameter], name: str, lr: float,
