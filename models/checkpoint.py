@@ -41,6 +41,7 @@ from torch import nn
 
 __all__ = [
     "SCHEMA_VERSION",
+    "DECODER_PREFIXES",
     "CheckpointError",
     "InputError",
     "to_plain",
@@ -48,6 +49,7 @@ __all__ = [
     "atomic_torch_save",
     "save_checkpoint",
     "load_checkpoint",
+    "load_training_state",
     "clean_state_dict",
     "unwrap_model",
     "load_state_dict_checked",
@@ -58,6 +60,8 @@ SCHEMA_VERSION = 1
 
 #: Prefixes stripped from published or wrapped checkpoints before matching keys.
 STRIP_PREFIXES = ("module.", "_orig_mod.", "classficationNet.", "classificationNet.")
+#: Key prefixes of the U-Net decoder (absent from encoder-only networks).
+DECODER_PREFIXES = ("up_tr256", "up_tr128", "up_tr64", "out_tr")
 #: Key prefixes of published checkpoints that never belong to our networks.
 IGNORED_PREFIXES = ("projection_head.", "prototypes.")
 
@@ -199,6 +203,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     raise CheckpointError(f"{path}: no 'state_dict' in this file; expected a Semantic Genesis checkpoint")
 
 
+def load_training_state(ckpt: Mapping[str, Any], optimizer: torch.optim.Optimizer | None = None,
+                        scheduler: Any = None, source: str = "checkpoint") -> None:
+    """Restore the optimiser and lr-scheduler states of a checkpoint read by ``load_checkpoint``
+    (for ``--resume``); empty or absent states are skipped.
+
+    Raises CheckpointError naming ``source`` when a state does not fit (other parameters or
+    settings than the run that wrote it).
+    """
+    try:
+        if optimizer is not None and ckpt.get("optimizer_state_dict"):
+            optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        if scheduler is not None and ckpt.get("scheduler_state_dict"):
+            scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: optimiser/scheduler state does not fit this model "
+                              f"({e}); resume with the run's own settings") from e
+
+
 def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip wrapper prefixes (``module.``, ``_orig_mod.``, ``classficationNet.``) and drop
     keys of heads that are not part of our networks (``projection_head.*``, ``prototypes.*``)."""
@@ -293,6 +315,6 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, new_keys: Iterabl
     if not any(k.startswith("clc_out.") for k in target):
         ignore.append("clc_out")
     if not any(k.startswith(("up_tr", "out_tr")) for k in target):
-        ignore += ["up_tr256", "up_tr128", "up_tr64", "out_tr"]
+        ignore += DECODER_PREFIXES
     return load_state_dict_checked(model, ckpt["state_dict"], source=str(path),
                                    new_keys=new_keys, ignore_unexpected=ignore)

@@ -20,14 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, clean_state_dict, load_checkpoint, load_pretrained
+from .checkpoint import DECODER_PREFIXES, clean_state_dict, load_pretrained
 from .ynet3d import NormMode, UNet3D, _check_input, _Encoder
 
 __all__ = ["Encoder3D", "TargetClassifier", "build_classifier", "build_segmentation_model",
            "dice_coef_loss", "bce_dice_loss", "binary_dice_iou", "infer_width", "DECODER_PREFIXES"]
-
-#: Key prefixes of the U-Net decoder (absent from an encoder-only network).
-DECODER_PREFIXES = ("up_tr256", "up_tr128", "up_tr64", "out_tr")
 
 
 class Encoder3D(_Encoder):
@@ -97,19 +94,6 @@ def infer_width(state_dict: Mapping[str, torch.Tensor]) -> int | None:
     return None
 
 
-def _with_width_hint(err: CheckpointError, path: str | os.PathLike, width: int) -> CheckpointError:
-    if "pass --width" in str(err):  # load_state_dict_checked already gave the hint
-        return err
-    try:
-        found = infer_width(load_checkpoint(path)["state_dict"])
-    except CheckpointError:
-        found = None
-    if found is not None and found != width:
-        return CheckpointError(f"{err} [the checkpoint has width {found}, the model {width}: "
-                               f"pass --width {found}]")
-    return err
-
-
 def build_classifier(width: int = 32, weights: str | os.PathLike | None = None, n_class: int = 1,
                      norm: NormMode = "batch_stats", freeze_encoder: bool = False,
                      in_channels: int = 1) -> tuple[TargetClassifier, list[str]]:
@@ -119,12 +103,8 @@ def build_classifier(width: int = 32, weights: str | os.PathLike | None = None, 
     not fit (another architecture or width): the message lists keys and shapes.
     """
     encoder = Encoder3D(width=width, in_channels=in_channels, norm=norm)
-    loaded: list[str] = []
-    if weights is not None:
-        try:
-            loaded = load_pretrained(encoder, weights)
-        except CheckpointError as e:
-            raise _with_width_hint(e, weights, width) from e
+    # a width mismatch is reported by load_state_dict_checked ("pass --width N")
+    loaded = load_pretrained(encoder, weights) if weights is not None else []
     model = TargetClassifier(encoder, n_class=n_class)
     if freeze_encoder:
         model.freeze_encoder(True)
@@ -141,12 +121,8 @@ def build_segmentation_model(width: int = 32, weights: str | os.PathLike | None 
     checkpoint does not fit (e.g. an encoder-only ``en`` checkpoint, or another width).
     """
     model = UNet3D(n_class=n_class, width=width, in_channels=in_channels, norm=norm)
-    loaded: list[str] = []
-    if weights is not None:
-        try:
-            loaded = load_pretrained(model, weights, new_keys=["out_tr"] if n_class != 1 else [])
-        except CheckpointError as e:
-            raise _with_width_hint(e, weights, width) from e
+    new_keys = ["out_tr"] if n_class != 1 else []
+    loaded = load_pretrained(model, weights, new_keys=new_keys) if weights is not None else []
     return model, loaded
 
 

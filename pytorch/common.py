@@ -15,8 +15,10 @@ import torch
 
 from models.checkpoint import CheckpointError, InputError, atomic_path, to_plain
 
-__all__ = ["REPO_ROOT", "HelpFormatter", "atomic_path", "save_npy_atomic", "save_json_atomic", "resolve_device",
-           "seed_everything", "write_run_config", "InputError", "call_reporting_errors", "make_output_dir", "middle_slice_grid", "save_png"]
+__all__ = ["REPO_ROOT", "HelpFormatter", "atomic_path", "save_npy_atomic", "save_json_atomic",
+           "resolve_device", "full_device", "seed_everything", "write_run_config",
+           "early_stopping_update", "InputError", "call_reporting_errors", "make_output_dir",
+           "summary_writer", "middle_slice_grid", "save_png"]
 
 #: The repository root; CLI defaults are relative to the working directory, as in the reference.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +45,12 @@ def make_output_dir(path: str | os.PathLike, flag: str = "output folder") -> Pat
         raise InputError(f"{path}: cannot create this folder ({e.strerror}); set {flag} to a "
                          "writable folder") from e
     return path
+
+
+def summary_writer(log_dir: str | os.PathLike, flag: str = "--log_dir") -> Any:
+    """A TensorBoard ``SummaryWriter`` on ``log_dir`` (created; see ``make_output_dir``)."""
+    from torch.utils.tensorboard import SummaryWriter  # imported only where curves are written
+    return SummaryWriter(str(make_output_dir(log_dir, flag)))
 
 
 def call_reporting_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
@@ -86,6 +94,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def full_device(device: torch.device | str) -> torch.device:
+    """``cuda`` -> ``cuda:<current>`` so devices compare equal to ``tensor.device``."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch (the reference seeded only ``random``); return a CPU
     ``torch.Generator`` seeded with ``seed`` for code that takes explicit randomness."""
@@ -93,6 +109,17 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def early_stopping_update(val_loss: float, best_loss: float, no_improve: int,
+                          patience: int) -> tuple[bool, float, int, bool]:
+    """One epoch's early-stopping bookkeeping (the reference's rule), shared by the training CLIs.
+
+    Returns (improved, new best loss, epochs without improvement, stop now).
+    """
+    if val_loss < best_loss:
+        return True, val_loss, 0, False
+    return False, best_loss, no_improve + 1, no_improve + 1 >= patience
 
 
 def middle_slice_grid(rows: list[list[np.ndarray | torch.Tensor]], pad: int = 2) -> np.ndarray:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pytorch.common import InputError
+from pytorch.common import InputError, full_device
 
 __all__ = ["CLASSES_PER_BLOCK", "fold_blocks", "fold_file_names", "CubeSet", "load_cubes",
            "load_pretraining_data", "BatchFeeder", "epoch_permutation", "derive_seed"]
@@ -205,13 +205,6 @@ def epoch_permutation(n: int, seed: int, epoch: int, rank: int = 0,
     return perm[:usable][rank::world_size]
 
 
-def _full_device(device: torch.device) -> torch.device:
-    """``cuda`` -> ``cuda:<current>`` so devices compare equal to ``tensor.device``."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 class BatchFeeder:
     """Gathers batches of a ``CubeSet`` onto ``device`` without host synchronisation.
 
@@ -221,8 +214,8 @@ class BatchFeeder:
     """
 
     def __init__(self, data: CubeSet, device: torch.device, max_batch: int) -> None:
-        self.data, self.device = data, _full_device(torch.device(device))
-        self.on_device = (_full_device(data.cubes.device) == self.device
+        self.data, self.device = data, full_device(device)
+        self.on_device = (full_device(data.cubes.device) == self.device
                           or self.device.type == "cpu")
         self._bufs: list[torch.Tensor] = []
         self._events: list[torch.cuda.Event | None] = []

@@ -6,13 +6,15 @@ process: rank 0 of 1, reductions are identities. Backend: NCCL on CUDA, gloo on 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "is_main", "all_reduce_mean",
+__all__ = ["DistInfo", "init_distributed", "distributed_session", "cleanup_distributed", "is_main", "all_reduce_mean",
            "all_reduce_sum", "broadcast_object", "barrier", "all_gather_objects", "shard_indices"]
 
 
@@ -47,6 +49,19 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world_size, local_rank), device
+
+
+@contextmanager
+def distributed_session(device: torch.device) -> Iterator[tuple[DistInfo, torch.device]]:
+    """``init_distributed(device)`` for the body of a ``with``; afterwards the process group is
+    destroyed, unless it existed before (then it belongs to the caller and stays)."""
+    was_initialised = dist.is_available() and dist.is_initialized()
+    info, device = init_distributed(device)
+    try:
+        yield info, device
+    finally:
+        if not was_initialised:
+            cleanup_distributed()
 
 
 def cleanup_distributed() -> None:

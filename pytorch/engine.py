@@ -37,6 +37,7 @@ from torch import nn
 
 from models.checkpoint import unwrap_model
 from models.ynet3d import ClassificationNet3D, ContBatchNorm3d, YNet3D
+from pytorch.perturbations import PerturbationConfig, perturb_batch
 
 __all__ = ["EXPERIMENTS", "LossConfig", "build_model", "resolve_amp", "autocast",
            "prepare_model_for_speed", "make_optimizer", "make_scheduler", "perturb_inputs",
@@ -122,29 +123,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, step_size: int = 40,
 
 
 def perturb_inputs(original: torch.Tensor, generator: torch.Generator, augment: bool = True,
-                   config: Any = None) -> torch.Tensor:
+                   config: PerturbationConfig | None = None) -> torch.Tensor:
     """Network inputs for cubes ``original`` (N, 1, X, Y, Z) in [0, 1] -> (N, 1, X, Y, Z).
 
     Elastic deformation when ``augment`` (SPEC: always, with augmentation on), then one of the
     four Semantic Genesis perturbations per cube, drawn from ``generator`` (same device).
     """
-    from pytorch.perturbations import PerturbationConfig, perturb_batch
-
     if config is None:
         config = PerturbationConfig()
     if not augment:
-        config = _without_elastic(config)
+        config = dataclasses.replace(config, elastic_prob=0.0)  # the four perturbations only
     return perturb_batch(original, generator, config)
-
-
-def _without_elastic(config: Any) -> Any:
-    """A copy of a ``PerturbationConfig`` with the elastic deformation switched off."""
-    fields = {f.name for f in dataclasses.fields(config)}
-    for name, off in (("elastic", False), ("elastic_prob", 0.0), ("elastic_rate", 0.0),
-                      ("use_elastic", False), ("augment", False)):
-        if name in fields:
-            return dataclasses.replace(config, **{name: off})
-    raise ValueError("this PerturbationConfig has no field to switch the elastic deformation off")
 
 
 def compute_losses(outputs: Any, original: torch.Tensor, labels: torch.Tensor,

@@ -29,11 +29,13 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import (CheckpointError, load_checkpoint, load_pretrained,
-                               load_state_dict_checked, save_checkpoint, unwrap_model)
+from models.checkpoint import (DECODER_PREFIXES, load_checkpoint, load_pretrained,
+                               load_state_dict_checked, load_training_state, save_checkpoint,
+                               unwrap_model)
 from pytorch import distributed as D
-from pytorch.common import (InputError, call_reporting_errors, make_output_dir, middle_slice_grid,
-                            resolve_device, seed_everything, write_run_config)
+from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, early_stopping_update,
+                            full_device, middle_slice_grid, resolve_device, seed_everything,
+                            summary_writer, write_run_config)
 from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation, fold_blocks,
                           load_pretraining_data)
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
@@ -41,18 +43,7 @@ from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eva
                             prepare_model_for_speed, resolve_amp, summarize_stats, train_step)
 
 CHECKPOINT_NAME = "semantic_genesis_chest_ct"
-DECODER_KEYS = ("up_tr256", "up_tr128", "up_tr64", "out_tr")
 _VAL_CHUNK = 64  # validation perturbations are drawn per chunk of this many cubes
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: ...)" only where a default value exists."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.required or action.default == "" \
-                or isinstance(action, argparse._StoreTrueAction):
-            return action.help or ""
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain Semantic Genesis (Y-Net 3D: self-classification + "
                     "self-restoration) on the fold files of self-discovered anatomical "
                     "patterns. Run with torchrun for multi-GPU (DistributedDataParallel).",
-        formatter_class=_HelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", required=True,
                    help="folder with the fold files train_data{r}_vwGen_ex_ref_fold{k}.0.npy, "
@@ -199,8 +190,7 @@ class _Logger:
     def __init__(self, enabled: bool, verbose: int, log_dir: Path | None) -> None:
         self.enabled, self.verbose, self.writer = enabled, verbose, None
         if enabled and log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(make_output_dir(log_dir, "--log_dir")))
+            self.writer = summary_writer(log_dir, "--log_dir")
 
     def line(self, msg: str, level: int = 1) -> None:
         if self.enabled and self.verbose >= level:
@@ -263,17 +253,6 @@ def _fixed_val_inputs(val: CubeSet, args, device: torch.device, amp_dtype) -> Cu
     return CubeSet(out, val.labels)
 
 
-def early_stopping_update(val_loss: float, best_loss: float, no_improve: int,
-                          patience: int) -> tuple[bool, float, int, bool]:
-    """One epoch's early-stopping bookkeeping (the reference's rule).
-
-    Returns (improved, new best loss, epochs without improvement, stop now).
-    """
-    if val_loss < best_loss:
-        return True, val_loss, 0, False
-    return False, best_loss, no_improve + 1, no_improve + 1 >= patience
-
-
 def _checkpoint_paths(args) -> tuple[Path, Path, Path]:
     folder = Path(args.checkpoint_dir) if args.checkpoint_dir else Path("Checkpoints") / args.exp
     return (folder / f"{CHECKPOINT_NAME}.pt", folder / f"{CHECKPOINT_NAME}_last.pt",
@@ -292,8 +271,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
               "'torchrun --nproc_per_node=N pytorch/train.py ...'. Training in one process now.",
               file=sys.stderr)
     info, device = D.init_distributed(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = full_device(device)
     try:
         return _train(args, info, device)
     finally:
@@ -337,7 +315,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
         best_loss = float(ckpt.get("best_loss", math.inf))
         no_improve = int(ckpt.get("num_epoch_no_improvement", 0))
     elif args.pre_path:
-        loaded = load_pretrained(model, args.pre_path, new_keys=DECODER_KEYS)
+        loaded = load_pretrained(model, args.pre_path, new_keys=DECODER_PREFIXES)
         if main_rank and args.verbose >= 1:
             print(f"initialised {len(loaded)} tensors from {args.pre_path} (decoder new)")
     if args.sync_bn and info.enabled:
@@ -346,14 +324,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
     optimizer = make_optimizer(model, args.lr, device)
     scheduler = make_scheduler(optimizer, args.lr_step, args.lr_gamma)
     if ckpt is not None:
-        try:
-            if ckpt.get("optimizer_state_dict"):
-                optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-            if ckpt.get("scheduler_state_dict"):
-                scheduler.load_state_dict(ckpt["scheduler_state_dict"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{args.resume}: optimiser/scheduler state does not fit this "
-                                  f"model ({e}); resume with the run's own settings") from e
+        load_training_state(ckpt, optimizer, scheduler, source=str(args.resume))
         rng = (ckpt.get("extra") or {}).get("torch_rng_state")
         if isinstance(rng, torch.Tensor):
             torch.set_rng_state(rng)

@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             results.update(bench_lung_test(None, a.lung_repeats, seed=a.seed))
         else:
             t = time.perf_counter()
-            if not (a.reuse and (root / "features" / INDEX_NAME).is_file()):
+            results["volumes_reused"] = a.reuse and (root / "features" / INDEX_NAME).is_file()
+            if not results["volumes_reused"]:
                 shutil.rmtree(root / "data", ignore_errors=True)
                 write_dataset(root, n_train, a.val_patients, a.shape, a.feature_dim, a.seed,
                               a.distinct_volumes)
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         print("candidate incl. memory-mapped crop: "
               f"{results['candidate_with_crop_s'] * 1e3:.3f} ms")
         print(f"volumes: {a.patients} x {tuple(a.shape)} float32 = {results['volumes_gib']:.1f} "
-              f"GiB, written in {results['write_volumes_s']:.0f} s")
+              "GiB, " + ("reused from an earlier --keep run" if results["volumes_reused"]
+                         else f"written in {results['write_volumes_s']:.0f} s"))
         print(f"end to end: C={a.classes}, {a.instances} + {a.instances_val} instances, "
               f"multi_res={not a.no_multi_res}: {results['end_to_end_s']:.1f} s, "
               f"{results['seconds_per_class']:.2f} s/class, peak RSS "

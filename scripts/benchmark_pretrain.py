@@ -270,12 +270,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 train_step(model, opt, inputs, original, labels, loss_cfg, amp)
 
             results["ours"] = time_path(ours_step, device, args.warmup, args.steps, B)
-        amp_name = str(amp).replace("torch.", "") if amp is not None else "fp32"
         del model, opt
     else:
         from pytorch.engine import resolve_amp
         amp = resolve_amp(args.amp, device)
-        amp_name = str(amp).replace("torch.", "") if amp is not None else "fp32"
+    amp_name = str(amp).replace("torch.", "") if amp is not None else "fp32"
 
     base = results.get("published", {}).get("cubes_per_s")
     for r in results.values():

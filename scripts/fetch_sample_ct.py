@@ -30,8 +30,8 @@ import subprocess
 import tarfile
 import tempfile
 
-__all__ = ["PACKAGE", "SAMPLE_FILES", "IMAGES", "LABELS", "FetchError", "default_cache_dir",
-           "verify_sample_ct", "fetch_sample_ct", "main"]
+__all__ = ["PACKAGE", "SAMPLE_FILES", "IMAGES", "LABELS", "FetchError", "DownloadError",
+           "default_cache_dir", "verify_sample_ct", "fetch_sample_ct", "main"]
 
 PACKAGE = "pyradiomics==3.0.1"
 #: name -> (size in bytes, sha256, image size (x, y, z)), recorded from the first fetch.
@@ -51,6 +51,11 @@ LABELS = ("lung1_label.nrrd", "lung2_label.nrrd")
 
 class FetchError(RuntimeError):
     """The sample CTs could not be downloaded or verified; the message says why."""
+
+
+class DownloadError(FetchError):
+    """``pip download`` of the sdist failed (index unreachable, timeout, no pip/numpy): the
+    files are unavailable here, as opposed to present but wrong."""
 
 
 def default_cache_dir() -> Path:
@@ -112,24 +117,24 @@ def _extract(tarball: Path, dest: Path) -> None:
 def _pip_download(tmp: Path, timeout: float) -> Path:
     """``pip download`` the sdist into ``tmp``; return the tarball path."""
     if _missing("numpy"):
-        raise FetchError(f"pip needs numpy installed to prepare {PACKAGE}'s metadata: "
-                         "pip install numpy")
+        raise DownloadError(f"pip needs numpy installed to prepare {PACKAGE}'s metadata: "
+                            "pip install numpy")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
            "--no-binary", ":all:", "--disable-pip-version-check", "--retries", "2",
            "--timeout", "30", "-d", str(tmp), PACKAGE]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        raise FetchError(f"pip download {PACKAGE} took longer than {timeout:.0f}s "
-                         "(is the package index reachable?)") from e
+        raise DownloadError(f"pip download {PACKAGE} took longer than {timeout:.0f}s "
+                            "(is the package index reachable?)") from e
     except OSError as e:
-        raise FetchError(f"cannot run pip ({e})") from e
+        raise DownloadError(f"cannot run pip ({e})") from e
     tars = sorted(tmp.glob("pyradiomics-3.0.1*.tar.gz"))
     if res.returncode != 0 or not tars:
         tail = " | ".join((res.stderr or res.stdout).strip().splitlines()[-3:])
-        raise FetchError(f"pip download {PACKAGE} failed (rc {res.returncode}): {tail} -- is the "
-                         "package index reachable, and are numpy, setuptools and wheel installed? "
-                         "(or pass --tarball to a downloaded sdist)")
+        raise DownloadError(f"pip download {PACKAGE} failed (rc {res.returncode}): {tail} -- is "
+                            "the package index reachable, and are numpy, setuptools and wheel "
+                            "installed? (or pass --tarball to a downloaded sdist)")
     return tars[0]
 
 

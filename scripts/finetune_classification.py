@@ -32,7 +32,6 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -45,12 +44,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from models.targets import build_classifier
 from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, make_output_dir,
                             resolve_device, save_json_atomic, seed_everything, write_run_config)
-from scripts.finetune_common import (add_model_flags, add_optimizer_flags, make_optimizer,
-                                     restore_state)
+from scripts.finetune_common import (add_model_flags, add_optimizer_flags, load_best,
+                                     make_optimizer, restore_state, save_epoch)
 
 __all__ = ["CubeSet", "load_cubes", "load_labels", "load_class_folders", "split_stratified",
            "classification_metrics", "build_parser", "run", "main"]
@@ -135,7 +133,7 @@ def _open_cubes(path: Path) -> np.ndarray:
     step = max(1, arr.shape[0] // 8)
     probe = np.asarray(arr[::step])
     lo, hi = float(probe.min()), float(probe.max())
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -0.05 or hi > 1.05:
+    if lo < -0.05 or hi > 1.05:  # NaN / inf were rejected above
         raise InputError(f"{path}: values in [{lo:.4g}, {hi:.4g}], expected [0, 1]; clip CT to "
                          "[-1000, 1000] HU and scale to [0, 1] (scripts/ct_io.normalize_hu)")
     return arr
@@ -412,8 +410,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = make_optimizer(params, args.optimizer, args.lr, args.weight_decay)
 
     state = restore_state(args.resume, model, optimizer, out)
-    history, start_epoch, no_improve = state.history, state.start_epoch, state.no_improve
-    best_value, best_epoch, best_val = state.best_value, state.best_epoch, state.best_val
 
     pin = device.type == "cuda"
     workers = max(0, args.num_workers)
@@ -431,11 +427,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_run_config(args, out)
     writer = SummaryWriter(str(out / "tensorboard"))
     model_config = {"width": args.width, "n_class": n_out, "norm": args.norm, "in_channels": 1}
-    better = (lambda a, b: a < b - 1e-6) if args.monitor == "loss" else (lambda a, b: a > b + 1e-6)
     stopped_early = False
     t0 = time.time()
     try:
-        for epoch in range(start_epoch, args.nb_epoch):
+        for epoch in range(state.start_epoch, args.nb_epoch):
             model.train()
             if args.freeze_encoder:
                 model.base_model.eval()  # frozen: do not update its BatchNorm running statistics
@@ -455,26 +450,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": v["loss"],
                    "val_auc": v["auc"], "val_accuracy": v["accuracy"],
                    "lr": optimizer.param_groups[0]["lr"]}
-            history.append(row)
+            state.history.append(row)
             writer.add_scalar("loss/train", train_loss, epoch + 1)
             writer.add_scalar("loss/val", v["loss"], epoch + 1)
             writer.add_scalar("val/accuracy", v["accuracy"], epoch + 1)
             if v["auc"] is not None:
                 writer.add_scalar("val/auc", v["auc"], epoch + 1)
             current = v["loss"] if args.monitor == "loss" else (v["auc"] if v["auc"] is not None else -v["loss"])
-            if best_value is None or better(current, best_value):
-                best_value, best_epoch, best_val, no_improve = current, epoch + 1, v, 0
-                save_checkpoint(out / "best.pt", model, optimizer=optimizer, epoch=epoch + 1,
-                                best_loss=v["loss"], num_epoch_no_improvement=0,
-                                arch="TargetClassifier", model_config=model_config, config=vars(args),
-                                extra={"classes": class_names, "loss": loss, "val": v})
-            else:
-                no_improve += 1
-            save_checkpoint(out / "last.pt", model, optimizer=optimizer, epoch=epoch + 1,
-                            best_loss=best_val.get("loss", math.inf), num_epoch_no_improvement=no_improve,
-                            arch="TargetClassifier", model_config=model_config, config=vars(args),
-                            extra={"history": history, "best_value": best_value,
-                                   "best_epoch": best_epoch, "best_val": best_val})
+            save_epoch(state, epoch + 1, current, v, higher_is_better=args.monitor != "loss",
+                       output_dir=out, model=model, optimizer=optimizer, arch="TargetClassifier",
+                       model_config=model_config, config=vars(args),
+                       best_extra={"classes": class_names, "loss": loss, "val": v})
+            no_improve = state.no_improve
             if not args.quiet:
                 auc = "n/a" if v["auc"] is None else f"{v['auc']:.4f}"
                 print(f"epoch {epoch + 1}: train_loss {train_loss:.4f} val_loss {v['loss']:.4f} "
@@ -490,20 +477,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "task": "classification", "weights": args.weights, "init": "pretrained" if args.weights else "scratch",
         "loaded_keys": len(loaded), "classes": class_names, "loss": loss,
         "n_train": len(train), "n_val": len(val), "n_test": len(test) if test is not None else 0,
-        "best_epoch": best_epoch, "epochs_run": len(history), "stopped_early": stopped_early,
-        "monitor": args.monitor, "val": best_val, "history": history,
-        "seconds": time.time() - t0,
+        "best_epoch": state.best_epoch, "epochs_run": len(state.history),
+        "stopped_early": stopped_early, "monitor": args.monitor, "val": state.best_val,
+        "history": state.history, "seconds": time.time() - t0,
     }
     if test is not None:
-        ckpt = load_checkpoint(out / "best.pt")
-        load_state_dict_checked(model, ckpt["state_dict"], source=str(out / "best.pt"))
+        load_best(model, out)
         test_loader = DataLoader(CubeDataset(test), **eval_kw)
         metrics["test"] = evaluate(model, test_loader, loss, device)
     save_json_atomic(out / "metrics.json", metrics)
     if not args.quiet:
-        summary = metrics.get("test", best_val)
+        summary = metrics.get("test", state.best_val)
         auc = "n/a" if summary.get("auc") is None else f"{summary['auc']:.4f}"
-        print(f"best epoch {best_epoch}; {'test' if test is not None else 'val'} AUC {auc} "
+        print(f"best epoch {state.best_epoch}; {'test' if test is not None else 'val'} AUC {auc} "
               f"accuracy {summary.get('accuracy', float('nan')):.4f}; wrote {out / 'metrics.json'}")
     return metrics
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.checkpoint import load_checkpoint, load_state_dict_checked
+from models.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 
 __all__ = ["add_model_flags", "add_optimizer_flags", "make_optimizer", "FinetuneState",
-           "restore_state"]
+           "restore_state", "save_epoch", "load_best"]
 
 
 def add_model_flags(ap: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -80,3 +81,38 @@ def restore_state(resume: str | None, model: nn.Module, optimizer: torch.optim.O
                          no_improve=int(ckpt.get("num_epoch_no_improvement", 0)),
                          history=list(extra.get("history", [])),
                          best_val=dict(extra.get("best_val", {})))
+
+
+def save_epoch(state: FinetuneState, epoch: int, current: float, val: dict[str, Any], *,
+               higher_is_better: bool, output_dir: Path, model: nn.Module,
+               optimizer: torch.optim.Optimizer, arch: str, model_config: dict[str, Any],
+               config: dict[str, Any], best_extra: dict[str, Any]) -> bool:
+    """Book-keeping after validating ``epoch`` (1-based); returns whether it improved.
+
+    ``current`` (the monitored value) improves on ``state.best_value`` by more than 1e-6 ->
+    ``best.pt`` (``extra=best_extra``) and the counter resets, else ``state.no_improve`` grows.
+    ``last.pt`` is written every epoch with what :func:`restore_state` reads back.
+    """
+    best = state.best_value
+    improved = best is None or (current > best + 1e-6 if higher_is_better
+                                else current < best - 1e-6)
+    common = dict(optimizer=optimizer, epoch=epoch, arch=arch, model_config=model_config,
+                  config=config)
+    if improved:
+        state.best_value, state.best_epoch, state.best_val = current, epoch, val
+        state.no_improve = 0
+        save_checkpoint(output_dir / "best.pt", model, best_loss=val["loss"],
+                        num_epoch_no_improvement=0, extra=best_extra, **common)
+    else:
+        state.no_improve += 1
+    save_checkpoint(output_dir / "last.pt", model, best_loss=state.best_val.get("loss", math.inf),
+                    num_epoch_no_improvement=state.no_improve,
+                    extra={"history": state.history, "best_value": state.best_value,
+                           "best_epoch": state.best_epoch, "best_val": state.best_val}, **common)
+    return improved
+
+
+def load_best(model: nn.Module, output_dir: Path) -> None:
+    """Put the weights of ``output_dir/best.pt`` back into ``model`` (for the test evaluation)."""
+    ckpt = load_checkpoint(output_dir / "best.pt")
+    load_state_dict_checked(model, ckpt["state_dict"], source=str(output_dir / "best.pt"))

@@ -34,7 +34,6 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 
 import argparse
 import itertools
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -47,14 +46,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from models.targets import bce_dice_loss, binary_dice_iou, build_segmentation_model, dice_coef_loss
 from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, make_output_dir,
                             resolve_device, save_json_atomic, save_npy_atomic, seed_everything,
                             write_run_config)
 from scripts.ct_io import CTReadError, find_ct_inputs, normalize_hu, read_ct, volume_stem
-from scripts.finetune_common import (add_model_flags, add_optimizer_flags, make_optimizer,
-                                     restore_state)
+from scripts.finetune_common import (add_model_flags, add_optimizer_flags, load_best,
+                                     make_optimizer, restore_state, save_epoch)
 
 __all__ = ["Case", "list_volumes", "load_cases", "sample_crop", "CropDataset",
            "sliding_window_predict", "evaluate_cases", "build_parser", "run", "main"]
@@ -114,7 +112,7 @@ def _read(item: dict[str, Any], is_mask: bool) -> tuple[np.ndarray, dict[str, An
                 raise InputError(f"{path}: NaN or inf in {int((~np.isfinite(arr)).sum())} voxel(s); "
                                  "re-create the volume (or give the HU volume in a SimpleITK format)")
             lo, hi = float(arr.min()), float(arr.max())
-            if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -0.05 or hi > 1.05:
+            if lo < -0.05 or hi > 1.05:  # NaN / inf were rejected above
                 raise InputError(f"{path}: .npy image values in [{lo:.4g}, {hi:.4g}], expected [0, 1]; "
                                  "clip HU to [-1000, 1000] and scale to [0, 1], or give the HU volume "
                                  "in a SimpleITK format (.nii.gz, .nrrd, .mhd)")
@@ -420,8 +418,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     criterion = dice_coef_loss if args.loss == "dice" else bce_dice_loss
 
     state = restore_state(args.resume, model, optimizer, out)
-    history, start_epoch, no_improve = state.history, state.start_epoch, state.no_improve
-    best_value, best_epoch, best_val = state.best_value, state.best_epoch, state.best_val
 
     workers = max(0, args.num_workers)
     train_ds = CropDataset(train, crop, args.steps_per_epoch * args.batch_size, args.foreground_prob,
@@ -435,11 +431,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_run_config(args, out)
     writer = SummaryWriter(str(out / "tensorboard"))
     model_config = {"width": args.width, "n_class": 1, "norm": args.norm, "in_channels": 1}
-    better = (lambda a, b: a > b + 1e-6) if args.monitor == "dice" else (lambda a, b: a < b - 1e-6)
     stopped_early = False
     t0 = time.time()
     try:
-        for epoch in range(start_epoch, args.nb_epoch):
+        for epoch in range(state.start_epoch, args.nb_epoch):
             model.train()
             train_ds.epoch = epoch
             total = 0.0
@@ -458,23 +453,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             writer.add_image("val/image_mask_probability", preview[0], epoch + 1, dataformats="HW")
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": v["loss"],
                    "val_dice": v["dice"], "val_iou": v["iou"], "lr": optimizer.param_groups[0]["lr"]}
-            history.append(row)
+            state.history.append(row)
             for key, value in (("loss/train", train_loss), ("loss/val", v["loss"]),
                                ("val/dice", v["dice"]), ("val/iou", v["iou"])):
                 writer.add_scalar(key, value, epoch + 1)
             current = v["dice"] if args.monitor == "dice" else v["loss"]
-            if best_value is None or better(current, best_value):
-                best_value, best_epoch, best_val, no_improve = current, epoch + 1, v, 0
-                save_checkpoint(out / "best.pt", model, optimizer=optimizer, epoch=epoch + 1,
-                                best_loss=v["loss"], num_epoch_no_improvement=0, arch="UNet3D",
-                                model_config=model_config, config=vars(args), extra={"val": v})
-            else:
-                no_improve += 1
-            save_checkpoint(out / "last.pt", model, optimizer=optimizer, epoch=epoch + 1,
-                            best_loss=best_val.get("loss", math.inf), num_epoch_no_improvement=no_improve,
-                            arch="UNet3D", model_config=model_config, config=vars(args),
-                            extra={"history": history, "best_value": best_value,
-                                   "best_epoch": best_epoch, "best_val": best_val})
+            save_epoch(state, epoch + 1, current, v, higher_is_better=args.monitor == "dice",
+                       output_dir=out, model=model, optimizer=optimizer, arch="UNet3D",
+                       model_config=model_config, config=vars(args), best_extra={"val": v})
+            no_improve = state.no_improve
             if not args.quiet:
                 print(f"epoch {epoch + 1}: train_loss {train_loss:.4f} val_dice {v['dice']:.4f} "
                       f"val_iou {v['iou']:.4f}"
@@ -490,19 +477,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loaded_keys": len(loaded), "n_train": len(train), "n_val": len(val),
         "n_test": len(test) if test is not None else 0,
         "train_cases": [c.name for c in train], "val_cases": [c.name for c in val],
-        "best_epoch": best_epoch, "epochs_run": len(history), "stopped_early": stopped_early,
-        "monitor": args.monitor, "val": best_val, "history": history, "seconds": time.time() - t0,
+        "best_epoch": state.best_epoch, "epochs_run": len(state.history),
+        "stopped_early": stopped_early, "monitor": args.monitor, "val": state.best_val,
+        "history": state.history, "seconds": time.time() - t0,
     }
     if test is not None:
-        ckpt = load_checkpoint(out / "best.pt")
-        load_state_dict_checked(model, ckpt["state_dict"], source=str(out / "best.pt"))
+        load_best(model, out)
         metrics["test"] = evaluate_cases(model, test, crop, args.overlap, args.batch_size, device,
                                          out / "predictions" if args.save_predictions else None)
     save_json_atomic(out / "metrics.json", metrics)
     if not args.quiet:
-        s = metrics.get("test", best_val)
-        print(f"best epoch {best_epoch}; {'test' if test is not None else 'val'} Dice {s.get('dice', float('nan')):.4f} "
-              f"IoU {s.get('iou', float('nan')):.4f}; wrote {out / 'metrics.json'}")
+        s = metrics.get("test", state.best_val)
+        print(f"best epoch {state.best_epoch}; {'test' if test is not None else 'val'} "
+              f"Dice {s.get('dice', float('nan')):.4f} IoU {s.get('iou', float('nan')):.4f}; "
+              f"wrote {out / 'metrics.json'}")
     return metrics
 
 

@@ -34,6 +34,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from scripts.ct_io import normalize_hu
+
 __all__ = ["HU_AIR", "HU_LUNG", "HU_FAT", "HU_SOFT", "HU_BONE", "DEFAULT_SPACING",
            "make_chest_phantom", "phantom_lung_mask", "write_volume", "write_phantom_dataset",
            "make_nodule_cubes", "PHANTOM_FORMATS", "main"]
@@ -343,6 +345,8 @@ def write_phantom_dataset(out_dir: str | os.PathLike, n: int, shape: Sequence[in
     ``overwrite=False`` keeps patients whose image already exists (re-runs are cheap).
     Returns the image paths (files, or series folders for ``dicom``).
     """
+    from pytorch.common import save_npy_atomic
+
     if fmt not in PHANTOM_FORMATS:
         raise ValueError(f"fmt must be one of {PHANTOM_FORMATS}, got {fmt!r}")
     out = Path(out_dir)
@@ -356,10 +360,7 @@ def write_phantom_dataset(out_dir: str | os.PathLike, n: int, shape: Sequence[in
             continue
         hu, mask = make_chest_phantom(shape, seed=int(seed) + i, spacing=spacing, nodules=nodules)
         if fmt == "npy":
-            from pytorch.common import save_npy_atomic
-
-            vol = ((np.clip(hu, -1000, 1000) + 1000.0) / 2000.0).astype(np.float32)
-            paths.append(save_npy_atomic(out / f"{name}.npy", vol))
+            paths.append(save_npy_atomic(out / f"{name}.npy", normalize_hu(hu)))
         elif fmt == "dicom":
             paths.append(_write_dicom_series(hu, spacing, out / name, name, int(seed) + i))
         else:
@@ -368,8 +369,6 @@ def write_phantom_dataset(out_dir: str | os.PathLike, n: int, shape: Sequence[in
             mext = {"npy": "npy", "dicom": "nrrd"}.get(fmt, fmt)
             mpath = Path(mask_dir) / f"{name}_label.{mext}"
             if mext == "npy":
-                from pytorch.common import save_npy_atomic
-
                 save_npy_atomic(mpath, mask)
             else:
                 write_volume(mpath, mask, spacing)
@@ -411,7 +410,7 @@ def make_nodule_cubes(n: int, size: Sequence[int] = (64, 64, 32), seed: int = 0,
                 gx, gy, gz = np.ogrid[: size[0], : size[1], : size[2]]
                 d = (gx - ctr[0]) ** 2 + (gy - ctr[1]) ** 2 + ((gz - ctr[2]) * 2.0) ** 2
                 crop[d <= r * r] = rng.uniform(20.0, 60.0) + rng.normal(0, 15.0, int((d <= r * r).sum()))
-            cubes[i] = (np.clip(crop, -1000, 1000) + 1000.0) / 2000.0
+            cubes[i] = normalize_hu(crop)
     return cubes, labels
 
 

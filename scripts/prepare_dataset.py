@@ -37,7 +37,7 @@ from tqdm import tqdm
 from pytorch.common import (HelpFormatter, InputError, atomic_path, call_reporting_errors,
                             save_json_atomic, save_npy_atomic)
 from scripts.ct_io import (CTReadError, find_ct_inputs, normalize_hu, read_ct, resample,
-                           volume_stem)
+                           volume_stem, volume_suffix)
 
 __all__ = ["build_parser", "prepare_dataset", "check_ct_range", "patient_name", "main"]
 
@@ -156,8 +156,7 @@ def _read_item(item: dict[str, Any], args: argparse.Namespace
         return normalize_hu(vol, args.hu_min, args.hu_max), facts
 
     hu, spacing, meta = read_ct(path, item.get("files"), reorient=not args.no_reorient)
-    facts = {"format": "dicom" if item["kind"] == "dicom" else path.name[len(volume_stem(path)):]
-             .lstrip(".").lower(),
+    facts = {"format": "dicom" if item["kind"] == "dicom" else volume_suffix(path).lstrip("."),
              "original_shape": list(hu.shape), "original_spacing": list(spacing),
              "orientation": meta.get("original_orientation", ""),
              "source_hu_min": float(hu.min()), "source_hu_max": float(hu.max())}
@@ -226,7 +225,9 @@ def prepare_dataset(args: argparse.Namespace) -> dict[str, Any]:
     if (out / MANIFEST_JSON).is_file():
         try:
             old = {r["patient"]: r for r in json.loads((out / MANIFEST_JSON).read_text())["volumes"]}
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"warning: {out / MANIFEST_JSON} is unreadable ({e!r}); it is rebuilt from the "
+                  "volumes processed in this run", file=sys.stderr)
             old = {}
 
     # 3. split the new patients (existing ones keep their split)

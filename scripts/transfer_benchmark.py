@@ -96,7 +96,8 @@ def summarize(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[
             row: dict[str, Any] = {"task": task, "metric": label}
             for init in ("scratch", "pretrained"):
                 vals = [100.0 * r[key] if r.get(key) is not None else float("nan") for r in by_init.get(init, [])]
-                row[init] = {"values": vals, "mean": _mean_std(vals)[0], "std": _mean_std(vals)[1]}
+                mean, std = _mean_std(vals)
+                row[init] = {"values": vals, "mean": mean, "std": std}
             rows.append(row)
     return rows
 

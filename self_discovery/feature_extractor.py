@@ -32,19 +32,19 @@ import argparse
 import json
 import os
 import warnings
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from models.checkpoint import load_checkpoint, load_state_dict_checked
+from models.checkpoint import DECODER_PREFIXES, load_checkpoint, load_state_dict_checked
 from models.ynet3d import UNet3D
 from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, resolve_device,
                             save_json_atomic, save_npy_atomic, write_run_config)
-from pytorch.distributed import (DistInfo, all_gather_objects, barrier, cleanup_distributed,
-                                 init_distributed, shard_indices)
+from pytorch.distributed import (DistInfo, all_gather_objects, barrier, distributed_session,
+                                 is_main, shard_indices)
+from pytorch.engine import autocast, resolve_amp
 from self_discovery.volumes import SPLITS, ResizedVolumeDataset, list_volumes
 
 __all__ = ["TRAIN_NAME", "VAL_NAME", "INDEX_NAME", "build_parser", "resolve_weights",
@@ -54,7 +54,6 @@ TRAIN_NAME = "train_features.npy"
 VAL_NAME = "validation_features.npy"
 INDEX_NAME = "features_index.json"
 DEFAULT_WEIGHTS = "self_discovery/Checkpoints/Autoencoder/Unet_autoencoder.pt"
-_DECODER_PREFIXES = ["up_tr256", "up_tr128", "up_tr64", "out_tr"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,8 +115,8 @@ def load_encoder(weights: str | os.PathLike, width: int = 32, decoder: str = "up
     model = UNet3D(n_class=cfg["n_class"], width=cfg["width"], decoder=cfg["decoder"],
                    norm=cfg["norm"])
     load_state_dict_checked(model, ckpt["state_dict"], source=str(path),
-                            new_keys=_DECODER_PREFIXES,
-                            ignore_unexpected=_DECODER_PREFIXES + ["clc_out"])
+                            new_keys=DECODER_PREFIXES,
+                            ignore_unexpected=(*DECODER_PREFIXES, "clc_out"))
     return model.to(device).eval(), cfg
 
 
@@ -142,8 +141,7 @@ def extract_features(model: UNet3D, dataset: ResizedVolumeDataset | Subset, batc
                         pin_memory=device.type == "cuda")
     feats: list[torch.Tensor] = []
     order: list[int] = []
-    ctx = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-           if amp and device.type == "cuda" else nullcontext())
+    ctx = autocast(device, resolve_amp("auto" if amp else "fp32", device))  # bf16 on CUDA only
     for x, idx in tqdm(loader, desc=desc, disable=None if progress else True):
         x = x.to(device, non_blocking=True)                       # (B, 1, X, Y, Z)
         with ctx:
@@ -158,7 +156,7 @@ def extract_features(model: UNet3D, dataset: ResizedVolumeDataset | Subset, batc
 def _gather_in_order(feats: np.ndarray, order: list[int], n: int, dim: int) -> np.ndarray | None:
     """Collect every rank's rows; rank 0 gets (n, dim) in file order, the others None."""
     parts = all_gather_objects((feats, order))
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if is_main():
         full = np.full((n, dim), np.nan, np.float32)
         for part_feats, part_order in parts:
             if len(part_order):
@@ -177,14 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                          "positive multiple of 8")
     if args.batch_size <= 0 or args.num_workers < 0:
         raise InputError("--batch_size must be positive and --num_workers >= 0")
-    device = resolve_device(args.device)
-    was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-    info, device = init_distributed(device)
-    try:
+    with distributed_session(resolve_device(args.device)) as (info, device):
         return _run(args, info, device, size)
-    finally:
-        if not was_initialised:
-            cleanup_distributed()
 
 
 def _run(args: argparse.Namespace, info: DistInfo, device: torch.device,

@@ -72,6 +72,7 @@ from tqdm import tqdm
 from pytorch.common import (HelpFormatter, InputError, atomic_path, call_reporting_errors,
                             make_output_dir, middle_slice_grid, save_npy_atomic, save_png,
                             write_run_config)
+from pytorch.data import CLASSES_PER_BLOCK, fold_file_names  # the reader's names: one contract
 from self_discovery.volumes import open_volume
 
 __all__ = ["LUNG_HU", "CLASSES_PER_FILE", "CSV_COLUMNS", "lung_test_weight_sum",
@@ -81,8 +82,8 @@ __all__ = ["LUNG_HU", "CLASSES_PER_FILE", "CSV_COLUMNS", "lung_test_weight_sum",
 
 #: The lung test counts voxels at or above this HU value (soft tissue); -150 HU = 0.425 in [0, 1].
 LUNG_HU = -150.0
-#: Classes per group of fold files (the reference's block of 50).
-CLASSES_PER_FILE = 50
+#: Classes per group of fold files (the reference's block of 50; what pytorch/train.py reads).
+CLASSES_PER_FILE = CLASSES_PER_BLOCK
 #: Multi-resolution crops are shifted by dx, dy uniform in [-MULTI_RES_SHIFT, MULTI_RES_SHIFT).
 MULTI_RES_SHIFT = 10
 #: Redraws of a multi-resolution crop before it is clamped into the volume instead.
@@ -176,12 +177,6 @@ def resize_cube(crop: np.ndarray, size: Sequence[int]) -> np.ndarray:
         a, b = np.take(out, i0, axis=axis), np.take(out, i1, axis=axis)
         out = a * (1 - f) + b * f
     return np.ascontiguousarray(out)
-
-
-def fold_file_names(split: str, resolution: int, k: int) -> tuple[str, str]:
-    """(data, label) file names of block ``k`` (1-based); ``split`` is "train" or "val"."""
-    return (f"{split}_data{resolution}_vwGen_ex_ref_fold{k}.0.npy",
-            f"{split}_label{resolution}_vwGen_ex_ref_fold{k}.0.npy")
 
 
 @dataclass(frozen=True)
@@ -632,6 +627,12 @@ def _same_cube_config(a: argparse.Namespace, save: Path) -> bool:
     return all(old.get(k) == getattr(a, k) for k in _CUBE_FLAGS)
 
 
+def _block_labels(first: int, n_cls: int, per_class: int) -> np.ndarray:
+    """Class indices of a block's rows: ``first`` .. ``first + n_cls - 1``, each ``per_class``
+    times (cubes of one class are contiguous), int64 (n_cls * per_class,)."""
+    return np.repeat(np.arange(first, first + n_cls, dtype=np.int64), per_class)
+
+
 def _block_complete(save: Path, k: int, keys: list[tuple[str, str, int]], counts: dict,
                     first: int, n_cls: int, cube: tuple[int, int, int]) -> bool:
     """True when every file of block ``k`` exists with the rows and labels of its classes."""
@@ -643,7 +644,7 @@ def _block_complete(save: Path, k: int, keys: list[tuple[str, str, int]], counts
             labels = np.load(save / label_name)
         except (OSError, ValueError):
             return False
-        want = np.repeat(np.arange(first, first + n_cls, dtype=np.int64), counts[split])
+        want = _block_labels(first, n_cls, counts[split])
         if data.shape != (n, *cube) or data.dtype != np.float32 or labels.shape != (n, 1) \
                 or not np.array_equal(labels[:, 0], want):
             return False
@@ -690,8 +691,7 @@ class _BlockFiles:
         if exc_type is None:
             for split, prefix, res in self.keys:
                 _, label_name = fold_file_names(prefix, res, self.k)
-                labels = np.repeat(np.arange(self.first, self.first + self.n_cls,
-                                             dtype=np.int64), self.counts[split])
+                labels = _block_labels(self.first, self.n_cls, self.counts[split])
                 save_npy_atomic(self.save / label_name, labels.reshape(-1, 1))
         for ctx in reversed(self._ctx):
             ctx.__exit__(exc_type, exc, tb)  # renames on success, removes the temp on error

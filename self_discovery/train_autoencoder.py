@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 import argparse
 import math
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -37,12 +37,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from models.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from models.checkpoint import (load_checkpoint, load_state_dict_checked, load_training_state,
+                               save_checkpoint)
 from models.ynet3d import UNet3D
-from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, make_output_dir,
-                            middle_slice_grid, resolve_device, seed_everything, write_run_config)
+from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, early_stopping_update,
+                            make_output_dir, middle_slice_grid, resolve_device, seed_everything,
+                            summary_writer, write_run_config)
 from pytorch.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object,
-                                 cleanup_distributed, init_distributed, shard_indices)
+                                 distributed_session, shard_indices)
+from pytorch.engine import autocast, resolve_amp
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes
 
 __all__ = ["BEST_NAME", "LAST_NAME", "ARCH", "build_parser", "build_model", "model_config",
@@ -127,9 +130,8 @@ def build_model(width: int = 32, decoder: str = "upsampling", norm: str = NORM) 
 
 
 def _autocast(device: torch.device, amp: bool) -> AbstractContextManager:
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 autocast on CUDA when ``amp`` (``--amp``), a no-op otherwise."""
+    return autocast(device, resolve_amp("auto" if amp else "fp32", device))
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
@@ -166,9 +168,12 @@ def _resume_path(args: argparse.Namespace) -> Path | None:
     return Path(args.checkpoint_dir) / LAST_NAME if args.resume == "auto" else Path(args.resume)
 
 
-def _loader(ds: ResizedVolumeDataset, sampler, batch_size: int, workers: int,
+def _loader(ds: ResizedVolumeDataset | Subset, sampler, batch_size: int, workers: int,
             device: torch.device) -> DataLoader:
-    workers = 0 if ds.preloaded else workers
+    """DataLoader over ``ds`` in ``sampler`` order (None: file order); no workers once the
+    volumes are preloaded (``--cache``)."""
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    workers = 0 if base.preloaded else workers
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                       drop_last=False)
@@ -181,14 +186,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     "best_loss", "epoch", "best_path", "last_path"}`` (the history of this invocation only).
     """
     _check_args(args)
-    device = resolve_device(args.device)
-    was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-    info, device = init_distributed(device)
-    try:
+    with distributed_session(resolve_device(args.device)) as (info, device):
         return _train(args, info, device)
-    finally:
-        if not was_initialised:
-            cleanup_distributed()
 
 
 def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> dict[str, Any]:
@@ -224,10 +223,7 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
                 raise InputError(f"{resume}: made with --{key} {cfg[key]}, this run has "
                                  f"--{key} {getattr(args, key)}; use the same value to resume")
         load_state_dict_checked(model, ckpt["state_dict"], source=str(resume))
-        if ckpt.get("optimizer_state_dict"):
-            optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-        if ckpt.get("scheduler_state_dict"):
-            scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+        load_training_state(ckpt, optimizer, scheduler, source=str(resume))
         start_epoch = int(ckpt.get("epoch", 0))
         best_loss = float(ckpt.get("best_loss", math.inf))
         no_improve = int(ckpt.get("num_epoch_no_improvement", 0))
@@ -255,15 +251,11 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
                                        shuffle=True, seed=args.seed, drop_last=False)
     train_loader = _loader(train_ds, train_sampler, args.batch_size, args.num_workers, device)
     val_part = Subset(val_ds, shard_indices(len(val_ds), info.rank, info.world_size))
-    val_loader = DataLoader(val_part, batch_size=args.batch_size, shuffle=False,
-                            num_workers=0 if val_ds.preloaded else args.num_workers,
-                            pin_memory=device.type == "cuda",
-                            persistent_workers=args.num_workers > 0 and not val_ds.preloaded)
+    val_loader = _loader(val_part, None, args.batch_size, args.num_workers, device)
 
     writer = None
     if main_rank:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=str(make_output_dir(args.log_dir, "--log_dir")))
+        writer = summary_writer(args.log_dir, "--log_dir")
         run_cfg = dict(vars(args), resolved_device=str(device), world_size=info.world_size,
                        n_train=len(train_files), n_val=len(val_files))
         make_output_dir(ckpt_dir, "--checkpoint_dir")
@@ -320,14 +312,10 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
             old_lr = optimizer.param_groups[0]["lr"]
             scheduler.step(val_loss)
             lr = optimizer.param_groups[0]["lr"]
-            improved = val_loss < best_loss
-            if improved:
-                best_loss, no_improve = val_loss, 0
-            else:
-                no_improve += 1
+            improved, best_loss, no_improve, stop = early_stopping_update(
+                val_loss, best_loss, no_improve, args.patience)
             decision = {"lr": lr, "improved": improved, "best_loss": best_loss,
-                        "no_improve": no_improve, "stop": no_improve >= args.patience,
-                        "sched": scheduler.state_dict()}
+                        "no_improve": no_improve, "stop": stop, "sched": scheduler.state_dict()}
             if args.verbose >= 2 and lr != old_lr:
                 say(f"learning rate {old_lr:.2e} -> {lr:.2e}")
         decision = broadcast_object(decision)

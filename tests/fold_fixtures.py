@@ -3,7 +3,11 @@
 ``make_fold_files(folder, classes=3, instances=4, val_instances=2, shape=SHAPE)`` writes
 ``train_data{1..R}_vwGen_ex_ref_fold{k}.0.npy`` / labels and ``val_*1`` for every block of 50
 classes, each class a learnable pattern (a bright blob at a class-specific place on a noisy
-background), values in [0, 1]. ``TRAIN_ARGS`` are the matching ``pytorch/train.py`` flags.
+background), values in [0, 1]. ``train_args`` gives the matching ``pytorch/train.py`` flags.
+
+``make_volume_dataset(root, n_train=4, n_val=2, shape=(40, 40, 24), seed=0)`` writes prepared
+volumes ``root/{train,validation}/patient_{i:03d}.npy`` (smooth random, float32 in [0, 1]) for
+the self-discovery stages.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from pytorch.data import CLASSES_PER_BLOCK, fold_file_names
 
@@ -69,3 +74,17 @@ def train_args(data_dir: str | Path, out: str | Path, classes: int = 3, instance
             "--nb_epoch", str(epochs), "--batch_size", str(batch_size), "--device", "cpu",
             "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "runs"),
             "--verbose", "1", "--nb_preview", "2"]
+
+
+def make_volume_dataset(root: str | Path, n_train: int = 4, n_val: int = 2,
+                        shape: tuple[int, int, int] = (40, 40, 24), seed: int = 0) -> Path:
+    """Smooth random volumes in [0, 1], float32, under root/train and root/validation."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("validation", n_val)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            v = ndimage.gaussian_filter(rng.random(shape), 3)
+            v = (v - v.min()) / (v.max() - v.min())
+            np.save(root / split / f"patient_{i:03d}.npy", v.astype(np.float32))
+    return root

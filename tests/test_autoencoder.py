@@ -7,27 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 
 from models.checkpoint import load_checkpoint
 from self_discovery import train_autoencoder as ta
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes, load_resized
+from tests.fold_fixtures import make_volume_dataset as make_dataset
 
 SMALL = ["--input_rows", "32", "--input_cols", "32", "--input_deps", "16", "--width", "4",
          "--batch_size", "2", "--num_workers", "0", "--device", "cpu", "--verbose", "0"]
-
-
-def make_dataset(root: Path, n_train: int = 4, n_val: int = 2, shape=(40, 40, 24),
-                 seed: int = 0) -> Path:
-    """Smooth random volumes in [0, 1], float32, under root/train and root/validation."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("validation", n_val)):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            v = ndimage.gaussian_filter(rng.random(shape), 3)
-            v = (v - v.min()) / (v.max() - v.min())
-            np.save(root / split / f"patient_{i:03d}.npy", v.astype(np.float32))
-    return root
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:

@@ -1,4 +1,7 @@
-"""scripts/benchmark_patterns.py in a tiny configuration (no timings are asserted)."""
+"""scripts/benchmark_patterns.py in a tiny configuration (no timings are asserted).
+
+``naive_weight_sum`` is checked against the vectorised lung test in tests/test_patterns.py.
+"""
 from __future__ import annotations
 
 import json
@@ -6,13 +9,6 @@ import json
 import numpy as np
 
 from scripts import benchmark_patterns as bp
-from self_discovery.pattern_generator_3D import lung_test_weight_sum
-
-
-def test_naive_loop_equals_vectorised():
-    rng = np.random.default_rng(1)
-    w = rng.random((5, 6, 7)).astype(np.float32)
-    assert bp.naive_weight_sum(w, 4) == lung_test_weight_sum(w, 4)
 
 
 def test_synthetic_volume_has_lungs():

@@ -58,14 +58,9 @@ def junk(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory) -> Path:
-    """data_dir/{train,validation}/p*.npy, 4 + 2 random volumes in [0, 1]."""
-    root = tmp_path_factory.mktemp("vols")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("validation", 2)):
-        (root / split).mkdir()
-        for i in range(n):
-            np.save(root / split / f"p{i}.npy", rng.random(SHAPE, dtype=np.float32))
-    return root
+    """data_dir/{train,validation}/patient_*.npy, 4 + 2 volumes in [0, 1]."""
+    from tests.fold_fixtures import make_volume_dataset
+    return make_volume_dataset(tmp_path_factory.mktemp("vols"), 4, 2, SHAPE)
 
 
 # --- --help ---------------------------------------------------------------------------------

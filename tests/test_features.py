@@ -17,7 +17,7 @@ from models.checkpoint import save_checkpoint
 from pytorch.common import InputError
 from self_discovery import feature_extractor as fe
 from self_discovery import train_autoencoder as ta
-from tests.test_autoencoder import make_dataset
+from tests.fold_fixtures import make_volume_dataset as make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--input_rows", "32", "--input_cols", "32", "--input_depth", "16", "--num_workers", "0",

@@ -58,13 +58,13 @@ def volumes(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("width", [4, 8])
 def test_load_round_trips_every_model_and_width(tmp_path, width):
     torch.manual_seed(width)
-    for model in (UNet3D(width=width), YNet3D(cls_classes=3, width=width),
-                  ClassificationNet3D(cls_classes=3, width=width), Encoder3D(width=width)):
+    for make in (lambda: UNet3D(width=width), lambda: YNet3D(cls_classes=3, width=width),
+                 lambda: ClassificationNet3D(cls_classes=3, width=width),
+                 lambda: Encoder3D(width=width)):
+        model, fresh = make(), make()
         for p in model.parameters():  # make every tensor differ from a fresh model's
             p.data.normal_()
         path = save_checkpoint(tmp_path / f"{type(model).__name__}.pt", model)
-        fresh = type(model)(width=width) if isinstance(model, (UNet3D, Encoder3D)) and \
-            not isinstance(model, YNet3D) else type(model)(cls_classes=3, width=width)
         loaded = load_pretrained(fresh, path)
         assert set(loaded) == set(fresh.state_dict())
         for k, v in model.state_dict().items():

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scripts.benchmark_patterns import naive_weight_sum  # the reference's per-voxel loop
 from self_discovery import pattern_generator_3D as pg
 from self_discovery.feature_extractor import INDEX_NAME
 
@@ -90,20 +91,6 @@ def run3(dataset) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-def _slow_weight_sum(window: np.ndarray, deps: int, thr: float) -> float:
-    """The reference's per-voxel loop."""
-    total = 0.0
-    X, Y, _ = window.shape
-    for i in range(X):
-        for j in range(Y):
-            for d in range(deps):
-                for k in range(3):
-                    if window[i, j, d + k] >= thr:
-                        total += 1 - k / 2
-                        break
-    return total
-
-
 def test_lung_test_equals_slow_loop():
     rng = np.random.default_rng(0)
     for trial in range(6):
@@ -111,9 +98,9 @@ def test_lung_test_equals_slow_loop():
         window = rng.random((int(rng.integers(1, 9)), int(rng.integers(1, 9)), deps + 3))
         window = window.astype(np.float32)
         window[rng.random(window.shape) < 0.1] = 0.425  # ties count as dense
-        assert pg.lung_test_weight_sum(window, deps) == _slow_weight_sum(window, deps, 0.425)
+        assert pg.lung_test_weight_sum(window, deps) == naive_weight_sum(window, deps, 0.425)
         fast = pg.passes_lung_test(window, deps, 0.3)
-        assert fast == (_slow_weight_sum(window, deps, 0.425)
+        assert fast == (naive_weight_sum(window, deps, 0.425)
                         <= 0.3 * window.shape[0] * window.shape[1] * deps)
     lung = np.full((64, 64, 35), 0.1, np.float32)
     body = np.full((64, 64, 35), 0.55, np.float32)

@@ -185,6 +185,11 @@ def test_rerun_skips_done_and_split_is_stable(tmp_path, capsys):
     assert set(val) <= {p.name for p in (out / "validation").glob("*.npy")}
     man = _manifest(out)
     assert len(man["volumes"]) == 7 and {v["patient"] for v in man["volumes"]} >= {"late_000"}
+    # an unreadable manifest is reported and rebuilt, not silently dropped
+    (out / "manifest.json").write_text("{not json")
+    rc, log = _run(capsys, *args)
+    assert rc == 0 and "manifest.json is unreadable" in log and "7 already done" in log
+    assert len(_manifest(out)["volumes"]) == 7
     # --overwrite redoes everything
     rc, log = _run(capsys, *args, "--overwrite")
     assert rc == 0 and "7 written" in log and len(list(out.rglob("*.npy"))) == 7

@@ -96,7 +96,8 @@ def test_pipeline_end_to_end_on_tiny_phantoms(tmp_path):
                     "--batch_size", "4", "--nb_epoch", "1", "--num_workers", "0",
                     "--output_dir", str(out / "finetune"), "--quiet", *dev]) == 0
     metrics = json.loads((out / "finetune" / "metrics.json").read_text())
-    assert metrics
+    assert metrics["init"] == "pretrained" and metrics["loaded_keys"] > 0
+    assert metrics["epochs_run"] == 1 and 0.0 <= metrics["val"]["accuracy"] <= 1.0
     # TensorBoard event files of the training stages land under the outputs folder
     assert list((out / "runs").rglob("events.out.tfevents.*"))
 

@@ -3,7 +3,7 @@
 The only tests of the suite that use the network: the files are fetched once with
 ``scripts/fetch_sample_ct.py`` into the cache (``$SEMANTIC_GENESIS_CACHE/sample_ct`` or
 ``~/.cache/semantic_genesis/sample_ct``); every test here is skipped, with the reason, when
-the package index cannot be reached.
+the package index cannot be reached (a download that arrives but fails verification fails).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import SimpleITK as sitk
 
 from scripts import prepare_dataset as pd
 from scripts.ct_io import normalize_hu, read_ct
-from scripts.fetch_sample_ct import (SAMPLE_FILES, FetchError, fetch_sample_ct, link_images,
-                                     verify_sample_ct)
+from scripts.fetch_sample_ct import (SAMPLE_FILES, DownloadError, FetchError, fetch_sample_ct,
+                                     link_images, verify_sample_ct)
 from self_discovery.pattern_generator_3D import passes_lung_test
 
 # Windows [x:x+64, y:y+64, z:z+35] found by looking at the scans (no resampling):
@@ -33,7 +33,7 @@ MEDIASTINUM = {"lung1_image": (260, 260, 0), "lung2_image": (224, 224, 4)}
 def sample_dir() -> Path:
     try:
         return fetch_sample_ct(timeout=300, quiet=True)
-    except FetchError as e:
+    except DownloadError as e:  # a corrupt or changed download fails instead
         pytest.skip(f"sample CTs not available (package index unreachable?): {e}")
 
 
