@@ -9,7 +9,8 @@
 # run uses phantoms only, and says so. --input_dir uses your own scans instead.
 #
 # Default (quick): small settings that finish in minutes on a 2-core CPU (width 8,
-# autoencoder input 64x64x32, cubes 32x32x16, 4 classes x 8 instances, 2 epochs per stage).
+# autoencoder input 64x64x32, cubes 32x32x16, 4 classes x 8 instances, 2 epochs per stage;
+# the fine-tune: 96 nodule / no-nodule cubes of 64x64x32, 10 epochs; --epochs sets them all).
 # --full: the published sizes (width 32, 128x128x64 autoencoder input, 64x64x32 cubes,
 # 44 classes, batch 64, published early stopping) -- for a GPU.
 #
@@ -30,7 +31,7 @@ EPOCHS=""
 DEVICE=auto
 DRY=0
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --full) MODE=full ;;
@@ -53,9 +54,12 @@ if [[ $MODE == quick ]]; then
   AE_SIZE=(64 64 32); WIDTH=8; AE_BATCH=4
   CUBE=(32 32 16); PATCH_MIN=25; PATCH_MAX=40
   CLASSES=4; INSTANCES=8; INSTANCES_VAL=2; BORDER=40; BORDER_Z=4
-  BATCH=8; FT_CUBES=48; FT_BATCH=8
-  : "${N_PHANTOMS:=10}"; : "${EPOCHS:=2}"
-  AE_EPOCH=(--nb_epoch "$EPOCHS"); PT_EPOCH=(--nb_epoch "$EPOCHS"); FT_EPOCH=(--nb_epoch "$EPOCHS")
+  BATCH=8; FT_CUBES=96; FT_BATCH=8
+  # nodules of a few mm are only separable from vessels at the published 64x64x32 cube size
+  FT_CUBE=(64 64 32); FT_OPT=(--optimizer adam --lr 1e-3)
+  : "${N_PHANTOMS:=10}"
+  AE_EPOCH=(--nb_epoch "${EPOCHS:-2}"); PT_EPOCH=(--nb_epoch "${EPOCHS:-2}")
+  FT_EPOCH=(--nb_epoch "${EPOCHS:-10}")
 else
   SPACING=(1.0 1.0 2.5)
   PH_SHAPE=(320 320 112)
@@ -63,6 +67,7 @@ else
   CUBE=(64 64 32); PATCH_MIN=50; PATCH_MAX=80
   CLASSES=44; INSTANCES=200; INSTANCES_VAL=30; BORDER=60; BORDER_Z=10
   BATCH=64; FT_CUBES=400; FT_BATCH=16
+  FT_CUBE=(64 64 32); FT_OPT=()
   : "${N_PHANTOMS:=60}"
   if [[ -n $EPOCHS ]]; then
     AE_EPOCH=(--nb_epoch "$EPOCHS"); PT_EPOCH=(--nb_epoch "$EPOCHS"); FT_EPOCH=(--nb_epoch "$EPOCHS")
@@ -149,10 +154,10 @@ run pretrain "$PY" pytorch/train.py --data_dir "$PAT" \
 
 # ---- 6. fine-tune the pretrained encoder: nodule / no-nodule cubes -------------------------
 run nodule_cubes "$PY" scripts/phantoms.py --output_dir "$NOD" --nodule_cubes "$FT_CUBES" \
-    --cube_size "${CUBE[@]}" --seed 7
+    --cube_size "${FT_CUBE[@]}" --seed 7
 run finetune "$PY" scripts/finetune_classification.py --data "$NOD/cubes.npy" \
     --labels "$NOD/labels.npy" --weights "$PRE/semantic_genesis_chest_ct.pt" --width "$WIDTH" \
-    --batch_size "$FT_BATCH" "${FT_EPOCH[@]}" --num_workers 0 --device "$DEVICE" \
+    --batch_size "$FT_BATCH" "${FT_EPOCH[@]}" "${FT_OPT[@]}" --num_workers 0 --device "$DEVICE" \
     --output_dir "$FT"
 
 [[ $DRY == 1 ]] && exit 0
