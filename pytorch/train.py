@@ -397,8 +397,9 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
         scheduler.step()
         tr, va = summarize_stats(sums), summarize_stats(vsums)  # one host sync per epoch
         if not (math.isfinite(tr["loss"]) and math.isfinite(va["loss"])):
-            raise FloatingPointError(f"epoch {epoch + 1}: non-finite loss (train {tr['loss']}, "
-                                     f"val {va['loss']}); lower --lr or use --amp fp32")
+            # One-line error like every other stage; the previous epoch's checkpoints stay intact.
+            raise InputError(f"epoch {epoch + 1}: non-finite loss (train {tr['loss']}, "
+                             f"val {va['loss']}); lower --lr or use --amp fp32")
         # ---- decisions (rank 0, shared) ---------------------------------------------------
         decision = None
         if main_rank:
