@@ -38,7 +38,7 @@ from scripts.ct_io import normalize_hu
 
 __all__ = ["HU_AIR", "HU_LUNG", "HU_FAT", "HU_SOFT", "HU_BONE", "DEFAULT_SPACING",
            "make_chest_phantom", "phantom_lung_mask", "write_volume", "write_phantom_dataset",
-           "make_nodule_cubes", "PHANTOM_FORMATS", "main"]
+           "make_nodule_cubes", "PHANTOM_FORMATS", "build_parser", "run", "main"]
 
 HU_AIR = -1000.0
 HU_LUNG = -850.0
@@ -414,9 +414,9 @@ def make_nodule_cubes(n: int, size: Sequence[int] = (64, 64, 32), seed: int = 0,
     return cubes, labels
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: write a folder of phantom patients (for trying the pipeline without data)."""
-    from pytorch.common import HelpFormatter, InputError, make_output_dir
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python scripts/phantoms.py``."""
+    from pytorch.common import HelpFormatter
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=HelpFormatter)
@@ -440,32 +440,38 @@ def main(argv: list[str] | None = None) -> int:
                         "(N,), half with a nodule (label 1), into --output_dir, instead of volumes")
     g.add_argument("--cube_size", type=int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="size of the nodule cubes")
-    args = ap.parse_args(argv)
-    try:
-        for folder, flag in ((args.output_dir, "--output_dir"), (args.mask_dir, "--mask_dir")):
-            if folder:
-                make_output_dir(folder, flag)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.nodule_cubes > 0:
-        from pytorch.common import save_npy_atomic
+    return ap
 
+
+def run(args: argparse.Namespace) -> None:
+    """Write the phantom patients (or nodule cubes) that ``args`` ask for."""
+    from pytorch.common import InputError, make_output_dir, save_npy_atomic
+
+    for folder, flag in ((args.output_dir, "--output_dir"), (args.mask_dir, "--mask_dir")):
+        if folder:
+            make_output_dir(folder, flag)
+    if args.nodule_cubes > 0:
         cubes, labels = make_nodule_cubes(args.nodule_cubes, args.cube_size, args.seed)
         out = Path(args.output_dir)
         save_npy_atomic(out / "cubes.npy", cubes)
         save_npy_atomic(out / "labels.npy", labels)
         print(f"wrote {len(cubes)} cubes {tuple(args.cube_size)} ({int(labels.sum())} with a nodule) "
               f"to {out / 'cubes.npy'} and {out / 'labels.npy'}")
-        return 0
+        return
     if args.n < 1:
-        print("error: --n must be >= 1", file=sys.stderr)
-        return 2
+        raise InputError(f"--n {args.n}: must be >= 1 (the number of phantom patients)")
     paths = write_phantom_dataset(args.output_dir, args.n, args.shape, args.seed, args.format,
                                   args.spacing, args.nodules, args.mask_dir,
                                   overwrite=not args.skip_existing)
     print(f"{len(paths)} phantom(s) of shape {tuple(args.shape)} in {args.output_dir}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: write a folder of phantom patients (for trying the pipeline without data)."""
+    from pytorch.common import call_reporting_errors
+
+    ok, _ = call_reporting_errors(run, build_parser().parse_args(argv))
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":

@@ -272,3 +272,10 @@ def test_dicom_phantom_series_written_via_a_temporary_folder(tmp_path):
     (path,) = write_phantom_dataset(tmp_path, 1, (24, 24, 4), fmt="dicom")  # overwrite
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     assert len(list(path.iterdir())) == 4
+
+
+def test_phantoms_without_patients_is_a_one_line_error(tmp_path, capsys):
+    from scripts import phantoms
+    assert phantoms.main(["--output_dir", str(tmp_path / "p"), "--n", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --n 0") and "\n" not in err

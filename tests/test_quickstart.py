@@ -126,8 +126,7 @@ def test_quickstart_commands_parse(flags):
                        "scripts/phantoms.py", "scripts/finetune_classification.py"]
     for script, argv in cmds:
         module = importlib.import_module(STAGE_MODULES[script])
-        if hasattr(module, "build_parser"):
-            module.build_parser().parse_args(argv)   # SystemExit on an unknown or bad flag
+        module.build_parser().parse_args(argv)   # SystemExit on an unknown or bad flag
     if "--full" in flags:
         ae_argv = dict(cmds)["self_discovery/train_autoencoder.py"]
         assert ae_argv[ae_argv.index("--width") + 1] == "32"
