@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from models.checkpoint import (load_checkpoint, load_state_dict_checked, load_training_state,
+                               save_checkpoint)
 
 __all__ = ["add_model_flags", "add_optimizer_flags", "make_optimizer", "FinetuneState",
            "restore_state", "save_epoch", "load_best"]
@@ -72,8 +73,7 @@ def restore_state(resume: str | None, model: nn.Module, optimizer: torch.optim.O
         return FinetuneState()
     ckpt = load_checkpoint(resume)
     load_state_dict_checked(model, ckpt["state_dict"], source=str(resume))
-    if ckpt.get("optimizer_state_dict"):
-        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+    load_training_state(ckpt, optimizer, source=str(resume))
     extra = ckpt.get("extra", {})
     return FinetuneState(start_epoch=int(ckpt.get("epoch", 0)),
                          best_value=extra.get("best_value"),
