@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 from models.targets import build_classifier
 from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, make_output_dir,
-                            resolve_device, save_json_atomic, seed_everything, write_run_config)
+                            resolve_device, save_json_atomic, seed_everything, summary_writer,
+                            write_run_config)
 from scripts.finetune_common import (add_model_flags, add_optimizer_flags, load_best,
                                      make_optimizer, restore_state, save_epoch)
 
@@ -421,11 +422,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eval_kw = dict(batch_size=args.batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
     val_loader = DataLoader(CubeDataset(val), persistent_workers=workers > 0, **eval_kw)
 
-    from torch.utils.tensorboard import SummaryWriter
-
     make_output_dir(out, "--output_dir")
     write_run_config(args, out)
-    writer = SummaryWriter(str(out / "tensorboard"))
+    writer = summary_writer(out / "tensorboard", "--output_dir")
     model_config = {"width": args.width, "n_class": n_out, "norm": args.norm, "in_channels": 1}
     stopped_early = False
     t0 = time.time()

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from models.targets import bce_dice_loss, binary_dice_iou, build_segmentation_model, dice_coef_loss
 from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, make_output_dir,
                             resolve_device, save_json_atomic, save_npy_atomic, seed_everything,
-                            write_run_config)
+                            summary_writer, write_run_config)
 from scripts.ct_io import CTReadError, find_ct_inputs, normalize_hu, read_ct, volume_stem
 from scripts.finetune_common import (add_model_flags, add_optimizer_flags, load_best,
                                      make_optimizer, restore_state, save_epoch)
@@ -425,11 +425,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
-    from torch.utils.tensorboard import SummaryWriter
-
     make_output_dir(out, "--output_dir")
     write_run_config(args, out)
-    writer = SummaryWriter(str(out / "tensorboard"))
+    writer = summary_writer(out / "tensorboard", "--output_dir")
     model_config = {"width": args.width, "n_class": 1, "norm": args.norm, "in_channels": 1}
     stopped_early = False
     t0 = time.time()
