@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One prepared GPU check, sized for a single ~10-minute call on one H100/H200:
-# the CUDA-only tests, the pretraining benchmark (ours vs model-only vs published-style, eager
-# and compiled) and the bf16-vs-fp32 loss-curve check. Results land in $OUT (or
-# outputs/gpu_check): bench.json, bench_compile.json, precision.json, log.txt.
-# Needs torch with CUDA, numpy, scipy, tqdm, tensorboard (no SimpleITK: nothing here reads CT).
+# One prepared GPU check, sized for a single call of under 10 minutes on one H100/H200:
+#   1. the issue-6 benchmark, compiled (decisive): every path in one run, published-style path
+#      with its default 4 loader workers; prints the four goals as met / NOT met;
+#   2. the CUDA tests (tests/test_cuda.py and the CUDA cases of the perturbation tests);
+#   3. bf16 vs fp32 loss curves (true fp32, plus an fp32 run with other batches for scale);
+#   4. the benchmark eager, published-style loader with 16 workers (context).
+# Results land in $OUT (or outputs/gpu_check): bench_compile.json, precision.json, bench.json,
+# log.txt. Needs torch with CUDA, numpy, scipy, pytest, tqdm, tensorboard; no SimpleITK.
 #   bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,15 +14,23 @@ OUT="${OUT:-outputs/gpu_check}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+BENCH=(scripts/benchmark_pretrain.py --device cuda --batch_size 64 --steps 30 --warmup 10
+       --width 32 --cls_classes 44 --input 64x64x32)
 {
+  date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
-  timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_perturbations.py tests/test_models.py \
-      tests/test_checkpoint.py || echo "CUDA-side tests FAILED"
-  timeout 200 "$PY" scripts/benchmark_pretrain.py --device cuda --batch_size 64 --steps 30 --warmup 10 \
-      --workers 16 --json "$OUT/bench.json" || echo "benchmark FAILED"
-  timeout 180 "$PY" scripts/benchmark_pretrain.py --device cuda --batch_size 64 --steps 30 --warmup 10 \
-      --paths model_only,ours --compile --json "$OUT/bench_compile.json" || echo "compiled benchmark FAILED"
-  timeout 120 "$PY" scripts/compare_precision.py --device cuda --steps 200 --json "$OUT/precision.json" \
-      || echo "precision check FAILED"
+  echo "== 1. benchmark, --compile, all paths, 4 workers"
+  timeout 220 "$PY" "${BENCH[@]}" --compile --workers 4 --json "$OUT/bench_compile.json" \
+      || echo "compiled benchmark FAILED"
+  echo "== 2. CUDA tests"
+  timeout 120 "$PY" -m pytest -q -rA -p no:cacheprovider tests/test_cuda.py \
+      tests/test_perturbations.py || echo "CUDA tests FAILED"
+  echo "== 3. bf16 vs fp32"
+  timeout 110 "$PY" scripts/compare_precision.py --device cuda --steps 120 --batch_size 32 \
+      --reseed_baseline --json "$OUT/precision.json" || echo "precision check FAILED"
+  echo "== 4. benchmark, eager, 16 workers"
+  timeout 100 "$PY" "${BENCH[@]}" --workers 16 --json "$OUT/bench.json" \
+      || echo "eager benchmark FAILED"
+  date -u
 } 2>&1 | tee "$OUT/log.txt"

@@ -45,7 +45,7 @@ from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, ea
                             summary_writer, write_run_config)
 from pytorch.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object,
                                  distributed_session, shard_indices)
-from pytorch.engine import autocast, resolve_amp
+from pytorch.engine import autocast, make_optimizer, resolve_amp
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes
 
 __all__ = ["BEST_NAME", "LAST_NAME", "ARCH", "build_parser", "build_model", "model_config",
@@ -208,7 +208,7 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = build_model(args.width, args.decoder).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = make_optimizer(model, args.lr, device)  # fused Adam: no per-step host reads
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=0.5, patience=args.lr_patience, threshold=1e-4,
         threshold_mode="abs", min_lr=1e-6)

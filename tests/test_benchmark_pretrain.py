@@ -21,8 +21,32 @@ def test_benchmark_tiny_cpu(tmp_path, capsys):
         assert r["memory_kind"] == "process_peak_rss"
     assert report["results"]["published"]["ratio_vs_published"] == 1.0
     assert report["config"]["amp_ours"] == "fp32" and report["config"]["input"] == [16, 16, 8]
+    goals = {g["goal"]: g for g in report["goals"]}
+    assert set(goals) == {"end-to-end cubes/s", "ours / model_only", "ours / published"}
+    ours, res = report["results"]["ours"], report["results"]
+    assert goals["ours / model_only"]["value"] == ours["cubes_per_s"] / res["model_only"]["cubes_per_s"]
+    assert goals["ours / published"]["target"] == ">= 4"
+    assert all(isinstance(g["met"], bool) for g in goals.values())
     table = capsys.readouterr().out
     assert "cubes/s" in table and "ours" in table and "published" in table
+    assert "goal ours / model_only" in table
+
+
+def test_goal_checks_verdicts():
+    def path(cps, mem=100):
+        return {"cubes_per_s": cps, "peak_memory_bytes": mem,
+                "memory_kind": "cuda_max_memory_allocated"}
+    met = bench.goal_checks({"ours": path(470, 90), "model_only": path(500),
+                             "published": path(100, 100)})
+    assert [g["met"] for g in met] == [True, True, True, True]
+    missed = bench.goal_checks({"ours": path(400, 120), "model_only": path(500),
+                                "published": path(110, 100)})
+    assert [g["met"] for g in missed] == [False, False, False, False]
+    assert bench.goal_checks({"model_only": path(1)}) == []
+    cpu = {k: dict(v, memory_kind="process_peak_rss") for k, v in
+           {"ours": path(470, 90), "published": path(100, 100)}.items()}
+    assert "peak memory ours / published fp32" not in [g["goal"] for g in bench.goal_checks(cpu)]
+    assert [g["goal"] for g in bench.goal_checks({"ours": path(1)})] == ["end-to-end cubes/s"]
 
 
 def test_benchmark_bad_input_is_an_error(capsys):

@@ -1,0 +1,130 @@
+"""The training hot paths never wait for the device, checked on CPU.
+
+On a GPU, ``.item()``, ``bool(t)``, ``nonzero`` and boolean indexing stall the host until the
+device catches up; the issue asks for none between log intervals. A CPU run cannot see the
+stall, but it can see the operators that cause it: ``RecordOps`` records every aten call, and
+the tests count the host-reading ones. (A ``.cpu()`` of a CPU tensor dispatches nothing, so
+device-to-host copies are left to the CUDA test with ``torch.cuda.set_sync_debug_mode`` in
+tests/test_perturbations.py.) The ``torch.compile`` path is checked for graph breaks with
+``torch._dynamo.explain``, which traces without generating code.
+"""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from models.ynet3d import ClassificationNet3D, UNet3D, YNet3D
+from pytorch import train as train_cli
+from pytorch.data import BatchFeeder, CubeSet
+from pytorch.engine import (LossConfig, build_model, eval_step, make_optimizer, perturb_inputs,
+                            prepare_model_for_speed, train_step)
+from self_discovery import train_autoencoder, volumes
+from tests.fold_fixtures import make_fold_files, make_volume_dataset, train_args
+
+#: aten operators whose result the host must read: a device synchronisation on CUDA.
+HOST_READS = frozenset({"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select",
+                        "aten.is_nonzero", "aten.equal", "aten._unique2", "aten.unique_dim",
+                        "aten.unique_consecutive", "aten.repeat_interleave"})
+
+
+class RecordOps(TorchDispatchMode):
+    """Counts the aten operators dispatched while active (``ops``: name -> calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def ignoring(self, fn):
+        """``fn`` with its operators not counted (host-side work such as reading a file)."""
+        def wrapped(*args, **kwargs):
+            self.paused = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.paused = False
+        return wrapped
+
+    def host_reads(self) -> dict[str, int]:
+        return {name: n for name, n in self.ops.items() if name in HOST_READS}
+
+
+@pytest.mark.parametrize("exp", ["en_de", "en"])
+def test_one_pretraining_step_reads_nothing_back(exp):
+    """Batch gather, perturbations, forward, backward, fused Adam and eval: no host reads."""
+    torch.manual_seed(0)
+    data = CubeSet(torch.rand(12, 1, 32, 32, 16).half(), torch.randint(0, 3, (12,)))
+    feeder = BatchFeeder(data, torch.device("cpu"), max_batch=6)
+    model = prepare_model_for_speed(build_model(exp, 3, width=4), "cpu")
+    optimizer = make_optimizer(model)
+    gen = torch.Generator().manual_seed(0)
+    cfg = LossConfig(exp)
+    idx = torch.randperm(12)
+    with RecordOps() as rec:
+        for step in range(2):
+            original, labels = feeder(idx[6 * step:6 * (step + 1)])
+            inputs = perturb_inputs(original, gen)
+            train_step(model, optimizer, inputs, original, labels, cfg)
+        model.eval()
+        eval_step(model, inputs, original, labels, cfg)
+    assert rec.host_reads() == {}
+    assert sum(rec.ops.values()) > 500  # the recorder did see the work
+
+
+def _pretrain_reads(root, instances: int) -> dict[str, int]:
+    folds = make_fold_files(root / f"folds{instances}", classes=2, instances=instances,
+                            val_instances=2, resolutions=1)
+    argv = train_args(folds, root / f"out{instances}", classes=2, instances=instances,
+                      resolutions=1, epochs=1, batch_size=4) + ["--verbose", "0"]
+    with RecordOps() as rec:
+        assert train_cli.main(argv) == 0
+    return rec.host_reads()
+
+
+def test_pretraining_epoch_host_reads_do_not_grow_with_steps(tmp_path):
+    """pytorch/train.py: the same host reads for 2 and for 4 steps per epoch (per-epoch only)."""
+    assert _pretrain_reads(tmp_path, 4) == _pretrain_reads(tmp_path, 8)
+
+
+def _autoencoder_reads(root, n_train: int, monkeypatch) -> dict[str, int]:
+    data = make_volume_dataset(root / f"vol{n_train}", n_train=n_train, n_val=2,
+                               shape=(32, 32, 16))
+    argv = ["--data_dir", str(data), "--checkpoint_dir", str(root / f"ae{n_train}"),
+            "--log_dir", str(root / f"tb{n_train}"), "--input_rows", "32", "--input_cols", "32",
+            "--input_deps", "16", "--width", "4", "--batch_size", "2", "--num_workers", "0",
+            "--device", "cpu", "--verbose", "0", "--nb_epoch", "1"]
+    rec = RecordOps()
+    # Reading a volume checks its values on the host (DataLoader workers in a real run):
+    # not part of the device's hot path.
+    monkeypatch.setattr(volumes, "load_resized", rec.ignoring(volumes.load_resized))
+    with rec:
+        assert train_autoencoder.main(argv) == 0
+    return rec.host_reads()
+
+
+def test_autoencoder_epoch_host_reads_do_not_grow_with_steps(tmp_path, monkeypatch):
+    """Stage 1 likewise: 2 and 4 training steps per epoch read the same."""
+    assert (_autoencoder_reads(tmp_path, 4, monkeypatch)
+            == _autoencoder_reads(tmp_path, 8, monkeypatch))
+
+
+@pytest.mark.parametrize("net", [
+    lambda: YNet3D(cls_classes=3, width=4),
+    lambda: ClassificationNet3D(cls_classes=3, width=4),
+    lambda: UNet3D(n_class=1, width=4, norm="standard"),
+], ids=["ynet3d", "classification", "autoencoder"])
+def test_networks_compile_to_one_graph(net):
+    """``--compile`` gets one graph per network: no graph break in any forward."""
+    torch._dynamo.reset()
+    model = net().train()
+    explanation = torch._dynamo.explain(model)(torch.rand(2, 1, 16, 16, 8))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
