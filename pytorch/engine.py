@@ -117,8 +117,12 @@ def make_optimizer(model: nn.Module, lr: float = 1e-3,
     """
     if device is None:
         device = next(model.parameters()).device
-    fused = torch.device(device).type in ("cuda", "cpu")
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
+    if torch.device(device).type in ("cuda", "cpu"):
+        try:
+            return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+        except RuntimeError:  # torch < 2.4 has no fused CPU kernel
+            pass
+    return torch.optim.Adam(model.parameters(), lr=lr)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, step_size: int = 40,
