@@ -4,7 +4,7 @@
 #      with its default 4 loader workers; prints the four goals as met / NOT met;
 #   2. the CUDA tests (tests/test_cuda.py and the CUDA cases of the perturbation tests);
 #   3. bf16 vs fp32 loss curves (true fp32, plus an fp32 run with other batches for scale);
-#   4. the benchmark eager, published-style loader with 16 workers (context).
+#   4. the benchmark eager: perturbations alone, model-only and ours without --compile.
 # Results land in $OUT (or outputs/gpu_check): bench_compile.json, precision.json, bench.json,
 # log.txt. Needs torch with CUDA, numpy, scipy, pytest, tqdm, tensorboard; no SimpleITK.
 #   bash scripts/gpu_check.sh
@@ -32,8 +32,8 @@ BENCH=(scripts/benchmark_pretrain.py --device cuda --batch_size 64 --steps 30 --
   echo "== 3. bf16 vs fp32"
   timeout 110 "$PY" scripts/compare_precision.py --device cuda --steps 120 --batch_size 32 \
       --reseed_baseline --json "$OUT/precision.json" || echo "precision check FAILED"
-  echo "== 4. benchmark, eager, 16 workers"
-  timeout 100 "$PY" "${BENCH[@]}" --workers 16 --json "$OUT/bench.json" \
+  echo "== 4. benchmark, eager (what --compile adds)"
+  timeout 70 "$PY" "${BENCH[@]}" --paths ours_perturb,model_only,ours --json "$OUT/bench.json" \
       || echo "eager benchmark FAILED"
   date -u
 } 2>&1 | tee "$OUT/log.txt"
