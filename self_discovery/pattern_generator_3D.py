@@ -73,7 +73,7 @@ from pytorch.common import (HelpFormatter, InputError, atomic_path, call_reporti
                             make_output_dir, middle_slice_grid, save_npy_atomic, save_png,
                             write_run_config)
 from pytorch.data import CLASSES_PER_BLOCK, fold_file_names  # the reader's names: one contract
-from self_discovery.volumes import open_volume
+from self_discovery.volumes import UNIT_TOLERANCE, is_unit_range, open_volume
 
 __all__ = ["LUNG_HU", "CLASSES_PER_FILE", "CSV_COLUMNS", "lung_test_weight_sum",
            "passes_lung_test", "lung_threshold_unit", "normalize_crop", "resize_cube",
@@ -227,18 +227,22 @@ class _Volumes:
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise InputError(f"{self.path(rel)}: volume contains NaN or inf values; re-create it "
                              "with scripts/prepare_dataset.py")
-        unit = lo >= -0.01 and hi <= 1.01
-        if self.is_normalized and not unit:
-            raise InputError(
-                f"{self.path(rel)}: --is_normalized is set but the volume holds values in "
-                f"[{lo:.4g}, {hi:.4g}], not [0, 1]; drop --is_normalized to window HU volumes to "
-                "[--hu_min, --hu_max], or re-create the volume with scripts/prepare_dataset.py")
-        if unit and not self.is_normalized:
-            self.detected.append(rel)
-            if len(self.detected) == 1:
-                print(f"note: {self.path(rel)} holds values in [{lo:.3g}, {hi:.3g}]: treating "
-                      "volumes already in [0, 1] as normalised (pass --is_normalized to say so)",
-                      file=sys.stderr)
+        if self.is_normalized:
+            if not (lo >= -UNIT_TOLERANCE and hi <= 1.0 + UNIT_TOLERANCE):
+                raise InputError(
+                    f"{self.path(rel)}: --is_normalized is set but the volume holds values in "
+                    f"[{lo:.4g}, {hi:.4g}], not [0, 1]; drop --is_normalized to window HU volumes "
+                    "to [--hu_min, --hu_max], or re-create the volume with "
+                    "scripts/prepare_dataset.py")
+            unit = True
+        else:
+            unit = is_unit_range(lo, hi, self.path(rel))  # the rule of stages 1 and 2
+            if unit:
+                self.detected.append(rel)
+                if len(self.detected) == 1:
+                    print(f"note: {self.path(rel)} holds values in [{lo:.3g}, {hi:.3g}]: "
+                          "treating volumes already in [0, 1] as normalised (pass "
+                          "--is_normalized to say so)", file=sys.stderr)
         self._unit[rel] = unit
         return unit
 

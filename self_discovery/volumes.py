@@ -17,9 +17,11 @@ from torch.utils.data import Dataset
 
 from pytorch.common import InputError
 
-__all__ = ["SPLITS", "list_volumes", "open_volume", "HU_DETECT_MAX", "to_unit_range",
-           "load_resized", "ResizedVolumeDataset"]
+__all__ = ["SPLITS", "list_volumes", "open_volume", "UNIT_TOLERANCE", "HU_DETECT_MAX",
+           "is_unit_range", "to_unit_range", "load_resized", "ResizedVolumeDataset"]
 
+#: Normalised volumes hold [0, 1]; values this far outside still count (interpolation rounding).
+UNIT_TOLERANCE = 0.01
 #: A volume whose maximum exceeds this is taken to be in Hounsfield units, not [0, 1].
 HU_DETECT_MAX = 1.5
 
@@ -54,11 +56,28 @@ def open_volume(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
     return vol
 
 
+def is_unit_range(lo: float, hi: float, path: str | os.PathLike = "volume") -> bool:
+    """The one rule every stage uses to tell a volume's intensities from its value range.
+
+    True: normalised, within [0, 1] give or take ``UNIT_TOLERANCE``. False: Hounsfield units
+    (maximum above ``HU_DETECT_MAX``). Anything else (e.g. values up to 1.3, or down to -0.5)
+    is neither, and an ``InputError`` naming ``path``: guessing would give the autoencoder and
+    the pattern generator different views of the same file.
+    """
+    if lo >= -UNIT_TOLERANCE and hi <= 1.0 + UNIT_TOLERANCE:
+        return True
+    if hi > HU_DETECT_MAX:
+        return False
+    raise InputError(f"{path}: values in [{lo:.4g}, {hi:.4g}] are neither normalised [0, 1] "
+                     f"intensities nor Hounsfield units; re-create the volume with "
+                     "scripts/prepare_dataset.py")
+
+
 def to_unit_range(vol: np.ndarray | torch.Tensor, path: str | os.PathLike = "volume"
                   ) -> np.ndarray | torch.Tensor:
-    """Return ``vol`` unchanged when it looks normalised (max <= ``HU_DETECT_MAX``); otherwise
-    treat it as HU: clip to [-1000, 1000], scale to [0, 1] and warn naming ``path``."""
-    if float(vol.max()) <= HU_DETECT_MAX:
+    """Return ``vol`` unchanged when it is normalised (``is_unit_range``); otherwise treat it as
+    HU: clip to [-1000, 1000], scale to [0, 1] and warn naming ``path``."""
+    if is_unit_range(float(vol.min()), float(vol.max()), path):
         return vol
     warnings.warn(f"{path}: values up to {float(vol.max()):.0f} look like Hounsfield units; "
                   "clipping to [-1000, 1000] and scaling to [0, 1] (prepare volumes with "

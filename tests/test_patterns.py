@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pytorch.common import InputError
 from scripts.benchmark_patterns import naive_weight_sum  # the reference's per-voxel loop
 from self_discovery import pattern_generator_3D as pg
 from self_discovery.feature_extractor import INDEX_NAME
+from self_discovery.volumes import is_unit_range, load_resized
 
 SHAPE = (80, 80, 44)
 SMALL = ["--len_border", "4", "--len_border_z", "2", "--montage_instances", "3"]
@@ -245,6 +247,26 @@ def test_unit_volumes_without_flag_detected(dataset, run3, capsys):
     assert all(a[k] == b[k] for k in a)
     pg.main(_args(dataset, "noflag", classes=1, inst=2, inst_val=1))
     assert "treating volumes already in [0, 1] as normalised" in capsys.readouterr().err
+
+
+def test_one_intensity_rule():
+    assert is_unit_range(0.0, 1.0) and is_unit_range(-0.005, 1.008)
+    assert not is_unit_range(-1024.0, 3071.0) and not is_unit_range(0.0, 1.6)
+    for lo, hi in ((0.0, 1.3), (-0.5, 1.0)):
+        with pytest.raises(InputError, match="neither"):
+            is_unit_range(lo, hi, "v.npy")
+
+
+def test_volume_neither_unit_nor_hu_is_an_error_like_stage_1(tmp_path, capsys):
+    """Values up to 1.3 are neither [0, 1] nor HU: the same one-line error as stages 1-2."""
+    root = make_dataset(tmp_path, n_train=4, n_val=2)
+    bad = root / "data" / "train" / "p001.npy"
+    np.save(bad, np.load(bad) * 1.3)
+    assert pg.main(_args(root, "out", classes=2, inst=3, inst_val=2)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "p001.npy" in err and "neither" in err
+    with pytest.raises(InputError, match="neither"):
+        load_resized(bad, (16, 16, 8))
 
 
 def test_too_few_patients(dataset, capsys):
