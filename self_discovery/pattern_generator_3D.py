@@ -73,7 +73,7 @@ from pytorch.common import (HelpFormatter, InputError, atomic_path, call_reporti
                             make_output_dir, middle_slice_grid, save_npy_atomic, save_png,
                             write_run_config)
 from pytorch.data import CLASSES_PER_BLOCK, fold_file_names  # the reader's names: one contract
-from self_discovery.volumes import UNIT_TOLERANCE, is_unit_range, open_volume
+from self_discovery.volumes import is_unit_range, open_volume, within_unit_range
 
 __all__ = ["LUNG_HU", "CLASSES_PER_FILE", "CSV_COLUMNS", "lung_test_weight_sum",
            "passes_lung_test", "lung_threshold_unit", "normalize_crop", "resize_cube",
@@ -228,7 +228,7 @@ class _Volumes:
             raise InputError(f"{self.path(rel)}: volume contains NaN or inf values; re-create it "
                              "with scripts/prepare_dataset.py")
         if self.is_normalized:
-            if not (lo >= -UNIT_TOLERANCE and hi <= 1.0 + UNIT_TOLERANCE):
+            if not within_unit_range(lo, hi):
                 raise InputError(
                     f"{self.path(rel)}: --is_normalized is set but the volume holds values in "
                     f"[{lo:.4g}, {hi:.4g}], not [0, 1]; drop --is_normalized to window HU volumes "

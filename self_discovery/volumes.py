@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from pytorch.common import InputError
 
 __all__ = ["SPLITS", "list_volumes", "open_volume", "UNIT_TOLERANCE", "HU_DETECT_MAX",
-           "is_unit_range", "to_unit_range", "load_resized", "ResizedVolumeDataset"]
+           "within_unit_range", "is_unit_range", "to_unit_range", "load_resized",
+           "ResizedVolumeDataset"]
 
 #: Normalised volumes hold [0, 1]; values this far outside still count (interpolation rounding).
 UNIT_TOLERANCE = 0.01
@@ -56,6 +57,11 @@ def open_volume(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
     return vol
 
 
+def within_unit_range(lo: float, hi: float) -> bool:
+    """Values in [lo, hi] lie in [0, 1] give or take ``UNIT_TOLERANCE``."""
+    return lo >= -UNIT_TOLERANCE and hi <= 1.0 + UNIT_TOLERANCE
+
+
 def is_unit_range(lo: float, hi: float, path: str | os.PathLike = "volume") -> bool:
     """The one rule every stage uses to tell a volume's intensities from its value range.
 
@@ -64,7 +70,7 @@ def is_unit_range(lo: float, hi: float, path: str | os.PathLike = "volume") -> b
     is neither, and an ``InputError`` naming ``path``: guessing would give the autoencoder and
     the pattern generator different views of the same file.
     """
-    if lo >= -UNIT_TOLERANCE and hi <= 1.0 + UNIT_TOLERANCE:
+    if within_unit_range(lo, hi):
         return True
     if hi > HU_DETECT_MAX:
         return False
@@ -77,9 +83,10 @@ def to_unit_range(vol: np.ndarray | torch.Tensor, path: str | os.PathLike = "vol
                   ) -> np.ndarray | torch.Tensor:
     """Return ``vol`` unchanged when it is normalised (``is_unit_range``); otherwise treat it as
     HU: clip to [-1000, 1000], scale to [0, 1] and warn naming ``path``."""
-    if is_unit_range(float(vol.min()), float(vol.max()), path):
+    hi = float(vol.max())
+    if is_unit_range(float(vol.min()), hi, path):
         return vol
-    warnings.warn(f"{path}: values up to {float(vol.max()):.0f} look like Hounsfield units; "
+    warnings.warn(f"{path}: values up to {hi:.0f} look like Hounsfield units; "
                   "clipping to [-1000, 1000] and scaling to [0, 1] (prepare volumes with "
                   "scripts/prepare_dataset.py to avoid this)", stacklevel=2)
     return (vol.clip(-1000.0, 1000.0) + 1000.0) / 2000.0

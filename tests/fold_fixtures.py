@@ -7,7 +7,7 @@ background), values in [0, 1]. ``train_args`` gives the matching ``pytorch/train
 
 ``make_volume_dataset(root, n_train=4, n_val=2, shape=(40, 40, 24), seed=0)`` writes prepared
 volumes ``root/{train,validation}/patient_{i:03d}.npy`` (smooth random, float32 in [0, 1]) for
-the self-discovery stages.
+the self-discovery stages; ``autoencoder_args`` gives tiny stage-1 flags for them.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def make_fold_files(folder: str | Path, classes: int = 3, instances: int = 4,
 def train_args(data_dir: str | Path, out: str | Path, classes: int = 3, instances: int = 4,
                val_instances: int = 2, width: int = 4, epochs: int = 2,
                batch_size: int = 8, resolutions: int = 3,
-               shape: tuple[int, int, int] = SHAPE) -> list[str]:
+               shape: tuple[int, int, int] = SHAPE, device: str = "cpu") -> list[str]:
     """``pytorch/train.py`` flags for fold files made by ``make_fold_files``."""
     out = Path(out)
     return ["--data_dir", str(data_dir), "--input_rows", str(shape[0]),
@@ -71,9 +71,20 @@ def train_args(data_dir: str | Path, out: str | Path, classes: int = 3, instance
             "--nb_multires_patch", str(resolutions),
             "--cls_classes", str(classes), "--nb_instances", str(instances),
             "--nb_val_instances", str(val_instances), "--width", str(width),
-            "--nb_epoch", str(epochs), "--batch_size", str(batch_size), "--device", "cpu",
+            "--nb_epoch", str(epochs), "--batch_size", str(batch_size), "--device", device,
             "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "runs"),
             "--verbose", "1", "--nb_preview", "2"]
+
+
+def autoencoder_args(data_dir: str | Path, out: str | Path, *extra: str,
+                     device: str = "cpu") -> list[str]:
+    """``self_discovery/train_autoencoder.py`` flags for tiny runs: 32 x 32 x 16, width 4,
+    batch 2, no workers, quiet; checkpoints in out/ckpt, TensorBoard in out/tb."""
+    out = Path(out)
+    return ["--data_dir", str(data_dir), "--checkpoint_dir", str(out / "ckpt"),
+            "--log_dir", str(out / "tb"), "--input_rows", "32", "--input_cols", "32",
+            "--input_deps", "16", "--width", "4", "--batch_size", "2", "--num_workers", "0",
+            "--device", device, "--verbose", "0", *extra]
 
 
 def make_volume_dataset(root: str | Path, n_train: int = 4, n_val: int = 2,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +10,9 @@ import torch
 from models.checkpoint import load_checkpoint
 from self_discovery import train_autoencoder as ta
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes, load_resized
-from tests.fold_fixtures import make_volume_dataset as make_dataset
+from tests.fold_fixtures import autoencoder_args, make_volume_dataset as make_dataset
 
-SMALL = ["--input_rows", "32", "--input_cols", "32", "--input_deps", "16", "--width", "4",
-         "--batch_size", "2", "--num_workers", "0", "--device", "cpu", "--verbose", "0"]
-
-
-def _args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data_dir", str(data), "--checkpoint_dir", str(out / "ckpt"),
-            "--log_dir", str(out / "tb"), *SMALL, *extra]
+_args = autoencoder_args  # (data, out, *extra): 32 x 32 x 16, width 4, batch 2, CPU
 
 
 @pytest.fixture(scope="module")

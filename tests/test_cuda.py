@@ -21,18 +21,18 @@ from pytorch.engine import (LossConfig, build_model, make_optimizer, perturb_inp
                             prepare_model_for_speed, summarize_stats, train_step)
 from pytorch.perturbations import (bezier_map, bezier_tables, elastic_displacement,
                                    local_pixel_shuffle, perturb_batch_with_choices, warp_inplane)
+from scripts.benchmark_pretrain import synthetic_cubes
 from self_discovery import train_autoencoder
-from tests.fold_fixtures import make_fold_files, make_volume_dataset, train_args
+from tests.fold_fixtures import (autoencoder_args, make_fold_files, make_volume_dataset,
+                                 train_args)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")
 
 
 def _smooth_cubes(n: int, shape=(32, 32, 16), seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand((n, 1, *(s // 4 for s in shape)), generator=g)
-    return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear",
-                                           align_corners=False)
+    """(n, 1, X, Y, Z) float32 in [0, 1]: the benchmark's smooth synthetic cubes."""
+    return torch.from_numpy(synthetic_cubes(n, shape, seed)[0])[:, None]
 
 
 def test_perturbation_kernels_match_cpu():
@@ -109,8 +109,7 @@ def test_pinned_host_feeder_gathers_the_right_cubes():
 def test_pretraining_cli_on_cuda_loads_on_cpu(tmp_path, data_device):
     """pytorch/train.py --device cuda: fp16 cubes, bf16; the checkpoint loads on the CPU."""
     folds = make_fold_files(tmp_path / "folds", classes=3, instances=4, val_instances=2)
-    argv = train_args(folds, tmp_path, width=4, epochs=2, batch_size=4)
-    argv[argv.index("--device") + 1] = "cuda"
+    argv = train_args(folds, tmp_path, width=4, epochs=2, batch_size=4, device="cuda")
     assert train_cli.main(argv + ["--data_device", data_device, "--verbose", "0"]) == 0
     ckpt_dir = tmp_path / "ckpt"
     cfg = json.loads(next(ckpt_dir.glob("*_config.json")).read_text())
@@ -124,12 +123,9 @@ def test_pretraining_cli_on_cuda_loads_on_cpu(tmp_path, data_device):
 def test_autoencoder_cli_on_cuda(tmp_path):
     """Stage 1 with --device cuda (bf16 autocast, fused Adam) writes a CPU-loadable checkpoint."""
     data = make_volume_dataset(tmp_path / "vol", n_train=4, n_val=2, shape=(32, 32, 16))
-    argv = ["--data_dir", str(data), "--checkpoint_dir", str(tmp_path / "ae"),
-            "--log_dir", str(tmp_path / "tb"), "--input_rows", "32", "--input_cols", "32",
-            "--input_deps", "16", "--width", "4", "--batch_size", "2", "--num_workers", "0",
-            "--device", "cuda", "--verbose", "0", "--nb_epoch", "2"]
+    argv = autoencoder_args(data, tmp_path, "--nb_epoch", "2", device="cuda")
     assert train_autoencoder.main(argv) == 0
-    ckpt = load_checkpoint(tmp_path / "ae" / train_autoencoder.LAST_NAME)
+    ckpt = load_checkpoint(tmp_path / "ckpt" / train_autoencoder.LAST_NAME)
     assert ckpt["epoch"] == 2
     assert all(t.device.type == "cpu" for t in ckpt["state_dict"].values())
 
@@ -137,8 +133,7 @@ def test_autoencoder_cli_on_cuda(tmp_path):
 def test_compiled_pretraining_cli_on_cuda(tmp_path):
     """--compile: the training graph compiles (once per batch shape) and trains."""
     folds = make_fold_files(tmp_path / "folds", classes=3, instances=4, val_instances=2)
-    argv = train_args(folds, tmp_path, width=4, epochs=1, batch_size=4)
-    argv[argv.index("--device") + 1] = "cuda"
+    argv = train_args(folds, tmp_path, width=4, epochs=1, batch_size=4, device="cuda")
     assert train_cli.main(argv + ["--compile", "--verbose", "0"]) == 0
     ckpt = load_checkpoint(next((tmp_path / "ckpt").glob("*_last.pt")))
     assert not any(k.startswith("_orig_mod.") for k in ckpt["state_dict"])

@@ -22,7 +22,8 @@ from pytorch.data import BatchFeeder, CubeSet
 from pytorch.engine import (LossConfig, build_model, eval_step, make_optimizer, perturb_inputs,
                             prepare_model_for_speed, train_step)
 from self_discovery import train_autoencoder, volumes
-from tests.fold_fixtures import make_fold_files, make_volume_dataset, train_args
+from tests.fold_fixtures import (autoencoder_args, make_fold_files, make_volume_dataset,
+                                 train_args)
 
 #: aten operators whose result the host must read: a device synchronisation on CUDA.
 HOST_READS = frozenset({"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select",
@@ -106,10 +107,7 @@ def test_pretraining_epoch_host_reads_do_not_grow_with_steps(tmp_path):
 def _autoencoder_reads(root, n_train: int, monkeypatch) -> dict[str, int]:
     data = make_volume_dataset(root / f"vol{n_train}", n_train=n_train, n_val=2,
                                shape=(32, 32, 16))
-    argv = ["--data_dir", str(data), "--checkpoint_dir", str(root / f"ae{n_train}"),
-            "--log_dir", str(root / f"tb{n_train}"), "--input_rows", "32", "--input_cols", "32",
-            "--input_deps", "16", "--width", "4", "--batch_size", "2", "--num_workers", "0",
-            "--device", "cpu", "--verbose", "0", "--nb_epoch", "1"]
+    argv = autoencoder_args(data, root / f"ae{n_train}", "--nb_epoch", "1")
     rec = RecordOps()
     # Reading a volume checks its values on the host (DataLoader workers in a real run):
     # not part of the device's hot path.
