@@ -41,6 +41,7 @@ __all__ = [
     "YNet3D",
     "ClassificationNet3D",
     "NormMode",
+    "set_batchnorm",
 ]
 
 NormMode = Literal["batch_stats", "standard"]
@@ -49,8 +50,9 @@ NormMode = Literal["batch_stats", "standard"]
 class ContBatchNorm3d(nn.BatchNorm3d):
     """BatchNorm3d that, with ``norm="batch_stats"``, always normalises with batch statistics.
 
-    Running statistics are still updated (in train mode), so a checkpoint carries them and a
-    model built with ``norm="standard"`` can use them.
+    Running statistics are still updated in train mode, so a checkpoint carries them and a
+    model built with ``norm="standard"`` can use them. Unlike the published class they are not
+    updated in eval mode: evaluating never changes the model (outputs are the same either way).
     """
 
     def __init__(self, num_features: int, norm: NormMode = "batch_stats") -> None:
@@ -77,6 +79,15 @@ class ContBatchNorm3d(nn.BatchNorm3d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", norm={self.norm}"
+
+
+def set_batchnorm(model: nn.Module, momentum: float, eps: float) -> nn.Module:
+    """Set ``momentum`` and ``eps`` (PyTorch terms) of every BatchNorm layer of ``model``;
+    returns ``model``. Keras's BatchNormalization(momentum=m, epsilon=e) is momentum 1 - m."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum, m.eps = momentum, eps
+    return model
 
 
 class LUConv(nn.Module):

@@ -27,7 +27,8 @@ import torch
 from pytorch.common import InputError, full_device
 
 __all__ = ["CLASSES_PER_BLOCK", "fold_blocks", "fold_file_names", "CubeSet", "load_cubes",
-           "load_pretraining_data", "BatchFeeder", "epoch_permutation", "derive_seed"]
+           "load_pretraining_data", "BatchFeeder", "epoch_permutation", "validation_order",
+           "derive_seed"]
 
 #: The pattern generator writes one group of fold files per block of this many classes.
 CLASSES_PER_BLOCK = 50
@@ -203,6 +204,19 @@ def epoch_permutation(n: int, seed: int, epoch: int, rank: int = 0,
     perm = torch.randperm(n, generator=g)
     usable = (n // world_size) * world_size
     return perm[:usable][rank::world_size]
+
+
+def validation_order(n: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """This rank's validation indices (CPU int64): one permutation of ``range(n)`` drawn from
+    ``seed`` alone (the same every epoch and every run with that seed), sharded
+    ``perm[rank::world_size]``, every sample kept.
+
+    Validation batches then mix classes as the published loader's shuffled ones do. It matters
+    because the published network normalises with batch statistics in eval mode too: batches of
+    one or two classes (file order) give another validation loss and accuracy.
+    """
+    g = torch.Generator().manual_seed(derive_seed(seed, 0x7A1))
+    return torch.randperm(n, generator=g)[rank::world_size]
 
 
 class BatchFeeder:

@@ -50,7 +50,7 @@ STAT_NAMES = ("loss", "cls", "rec", "correct", "n")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Which network output feeds which loss term, and their weights (SPEC stage 4)."""
+    """Which network output feeds which loss term, and their weights (stage 4)."""
     exp: str = "en_de"
     lambda_cls: float = 0.01
     lambda_rec: float = 1.0
@@ -135,7 +135,7 @@ def perturb_inputs(original: torch.Tensor, generator: torch.Generator, augment: 
                    config: PerturbationConfig | None = None) -> torch.Tensor:
     """Network inputs for cubes ``original`` (N, 1, X, Y, Z) in [0, 1] -> (N, 1, X, Y, Z).
 
-    Elastic deformation when ``augment`` (SPEC: always, with augmentation on), then one of the
+    Elastic deformation when ``augment`` (published: always, with augmentation on), then one of the
     four Semantic Genesis perturbations per cube, drawn from ``generator`` (same device).
     """
     if config is None:

@@ -9,7 +9,7 @@ broadcasting (box masks from coordinate comparisons, block shuffles by ``argsort
 keys + ``gather``/``scatter``, Bezier mappings by a batched ``searchsorted`` on a per-sample
 curve table). The same code runs on CPU and GPU.
 
-Per cube (``perturb_batch``), following SPEC stage 4:
+Per cube (``perturb_batch``), following the published method:
 
 1. elastic deformation (always when augmentation is on): two displacement fields ``dx, dy`` of
    the cube's shape (X, Y, Z), each uniform noise in [-1, 1] smoothed by a 3D Gaussian
@@ -19,7 +19,7 @@ Per cube (``perturb_batch``), following SPEC stage 4:
    ``map_coordinates(order=1, mode="reflect")``; here ``grid_sample(bilinear, reflection,
    align_corners=False)`` which is the same boundary rule). Displacement std ~3.3 voxels,
    99th percentile of |d| ~8.6 voxels for 64 x 64 x 32 (measured; the fields vary along z too:
-   a 2D (X, Y) field smoothed with sigma 8 would have a std of ~18 voxels, not SPEC's 3.3).
+   a 2D (X, Y) field smoothed with sigma 8 would have a std of ~18 voxels, not the published 3.3).
 2. exactly one of four, each with probability 1/4:
 
    - local pixel shuffling: 5 blocks of size [1..X//10] x [1..Y//10] x [1..Z//10] at a random
@@ -87,14 +87,14 @@ OPERATIONS: tuple[str, ...] = ("local_pixel_shuffle", "nonlinear_intensity", "in
 
 @dataclass(frozen=True)
 class PerturbationConfig:
-    """Parameters of ``perturb_batch``; defaults are SPEC's (published) values.
+    """Parameters of ``perturb_batch``; defaults are the published values.
 
-    Sizes are relative to the cube (divisors / fractions of each side) where SPEC defines
-    them that way, so the same config serves 64 x 64 x 32 and tiny test cubes.
+    Sizes are relative to the cube (divisors / fractions of each side) where the published code
+    defines them that way, so the same config serves 64 x 64 x 32 and tiny test cubes.
     """
 
     enabled: bool = True                  # False -> input = target (no augmentation)
-    elastic_prob: float = 1.0             # elastic always when augmentation is on (SPEC)
+    elastic_prob: float = 1.0             # elastic always when augmentation is on (published)
     alpha: float = DEFAULT_ALPHA          # displacement scale
     sigma: float = DEFAULT_SIGMA          # Gaussian smoothing of the displacement noise
     truncate: float = DEFAULT_TRUNCATE    # kernel radius in sigmas (scipy's default)

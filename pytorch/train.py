@@ -1,4 +1,4 @@
-"""Pretrain Semantic Genesis (Y-Net 3D) on self-discovered anatomical patterns (SPEC stage 4).
+"""Pretrain Semantic Genesis (Y-Net 3D) on self-discovered anatomical patterns (stage 4).
 
     python pytorch/train.py --data_dir self_discovery/Semantic_Genesis_data
     torchrun --nproc_per_node=4 pytorch/train.py --data_dir ...      # DistributedDataParallel
@@ -6,7 +6,8 @@
 Self-classification + self-restoration: the network sees a perturbed cube (elastic deformation,
 then one of local pixel shuffling / non-linear intensity / in-painting / out-painting) and must
 name its anatomical-pattern class and restore the original. Loss = lambda_cls * CE + lambda_rec
-* MSE; Adam; lr x0.5 every 40 epochs; early stopping on the validation loss.
+* MSE; Adam; lr x0.5 every 40 epochs; early stopping on the validation loss. Validation inputs
+are perturbed once and visited in one class-mixing order drawn from ``--seed``.
 
 Outputs: ``Checkpoints/<exp>/semantic_genesis_chest_ct.pt`` (best validation loss; the file the
 fine-tuning snippet loads), ``..._last.pt`` (after every epoch; ``--resume`` it), the resolved
@@ -37,7 +38,7 @@ from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, ea
                             full_device, middle_slice_grid, resolve_device, seed_everything,
                             summary_writer, write_run_config)
 from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation, fold_blocks,
-                          load_pretraining_data)
+                          load_pretraining_data, validation_order)
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
                             make_optimizer, make_scheduler, perturb_inputs,
                             prepare_model_for_speed, resolve_amp, summarize_stats, train_step)
@@ -47,7 +48,7 @@ _VAL_CHUNK = 64  # validation perturbations are drawn per chunk of this many cub
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line; defaults are the paper's / reference code's (SPEC)."""
+    """The command line; defaults are the paper's / published code's."""
     p = argparse.ArgumentParser(
         prog="train.py",
         description="Pretrain Semantic Genesis (Y-Net 3D: self-classification + "
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage type of the resident cubes; auto = float16 on CUDA (halves "
                         "memory: ~7 GB for 44 classes x 200 x 3), float32 on CPU")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="elastic deformation before the perturbation (SPEC: always on; "
+                   help="elastic deformation before the perturbation (published: always on; "
                         "--no-augment leaves only the four perturbations)")
 
     g = p.add_argument_group("model and loss")
@@ -357,7 +358,8 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
 
     feeder = BatchFeeder(train_set, device, per_rank_batch)
     val_feeder = BatchFeeder(val_set, device, per_rank_batch)
-    val_idx = torch.arange(rank, len(val_set), ws).to(val_feeder.index_device)
+    # One class-mixing order drawn from the seed, fixed for the run (as the inputs).
+    val_idx = validation_order(len(val_set), args.seed, rank, ws).to(val_feeder.index_device)
     epochs_run, stopped_early = 0, no_improve >= args.patience
     if stopped_early:
         log.line(f"early stopping already reached ({no_improve} >= --patience {args.patience})")

@@ -1,8 +1,9 @@
 """Stage 2 of self-discovery: one deep feature vector per patient from the trained autoencoder.
 
 For every volume of ``--data_dir``/train and ``--data_dir``/validation, in sorted file order:
-resize trilinearly to 128 x 128 x 64, run the autoencoder's encoder, global-average-pool the
-bottleneck (N, 16w, 16, 16, 8) -> one 16w-d vector (512-d at the published width 32).
+resize to 128 x 128 x 64 as stage 1 (anti-aliased linear), run the autoencoder's encoder,
+global-average-pool the bottleneck (N, 16w, 16, 16, 8) -> one 16w-d vector (512-d at the
+published width 32).
 
 Outputs in ``--save_dir`` (default ``self_discovery/features/``, where the pattern generator
 looks), written atomically:
@@ -39,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from models.checkpoint import DECODER_PREFIXES, load_checkpoint, load_state_dict_checked
-from models.ynet3d import UNet3D
+from models.ynet3d import UNet3D, set_batchnorm
 from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, resolve_device,
                             save_json_atomic, save_npy_atomic, write_run_config)
 from pytorch.distributed import (DistInfo, all_gather_objects, barrier, distributed_session,
@@ -110,10 +111,15 @@ def load_encoder(weights: str | os.PathLike, width: int = 32, decoder: str = "up
     path = resolve_weights(weights)
     ckpt = load_checkpoint(path)
     cfg = dict(ckpt.get("model_config") or {})
+    # BatchNorm constants: recorded by train_autoencoder.py; older checkpoints were trained
+    # with PyTorch's defaults (momentum 0.1, eps 1e-5), which eps must then stay.
     cfg = {"width": int(cfg.get("width", width)), "decoder": cfg.get("decoder", decoder),
-           "norm": cfg.get("norm", "standard"), "n_class": int(cfg.get("n_class", 1))}
+           "norm": cfg.get("norm", "standard"), "n_class": int(cfg.get("n_class", 1)),
+           "bn_momentum": float(cfg.get("bn_momentum", 0.1)),
+           "bn_eps": float(cfg.get("bn_eps", 1e-5))}
     model = UNet3D(n_class=cfg["n_class"], width=cfg["width"], decoder=cfg["decoder"],
                    norm=cfg["norm"])
+    set_batchnorm(model, cfg["bn_momentum"], cfg["bn_eps"])
     load_state_dict_checked(model, ckpt["state_dict"], source=str(path),
                             new_keys=DECODER_PREFIXES,
                             ignore_unexpected=(*DECODER_PREFIXES, "clc_out"))

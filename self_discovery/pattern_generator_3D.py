@@ -1,8 +1,8 @@
-"""Stage 3: self-discovery of anatomical patterns (SPEC stage 3).
+"""Stage 3: self-discovery of anatomical patterns.
 
 For every class ``i`` (``--nb_classes`` C) a reference train patient is drawn among those not yet
-used as a reference; a random coordinate (x, y, z) inside its borders that is farther than
-``--distance_threshold`` from every earlier class's coordinate and passes the lung test is
+used as a reference; a random coordinate (x, y, z) inside its borders that is at least
+``--distance_threshold`` away from every earlier class's coordinate and passes the lung test is
 searched (``--max_tries`` tries, then another reference); the ``--nb_instances`` train patients
 and ``--nb_instances_val`` validation patients nearest to the reference (L2 on the stage-2
 features, scikit-learn) each give a cube cropped at that coordinate. With ``--multi_res`` every
@@ -27,20 +27,21 @@ names, filled class by class (each cube written at its row offset with ``os.pwri
 stays alive, ~6x faster than page-faulting a fresh mapping) and renamed when the block is
 complete, so memory stays at one class whatever C and a crash never leaves a partial file.
 
-Differences from the reference code (its bugs, see SPEC "Known bugs"): no cube dropped at the end
-of a block and a partial last block is saved (C=44 saves 44 classes); the "too close" flag is
-decided per try; volumes too small for the borders are an up-front error naming the volume; the
-reference search stops with an error once every patient was tried; HU windowing is applied to the
-saved cubes as well as to the lung test; the coordinates file is a real CSV; all randomness comes
-from ``--seed`` (one ``np.random.Generator`` per class, derived from one ``SeedSequence(seed)``,
-so a resumed run draws exactly what an uninterrupted run draws); no float64 giant arrays.
+Differences from the published code (its bugs; the README lists every difference): no cube
+dropped at the end of a block and a partial last block is saved (C=44 saves 44 classes); the
+"too close" flag is decided per try; volumes too small for the borders are an up-front error
+naming the volume; the reference search stops with an error once every patient was tried; HU
+windowing is applied to the saved cubes as well as to the lung test; the coordinates file is a
+real CSV; all randomness comes from ``--seed`` (one ``np.random.Generator`` per class, derived
+from one ``SeedSequence(seed)``, so a resumed run draws exactly what an uninterrupted run
+draws); no float64 giant arrays. A reference given up on in one class may be drawn again by a
+later class (a reference is "used" once a class was built from it; the published code uses up
+every reference it draws): ``coordinates.csv`` then records every used reference, so
+``--prev_coordinates`` resumes exactly.
 
-Choices the SPEC leaves open: a non-reference patient whose volume is smaller than the reference's
-is cropped at the reference coordinate clamped into its volume (the recorded coordinate is the one
-used); multi-resolution crops are resized trilinearly with half-pixel centres (as
-``F.interpolate(mode="trilinear", align_corners=False)``, see ``resize_cube``); a reference
-given up on in one class may be drawn again by a later class (a reference is "used" once a class
-was built from it).
+Choices the published code leaves open: a non-reference patient whose volume is smaller than
+the reference's is cropped at the reference coordinate clamped into its volume (the recorded
+coordinate is the one used).
 
 Run from the repository root::
 
@@ -73,10 +74,10 @@ from pytorch.common import (HelpFormatter, InputError, atomic_path, call_reporti
                             make_output_dir, middle_slice_grid, save_npy_atomic, save_png,
                             write_run_config)
 from pytorch.data import CLASSES_PER_BLOCK, fold_file_names  # the reader's names: one contract
-from self_discovery.volumes import is_unit_range, open_volume, within_unit_range
+from self_discovery.volumes import is_unit_range, open_volume, resize_volume, within_unit_range
 
 __all__ = ["LUNG_HU", "CLASSES_PER_FILE", "CSV_COLUMNS", "lung_test_weight_sum",
-           "passes_lung_test", "lung_threshold_unit", "normalize_crop", "resize_cube",
+           "passes_lung_test", "lung_threshold_unit", "normalize_crop", "resize_cube", "too_close",
            "fold_file_names", "CubeSpec", "ClassPlan", "read_coordinates", "build_parser",
            "generate_patterns", "main"]
 
@@ -96,7 +97,7 @@ SPLIT_DIRS = {"train": "train", "validation": "validation"}
 
 
 # ----------------------------------------------------------------------------------------------
-# Lung test (SPEC stage 3, step 4), vectorised
+# Lung test, vectorised
 # ----------------------------------------------------------------------------------------------
 def lung_test_weight_sum(window: np.ndarray, deps: int = 32, threshold: float = 0.425) -> float:
     """Weighted count of "dense" voxels of a window (X, Y, Z >= deps + 2), normalised values.
@@ -149,34 +150,10 @@ def normalize_crop(crop: np.ndarray, is_normalized: bool, hu_min: float = -1000.
     return out
 
 
-def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices (i0, i1) and weights f of 1D linear resizing with half-pixel centres
-    (the ``align_corners=False`` convention): out[i] = (1 - f) * in[i0] + f * in[i1]."""
-    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.intp), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, (src - i0).astype(np.float32)
-
-
-def resize_cube(crop: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Resize a crop (x, y, z) to ``size`` by trilinear interpolation, returning float32 (size).
-
-    Separable linear interpolation along each axis whose size differs, half-pixel centres: the
-    result equals ``F.interpolate(mode="trilinear", align_corners=False)`` up to float rounding
-    (for multi-resolution crops only x and y change, so it is bilinear per z-slice), ~10x faster
-    than torch on these sizes.
-    """
-    out = np.ascontiguousarray(crop, dtype=np.float32)
-    for axis, n in enumerate(int(s) for s in size):
-        if out.shape[axis] == n:
-            continue
-        i0, i1, f = _linear_taps(out.shape[axis], n)
-        shape = [1, 1, 1]
-        shape[axis] = n
-        f = f.reshape(shape)
-        a, b = np.take(out, i0, axis=axis), np.take(out, i1, axis=axis)
-        out = a * (1 - f) + b * f
-    return np.ascontiguousarray(out)
+#: Multi-resolution crops are resized to the cube size as the published code does with
+#: scikit-image (linear, reflecting at the border, anti-aliased when shrinking): the shared
+#: ``self_discovery.volumes.resize_volume``. A crop (x, y, z) -> float32 ``size``.
+resize_cube = resize_volume
 
 
 @dataclass(frozen=True)
@@ -387,6 +364,15 @@ def _nearest(nn: NearestNeighbors, feat: np.ndarray, k: int, first: int | None =
     return idx[:k]
 
 
+def too_close(earlier: np.ndarray, coord: Sequence[int], threshold: float) -> bool:
+    """True when ``coord`` lies closer than ``threshold`` (L2, voxels) to a row of ``earlier``
+    (M, 3). The published rule: a distance of exactly ``threshold`` is far enough."""
+    if not len(earlier):
+        return False
+    d = np.sqrt(((np.asarray(earlier, np.float64) - np.asarray(coord, np.float64)) ** 2).sum(1))
+    return bool(np.any(d < threshold))
+
+
 def _search_coordinate(ctx: _Context, ref: int, rng: np.random.Generator,
                        earlier: np.ndarray) -> tuple[int, int, int] | None:
     """Up to --max_tries random coordinates in reference ``ref``; the first that is far enough
@@ -401,10 +387,8 @@ def _search_coordinate(ctx: _Context, ref: int, rng: np.random.Generator,
         x = int(rng.integers(b, hi_x, endpoint=True))
         y = int(rng.integers(b, hi_y, endpoint=True))
         z = int(rng.integers(bz, hi_z, endpoint=True))
-        if len(earlier):  # decided per try (the reference never reset its flag)
-            d = np.sqrt(((earlier - np.array([x, y, z])) ** 2).sum(1))
-            if np.any(d <= a.distance_threshold):
-                continue
+        if too_close(earlier, (x, y, z), a.distance_threshold):  # decided afresh per try
+            continue
         window = ctx.volumes.crop(rel, x, y, z, (a.crop_rows, a.crop_cols, a.input_deps + 3))
         if passes_lung_test(window, a.input_deps, a.lung_threshold, ctx.lung_threshold):
             return x, y, z
@@ -427,7 +411,7 @@ def _multi_res_crop(rng: np.random.Generator, x: int, y: int, shape: Sequence[in
 
 
 def _new_plan(ctx: _Context, cls: int, used_refs: set[int], earlier: np.ndarray) -> ClassPlan:
-    """Discover class ``cls``: reference, coordinate and the cubes to crop (SPEC steps 1-7)."""
+    """Discover class ``cls``: its reference, coordinate and the cubes to crop."""
     a = ctx.args
     rng = class_rng(a.seed, cls)
     remaining = [i for i in range(len(ctx.train_rel)) if i not in used_refs]
@@ -775,8 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nb_instances_val", type=int, default=30,
                    help="validation cubes per class (from the nearest validation patients)")
     g.add_argument("--distance_threshold", type=float, default=5,
-                   help="a class coordinate must be farther than this (voxels, L2) from every "
-                        "earlier class's coordinate")
+                   help="a class coordinate must be at least this far (voxels, L2) from every "
+                        "earlier class's coordinate (closer is rejected)")
     g.add_argument("--len_border", type=int, default=100,
                    help="coordinates keep this many voxels from the x/y borders of the reference")
     g.add_argument("--len_border_z", type=int, default=30,

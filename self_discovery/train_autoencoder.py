@@ -1,8 +1,10 @@
 """Stage 1 of self-discovery: train the 3D U-Net autoencoder on whole volumes.
 
-Every volume of ``--data_dir``/train and ``--data_dir``/validation is resized trilinearly to
+Every volume of ``--data_dir``/train and ``--data_dir``/validation is resized (anti-aliased
+linear, as the published code's scikit-image call: ``self_discovery.volumes.resize_volume``) to
 ``--input_rows`` x ``--input_cols`` x ``--input_deps`` (128 x 128 x 64) and reconstructed by
-``UNet3D(decoder="upsampling")`` (sigmoid output). Loss MSE, Adam (lr 1e-3), the learning rate
+``UNet3D(decoder="upsampling")`` (sigmoid output; BatchNorm momentum 0.01, eps 1e-3 as the
+published Keras model). Loss MSE, Adam (lr 1e-3), the learning rate
 halves after 20 epochs without a validation improvement of 1e-4 (down to 1e-6), training stops
 after ``--patience`` (50) epochs without improvement. The best-validation checkpoint is
 ``<checkpoint_dir>/Unet_autoencoder.pt`` (where ``feature_extractor.py --weights`` points by
@@ -15,7 +17,8 @@ Run from the repository root::
 
 Fixes of the reference script: its undefined ``batch_size`` (now ``--batch_size``); explicit
 ``--resume`` (optimizer, scheduler, epoch and early-stopping state) distinct from
-``--weights`` (initial weights only).
+``--weights`` (initial weights only). Kept on purpose: the last partial batch of an epoch is
+trained on (the published code drops it), so every volume counts every epoch.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from models.checkpoint import (load_checkpoint, load_state_dict_checked, load_training_state,
                                save_checkpoint)
-from models.ynet3d import UNet3D
+from models.ynet3d import UNet3D, set_batchnorm
 from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, early_stopping_update,
                             make_output_dir, middle_slice_grid, resolve_device, seed_everything,
                             summary_writer, write_run_config)
@@ -49,7 +52,7 @@ from pytorch.engine import autocast, make_optimizer, resolve_amp
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes
 
 __all__ = ["BEST_NAME", "LAST_NAME", "ARCH", "build_parser", "build_model", "model_config",
-           "train_step", "train", "main"]
+           "plateau_scheduler", "train_step", "train", "main", "BN_MOMENTUM", "BN_EPS"]
 
 BEST_NAME = "Unet_autoencoder.pt"
 LAST_NAME = "Unet_autoencoder_last.pt"
@@ -57,6 +60,9 @@ ARCH = "UNet3D"
 #: Normalisation of the autoencoder: ordinary BatchNorm (running statistics in eval mode), as
 #: the reference's Keras model, so that a volume's features do not depend on its batch.
 NORM = "standard"
+#: BatchNorm constants of the published Keras autoencoder (momentum 0.99, epsilon 1e-3) in
+#: PyTorch terms; its running statistics are what the features are computed with.
+BN_MOMENTUM, BN_EPS = 0.01, 1e-3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,12 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
 def model_config(args: argparse.Namespace) -> dict[str, Any]:
     """Constructor arguments of the autoencoder, stored in the checkpoint."""
     return {"n_class": 1, "width": int(args.width), "decoder": args.decoder, "norm": NORM,
-            "in_channels": 1}
+            "in_channels": 1, "bn_momentum": BN_MOMENTUM, "bn_eps": BN_EPS}
 
 
 def build_model(width: int = 32, decoder: str = "upsampling", norm: str = NORM) -> UNet3D:
-    """The stage-1 autoencoder: (N, 1, X, Y, Z) -> (N, 1, X, Y, Z) in [0, 1] (sigmoid)."""
-    return UNet3D(n_class=1, width=width, decoder=decoder, norm=norm)  # type: ignore[arg-type]
+    """The stage-1 autoencoder: (N, 1, X, Y, Z) -> (N, 1, X, Y, Z) in [0, 1] (sigmoid), with
+    the Keras BatchNorm constants (``BN_MOMENTUM``, ``BN_EPS``)."""
+    model = UNet3D(n_class=1, width=width, decoder=decoder, norm=norm)  # type: ignore[arg-type]
+    return set_batchnorm(model, BN_MOMENTUM, BN_EPS)
+
+
+def plateau_scheduler(optimizer: torch.optim.Optimizer, lr_patience: int
+                      ) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """Halve the lr after ``lr_patience`` epochs without a validation gain of 1e-4 (min 1e-6).
+
+    Keras counts the epochs without improvement and reduces when the count reaches its
+    patience; PyTorch reduces when the count exceeds it, hence ``lr_patience - 1``.
+    """
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.5, patience=lr_patience - 1, threshold=1e-4,
+        threshold_mode="abs", min_lr=1e-6)
 
 
 def _autocast(device: torch.device, amp: bool) -> AbstractContextManager:
@@ -209,9 +229,7 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
         torch.backends.cudnn.benchmark = True
     model = build_model(args.width, args.decoder).to(device)
     optimizer = make_optimizer(model, args.lr, device)  # fused Adam: no per-step host reads
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=0.5, patience=args.lr_patience, threshold=1e-4,
-        threshold_mode="abs", min_lr=1e-6)
+    scheduler = plateau_scheduler(optimizer, args.lr_patience)
     start_epoch, best_loss, no_improve = 0, math.inf, 0
 
     resume = _resume_path(args)
@@ -244,8 +262,8 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
     train_ds = ResizedVolumeDataset(train_files, size)
     val_ds = ResizedVolumeDataset(val_files, size)
     if args.cache:
-        train_ds.preload(progress=main_rank and args.verbose >= 1, desc="caching train")
-        val_ds.preload(progress=main_rank and args.verbose >= 1, desc="caching validation")
+        train_ds.preload(main_rank and args.verbose >= 1, "caching train", device)
+        val_ds.preload(main_rank and args.verbose >= 1, "caching validation", device)
     # DistributedSampler also for one process: epoch-seeded shuffles, reproducible on resume.
     train_sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
                                        shuffle=True, seed=args.seed, drop_last=False)

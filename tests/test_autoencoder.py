@@ -119,9 +119,39 @@ def test_hu_volume_is_rescaled_with_warning(tmp_path):
 
 
 def test_reference_flags_and_defaults():
-    """SPEC command-line contract: reference flag names/defaults; ``--verbose`` also bare."""
+    """The published command line: reference flag names/defaults; ``--verbose`` also bare."""
     a = ta.build_parser().parse_args(["--data_dir", "dataset/", "--verbose"])
     assert (a.arch, a.decoder, a.input_rows, a.input_cols, a.input_deps, a.batch_size) == \
         ("Unet", "upsampling", 128, 128, 64, 8)
     assert a.weights is None and a.verbose == 2
     assert ta.build_parser().parse_args(["--data_dir", "d", "--verbose", "0"]).verbose == 0
+
+
+def test_batchnorm_constants_are_keras_and_reach_the_feature_extractor(trained):
+    from torch import nn
+
+    from self_discovery.feature_extractor import load_encoder
+    root, _, _ = trained
+    model = ta.build_model(width=4)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm3d)]
+    assert bns and all((m.momentum, m.eps) == (0.01, 1e-3) for m in bns)
+    ckpt = load_checkpoint(root / "ckpt" / ta.BEST_NAME)
+    assert (ckpt["model_config"]["bn_momentum"], ckpt["model_config"]["bn_eps"]) == (0.01, 1e-3)
+    enc, cfg = load_encoder(root / "ckpt" / ta.BEST_NAME)
+    assert all(m.eps == 1e-3 for m in enc.modules() if isinstance(m, nn.BatchNorm3d))
+    # a checkpoint without the constants was trained with PyTorch's defaults: eps stays 1e-5
+    legacy = dict(ckpt, model_config={k: v for k, v in ckpt["model_config"].items()
+                                      if not k.startswith("bn_")})
+    torch.save(legacy, root / "legacy.pt")
+    enc, _ = load_encoder(root / "legacy.pt")
+    assert all(m.eps == 1e-5 for m in enc.modules() if isinstance(m, nn.BatchNorm3d))
+
+
+def test_lr_halves_after_exactly_lr_patience_epochs_without_improvement():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = ta.plateau_scheduler(opt, lr_patience=3)
+    lrs = []
+    for loss in [1.0, 1.0, 1.0, 1.0, 1.0]:   # best at epoch 1, then 3 epochs without gain
+        sched.step(loss)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == [1e-3, 1e-3, 1e-3, 5e-4, 5e-4]   # as Keras ReduceLROnPlateau(patience=3)

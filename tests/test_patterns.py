@@ -319,15 +319,11 @@ def test_help_explains_every_flag():
     assert d.train_features == "self_discovery/features/train_features.npy"
 
 
-def test_resize_cube_equals_torch_trilinear():
-    import torch
-    import torch.nn.functional as F
-
-    rng = np.random.default_rng(3)
-    for shape in [(50, 50, 32), (79, 79, 32), (64, 64, 32), (30, 70, 20)]:
-        crop = rng.random(shape, dtype=np.float32)
-        ref = F.interpolate(torch.from_numpy(crop)[None, None], size=(64, 64, 32),
-                            mode="trilinear", align_corners=False)[0, 0].numpy()
-        got = pg.resize_cube(crop, (64, 64, 32))
-        assert got.dtype == np.float32 and got.shape == (64, 64, 32)
-        np.testing.assert_allclose(got, ref, atol=2e-6)
+def test_too_close_is_the_published_strict_rule():
+    earlier = np.array([[100, 100, 40], [300, 300, 90]])
+    assert not pg.too_close(earlier, (103, 104, 40), 5)   # exactly 5 away: far enough
+    assert pg.too_close(earlier, (102, 104, 40), 5)       # 4.47 away: rejected
+    assert not pg.too_close(earlier, (103, 103, 43), 5)   # 5.2 away
+    assert pg.too_close(earlier, (300, 300, 90), 5)       # the same coordinate
+    assert not pg.too_close(np.zeros((0, 3)), (0, 0, 0), 5)
+    assert not pg.too_close(earlier, (100, 100, 40), 0)   # threshold 0: nothing is too close

@@ -15,7 +15,8 @@ import torch
 from models.checkpoint import load_state_dict_checked, save_checkpoint
 from models.ynet3d import ContBatchNorm3d, YNet3D
 from pytorch import train as train_cli
-from pytorch.data import epoch_permutation, fold_file_names, load_pretraining_data
+from pytorch.data import (epoch_permutation, fold_file_names, load_pretraining_data,
+                          validation_order)
 from pytorch.engine import (LossConfig, SyncContBatchNorm3d, build_model, convert_sync_batchnorm,
                             eval_step, make_optimizer, perturb_inputs, summarize_stats,
                             train_step)
@@ -99,6 +100,49 @@ def test_epoch_permutation_shards_evenly():
 
 
 # ------------------------------------------------------------------------------ data
+def test_validation_order_is_drawn_once_from_the_seed_and_mixes_classes():
+    labels = torch.arange(10).repeat_interleave(6)          # class-contiguous, as the files
+    order = validation_order(len(labels), seed=1)
+    assert torch.equal(order, validation_order(len(labels), seed=1))
+    assert not torch.equal(order, validation_order(len(labels), seed=2))
+    assert torch.equal(order.sort().values, torch.arange(len(labels)))
+    shards = [validation_order(len(labels), 1, r, 3) for r in range(3)]
+    assert torch.equal(torch.cat(shards).sort().values, torch.arange(len(labels)))
+
+    def classes_per_batch(idx):   # full batches of 8
+        return [len(set(labels[idx[s:s + 8]].tolist())) for s in range(0, len(idx) - 7, 8)]
+    assert max(classes_per_batch(torch.arange(len(labels)))) <= 3      # file order
+    assert min(classes_per_batch(order)) >= 4                          # mixed
+
+
+def test_validation_batches_mix_classes_and_repeat_between_runs(tmp_path, monkeypatch):
+    folds = make_fold_files(tmp_path / "f", classes=4, instances=2, val_instances=4)
+    seen: list[list[list[int]]] = []
+
+    class Recording(train_cli.BatchFeeder):
+        def __init__(self, data, *a, **kw):
+            super().__init__(data, *a, **kw)
+            self.is_val = data.cubes.shape[1] == 2   # validation: original + fixed input
+            if self.is_val:
+                seen.append([])
+
+        def __call__(self, idx):
+            x, y = super().__call__(idx)
+            if self.is_val:
+                seen[-1].append(y.tolist())
+            return x, y
+
+    monkeypatch.setattr(train_cli, "BatchFeeder", Recording)
+    for run in ("a", "b"):
+        argv = train_args(folds, tmp_path / run, classes=4, instances=2, val_instances=4,
+                          epochs=2, batch_size=8, resolutions=1)
+        assert _run(argv) == 0
+    assert len(seen) == 2 and seen[0] == seen[1]            # same seed: same batches
+    epochs = len(seen[0]) // 2
+    assert seen[0][:epochs] == seen[0][epochs:]             # the same every epoch
+    assert all(len(set(batch)) >= 3 for batch in seen[0])   # file order: 2 classes per batch
+
+
 def test_more_classes_in_files_and_partial_last_block(tmp_path):
     d = make_fold_files(tmp_path / "f", classes=52, instances=1, val_instances=1,
                         resolutions=2)
