@@ -427,7 +427,7 @@ def _new_plan(ctx: _Context, cls: int, used_refs: set[int], earlier: np.ndarray)
         raise InputError(
             f"class {cls}: none of the {tried} train patients tried as reference in "
             f"{ctx.volumes.data_dir / 'train'} gave a coordinate passing the lung test (weight sum "
-            f"<= --lung_threshold {a.lung_threshold} of the window) and farther than "
+            f"<= --lung_threshold {a.lung_threshold} of the window) and at least "
             f"--distance_threshold {a.distance_threshold} from earlier classes in --max_tries "
             f"{a.max_tries} tries each; relax --lung_threshold (e.g. 0.3) or --distance_threshold, "
             "raise --max_tries, lower --nb_classes, or check the intensities (--is_normalized, "
