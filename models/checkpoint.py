@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
+import re
 import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,9 +49,13 @@ __all__ = [
     "atomic_path",
     "atomic_torch_save",
     "save_checkpoint",
+    "read_checkpoint_file",
     "load_checkpoint",
+    "checkpoint_dict",
+    "infer_model_config",
     "load_training_state",
     "clean_state_dict",
+    "strip_prefixes",
     "unwrap_model",
     "load_state_dict_checked",
     "load_pretrained",
@@ -176,31 +181,137 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *,
     return atomic_torch_save(payload, path)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; errors name the file and the fix.
+def _numpy_scalar_globals() -> list[Any]:
+    """The only globals besides PyTorch's own that checkpoints may need: NumPy scalars.
 
-    Accepts our schema, the published format (a dict with ``state_dict``) and a bare state dict
-    (returned as ``{"state_dict": ...}``).
+    The published ``pytorch/train.py`` stored ``best_loss``/``best_acc`` from ``np.average``,
+    i.e. NumPy scalars, which pickle as ``numpy.core.multiarray.scalar`` (``numpy._core...``
+    under NumPy 2) applied to a ``numpy.dtype`` and raw bytes. Allowed here: that constructor
+    under both names, ``numpy.dtype``, and the dtype classes of bool, integer and float scalars
+    (needed to restore a dtype's state). Nothing else: no arrays, no object dtype, no code.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # NumPy < 2
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    scalar = multiarray.scalar
+    dtype_classes = {type(np.dtype(c)) for c in "?bhilqBHILQefdg"}
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            np.dtype, *sorted(dtype_classes, key=lambda t: t.__name__)]
+
+
+def _refused_global(error: BaseException) -> str | None:
+    """The global named by PyTorch's weights-only unpickler error, if that is what failed."""
+    text = str(error)
+    for pattern in (r"GLOBAL ([\w.]+)", r"unrecognized function (\S+)",
+                    r"allowlisted via `add_safe_globals` but got (\S+)"):
+        found = re.search(pattern, text)
+        if found:
+            name = found.group(1).strip("<>'\".,")
+            return name if "." in name else f"builtins.{name}"  # torch drops "builtins."
+    return None
+
+
+def _is_truncated(path: Path, error: BaseException) -> bool:
+    """Whether ``path`` starts like a ``torch.save`` file but its end is missing."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # zip format (torch >= 1.6): the directory at the end is gone
+        return not zipfile.is_zipfile(path)
+    # the legacy format (the published checkpoint's): a pickle stream that stops early
+    return head[:1] == b"\x80" and (isinstance(error, EOFError) or any(
+        s in str(error) for s in ("truncated", "Ran out of input", "unexpected EOF")))
+
+
+def _plain_scalar(value: Any) -> Any:
+    """A NumPy scalar (published ``best_loss``/``best_acc``) as the Python number it holds."""
+    import numpy as np
+
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` that also accepts NumPy scalars, and nothing else.
+
+    Never unpickles arbitrary objects. Errors (``CheckpointError``, one line naming the file):
+    not found; truncated; needs a global that is refused (named, with why); not a ``torch.save``
+    file at all.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; check the path (--weights/--pre_path/--resume)")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any failure to parse the file means "not a checkpoint"
-        # (a text file renamed .pt raises KeyError/UnpicklingError, a truncated one RuntimeError)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- every failure to parse the file is reported below
+        if _is_truncated(path, e):
+            raise CheckpointError(
+                f"{path}: truncated ({path.stat().st_size} bytes, the end of the file is missing); "
+                "re-download or re-create it") from e
+        name = _refused_global(e)
+        if name is not None:
+            raise CheckpointError(
+                f"{path}: refused: the file needs the Python global {name}, which is not a tensor, "
+                "plain Python value or NumPy scalar, so unpickling it could run code from the file "
+                "(only weights-only loading is done here); use a checkpoint that holds only "
+                "weights and numbers, from a source you trust") from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         first = first.split(". ")[0][:160]  # torch's zip errors run on for several sentences
-        if isinstance(e, (KeyError, pickle.UnpicklingError)) or len(first) < 8:
-            first = f"not a torch.save file ({type(e).__name__}: {first})"
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or not a weights-only file: "
-            f"{first}); re-download or re-create it") from e
+            f"{path}: not a readable PyTorch checkpoint (not a torch.save file: "
+            f"{type(e).__name__}: {first}); check the path, or re-create it") from e
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint (see :func:`read_checkpoint_file`); errors name the file and the fix.
+
+    Accepts our schema, the published format (a dict with ``state_dict``; its NumPy scalars are
+    returned as Python numbers) and a bare state dict (returned as ``{"state_dict": ...}``).
+    """
+    return checkpoint_dict(read_checkpoint_file(path, map_location), source=str(path))
+
+
+def checkpoint_dict(obj: Any, source: str = "checkpoint") -> dict[str, Any]:
+    """What :func:`read_checkpoint_file` returned, as a dict with ``state_dict``: NumPy scalars
+    become Python numbers, a bare state dict becomes ``{"state_dict": ...}``."""
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        return dict(obj)
+        return {k: _plain_scalar(v) for k, v in obj.items()}
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"state_dict": dict(obj)}
-    raise CheckpointError(f"{path}: no 'state_dict' in this file; expected a Semantic Genesis checkpoint")
+    raise CheckpointError(f"{source}: no 'state_dict' in this file; expected a Semantic Genesis checkpoint")
+
+
+def infer_model_config(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, dict[str, Any]]:
+    """Architecture and constructor arguments of a Semantic Genesis state dict, from key names
+    and shapes (prefixes such as ``module.`` are ignored).
+
+    Returns ``(arch, config)``: arch ``"YNet3D"`` (decoder and ``clc_out`` head),
+    ``"ClassificationNet3D"`` (head, no decoder), ``"UNet3D"`` (decoder, no head; ``decoder``
+    is ``"transpose"`` when ``up_conv`` has weights, else ``"upsampling"``) or None when the
+    keys fit none of them; config holds what the weights tell: ``width``, ``in_channels``,
+    ``cls_classes``, ``n_class``, ``decoder``.
+    """
+    sd = clean_state_dict(state_dict)
+    first = sd.get("down_tr64.ops.0.conv1.weight")
+    if first is None or first.dim() != 5:
+        return None, {}
+    cfg: dict[str, Any] = {"width": int(first.shape[0]), "in_channels": int(first.shape[1])}
+    head = sd.get("clc_out.fc1.weight")
+    out = sd.get("out_tr.final_conv.weight")
+    transpose = "up_tr256.up_conv.weight" in sd
+    if head is not None:
+        cfg["cls_classes"] = int(head.shape[0])
+    if out is not None:
+        cfg["n_class"] = int(out.shape[0])
+    if head is not None and out is not None and transpose:
+        return "YNet3D", cfg
+    if head is not None and out is None:
+        return "ClassificationNet3D", cfg
+    if head is None and out is not None:
+        return "UNet3D", {**cfg, "decoder": "transpose" if transpose else "upsampling"}
+    return None, cfg
 
 
 def load_training_state(ckpt: Mapping[str, Any], optimizer: torch.optim.Optimizer | None = None,
@@ -226,16 +337,22 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     keys of heads that are not part of our networks (``projection_head.*``, ``prototypes.*``)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in STRIP_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+        key = strip_prefixes(key)
         if key.startswith(IGNORED_PREFIXES):
             continue
         out[key] = value
     return out
+
+
+def strip_prefixes(key: str) -> str:
+    """``key`` without the wrapper prefixes of ``STRIP_PREFIXES`` (repeatedly, in any order)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:

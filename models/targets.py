@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import DECODER_PREFIXES, clean_state_dict, load_pretrained
+from .checkpoint import DECODER_PREFIXES, infer_model_config, load_pretrained
 from .ynet3d import NormMode, UNet3D, _check_input, _Encoder
 
 __all__ = ["Encoder3D", "TargetClassifier", "build_classifier", "build_segmentation_model",
@@ -88,10 +88,7 @@ class TargetClassifier(nn.Module):
 
 def infer_width(state_dict: Mapping[str, torch.Tensor]) -> int | None:
     """Base width w of a Semantic Genesis state dict (first conv's output channels), or None."""
-    for key, value in clean_state_dict(state_dict).items():
-        if key == "down_tr64.ops.0.conv1.weight":
-            return int(value.shape[0])
-    return None
+    return infer_model_config(state_dict)[1].get("width")
 
 
 def build_classifier(width: int = 32, weights: str | os.PathLike | None = None, n_class: int = 1,

@@ -74,7 +74,8 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
 def save_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` (converted to plain types) as indented JSON, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(to_plain(obj), indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(to_plain(obj), indent=2, sort_keys=True) + "\n",
+                       encoding="utf-8")
     return Path(path)
 
 

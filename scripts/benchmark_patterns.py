@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             if not a.no_multi_res:
                 cmd.append("--multi_res")
             t = time.perf_counter()
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  encoding="utf-8", errors="replace")
             wall = time.perf_counter() - t
             if proc.returncode != 0:
                 print(proc.stdout[-2000:], file=sys.stderr)

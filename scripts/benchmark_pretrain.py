@@ -104,7 +104,7 @@ def machine_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine() or "cpu"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break

@@ -123,12 +123,16 @@ def _pip_download(tmp: Path, timeout: float) -> Path:
            "--no-binary", ":all:", "--disable-pip-version-check", "--retries", "2",
            "--timeout", "30", "-d", str(tmp), PACKAGE]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        # pip writes UTF-8; decode it as such whatever the process locale (a library may have
+        # switched it to ASCII), replacing bytes that are not UTF-8
+        res = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8",
+                             errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise DownloadError(f"pip download {PACKAGE} took longer than {timeout:.0f}s "
                             "(is the package index reachable?)") from e
-    except OSError as e:
-        raise DownloadError(f"cannot run pip ({e})") from e
+    except Exception as e:  # noqa: BLE001 -- any failure to run pip means "not downloaded"
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise DownloadError(f"cannot run pip download {PACKAGE} ({type(e).__name__}: {why})") from e
     tars = sorted(tmp.glob("pyradiomics-3.0.1*.tar.gz"))
     if res.returncode != 0 or not tars:
         tail = " | ".join((res.stderr or res.stdout).strip().splitlines()[-3:])

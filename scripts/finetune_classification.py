@@ -157,7 +157,7 @@ def load_labels(path: str | os.PathLike) -> np.ndarray:
             if lab.ndim == 2 and lab.shape[1] > 1:
                 lab = lab.argmax(1)
         else:
-            text = path.read_text().replace(",", " ").split()
+            text = path.read_text(encoding="utf-8").replace(",", " ").split()
             lab = np.array([float(t) for t in text])
     except ValueError as e:
         raise InputError(f"{path}: cannot read labels ({e}); use .npy or one integer per line") from e

@@ -187,7 +187,7 @@ def _write_manifest(out: Path, records: dict[str, dict[str, Any]], settings: dic
         w.writerow({k: (" ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in r[k])
                         if isinstance(r.get(k), list) else r.get(k, "")) for k in CSV_FIELDS})
     with atomic_path(out / MANIFEST_CSV) as tmp:
-        tmp.write_text(buf.getvalue())
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
 
 
 def prepare_dataset(args: argparse.Namespace) -> dict[str, Any]:
@@ -224,7 +224,8 @@ def prepare_dataset(args: argparse.Namespace) -> dict[str, Any]:
     old: dict[str, dict[str, Any]] = {}
     if (out / MANIFEST_JSON).is_file():
         try:
-            old = {r["patient"]: r for r in json.loads((out / MANIFEST_JSON).read_text())["volumes"]}
+            manifest = json.loads((out / MANIFEST_JSON).read_text(encoding="utf-8"))
+            old = {r["patient"]: r for r in manifest["volumes"]}
         except (ValueError, KeyError, TypeError) as e:
             print(f"warning: {out / MANIFEST_JSON} is unreadable ({e!r}); it is rebuilt from the "
                   "volumes processed in this run", file=sys.stderr)

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from models.checkpoint import DECODER_PREFIXES, load_checkpoint, load_state_dict_checked
+from models.checkpoint import (DECODER_PREFIXES, infer_model_config, load_checkpoint,
+                               load_state_dict_checked)
 from models.ynet3d import UNet3D, set_batchnorm
 from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, resolve_device,
                             save_json_atomic, save_npy_atomic, write_run_config)
@@ -105,12 +106,13 @@ def load_encoder(weights: str | os.PathLike, width: int = 32, decoder: str = "up
                  device: torch.device | str = "cpu") -> tuple[UNet3D, dict[str, Any]]:
     """Build the autoencoder from a checkpoint and load its encoder weights; eval mode.
 
-    ``width``/``decoder`` are used only when the checkpoint lacks ``model_config``. Decoder and
-    head weights are optional (only the encoder is used). Returns (model, model_config used).
+    Without ``model_config`` (a published file) width and decoder are read from the weights;
+    ``width``/``decoder`` are the fallback when even that fails. Decoder and head weights are
+    optional (only the encoder is used). Returns (model, model_config used).
     """
     path = resolve_weights(weights)
     ckpt = load_checkpoint(path)
-    cfg = dict(ckpt.get("model_config") or {})
+    cfg = dict(ckpt.get("model_config") or infer_model_config(ckpt["state_dict"])[1])
     # BatchNorm constants: recorded by train_autoencoder.py; older checkpoints were trained
     # with PyTorch's defaults (momentum 0.1, eps 1e-5), which eps must then stay.
     cfg = {"width": int(cfg.get("width", width)), "decoder": cfg.get("decoder", decoder),
@@ -281,7 +283,7 @@ def load_features(train_features_path: str | os.PathLike, val_features_path: str
         raise InputError(f"{index_path}: no index of which file each feature row belongs to "
                          f"(features from an older extractor?); {rerun}")
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(index_path.read_text(encoding="utf-8"))
         indexed = {split: list(index[split]) for split in SPLITS}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{index_path}: unreadable features index ({e}); {rerun}") from e

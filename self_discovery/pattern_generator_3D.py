@@ -245,7 +245,7 @@ def read_coordinates(path: str | os.PathLike) -> dict[int, list[dict]]:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise InputError(f"--prev_coordinates {path}: cannot be read ({e.strerror}); give the "
                          "coordinates.csv written by an earlier run") from e
@@ -328,7 +328,7 @@ def _write_csv(path: Path, plans: list[ClassPlan], per_file: int, counts: dict) 
             w.writerow([p.cls, s.split, s.resolution, s.file, s.x, s.y, s.z, *s.size,
                         p.reference, k, row])
     with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,7 +609,7 @@ def _same_cube_config(a: argparse.Namespace, save: Path) -> bool:
     if prev.resolve().parent != save.resolve() or not cfg_path.is_file():
         return False
     try:
-        old = json.loads(cfg_path.read_text())
+        old = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return all(old.get(k) == getattr(a, k) for k in _CUBE_FLAGS)

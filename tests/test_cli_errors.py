@@ -84,7 +84,8 @@ def test_help_of_main_built_parsers(name, capsys):
 
 def test_quickstart_help_shows_only_the_header():
     out = subprocess.run(["bash", str(REPO / "scripts" / "quickstart.sh"), "--help"],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, encoding="utf-8", errors="replace",
+                         check=True).stdout
     assert "Usage:" in out and "set -euo" not in out
 
 
@@ -101,6 +102,7 @@ def test_truncated_checkpoint_message_is_short(junk):
         load_checkpoint(junk["trunc"])
     msg = str(e.value)
     assert "\n" not in msg and len(msg) < 400 and msg.endswith("re-download or re-create it")
+    assert msg.startswith(f"{junk['trunc']}: truncated")
 
 
 def test_autoencoder_weights_text_file(volumes, junk, tmp_path, capsys):

@@ -155,7 +155,8 @@ def test_two_process_ddp_matches_one_process(setup, tmp_path):
            str(driver)]
     for attempt in range(2):  # one retry, only when the launcher could not get a free port
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                                errors="replace", start_new_session=True)
         try:
             out, err = proc.communicate(timeout=180)
         except subprocess.TimeoutExpired:

@@ -104,7 +104,7 @@ def test_pipeline_end_to_end_on_tiny_phantoms(tmp_path):
 
 def _dry_run(*flags: str) -> list[tuple[str, list[str]]]:
     res = subprocess.run(["bash", str(QUICKSTART), "--dry_run", *flags], capture_output=True,
-                         text=True, timeout=60, cwd="/")
+                         text=True, encoding="utf-8", errors="replace", timeout=60, cwd="/")
     assert res.returncode == 0, res.stderr
     cmds = []
     for line in res.stdout.splitlines():

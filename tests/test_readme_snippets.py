@@ -1,12 +1,17 @@
-"""The original README's two fine-tuning snippets run unchanged against our checkpoint.
+"""The Python blocks of our README.md run as written, against the checkpoints users have.
 
-The snippets below are pasted verbatim from the original README (`Your Dataset` is the only
-text replaced, since it is not Python); `config`, `device` and `intial_epoch` are given tiny
-definitions in the namespace they run in, and `weight_dir` (relative, as in the README) points
-at a checkpoint written by ``models.checkpoint.save_checkpoint`` from an untrained width-32
-``YNet3D``. Every ``UNet3D`` key must be copied ("Copying k <---- k"), and only the Y-Net's
-classification head is reported as not found.
+README.md holds the original README's two fine-tuning snippets verbatim (pinned below by their
+SHA-256, so an edit that "fixes" them fails here) and the ``load_pretrained`` example. The
+snippets run with ``Your Dataset`` (the only text that is not Python) replaced by a tiny
+dataset, and tiny ``config``, ``device`` and ``intial_epoch`` in their namespace; ``weight_dir``
+(relative, as written) points at:
+* a checkpoint written by ``models.checkpoint.save_checkpoint`` from a width-32 ``YNet3D``;
+* a checkpoint in the published format (NumPy scalars, DataParallel keys, optimiser state),
+  after ``scripts/convert_checkpoint.py``: every ``UNet3D`` tensor must equal the source's.
+Every ``UNet3D`` key must be copied ("Copying k <---- k"), and only the Y-Net's classification
+head is reported as not found.
 """
+import hashlib
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,141 +22,29 @@ from torch.utils.data import TensorDataset
 
 from models.checkpoint import save_checkpoint
 from models.ynet3d import UNet3D, YNet3D
+from scripts import convert_checkpoint as cc
+from tests.checkpoint_fixtures import save_published
 
-# shared/ lies beside the checkout (also in CI, which clones main next to a copy of it).
-SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "000_71ba735b5fbd18be.txt"
+README = Path(__file__).resolve().parents[1] / "README.md"
 WEIGHT_DIR = "Checkpoints/en_de/semantic_genesis_chest_ct.pt"
+#: SHA-256 of the original README's classification and segmentation snippets (each line
+#: right-stripped, blank lines at both ends removed).
+SNIPPET_SHA256 = ["004f242a2558a4ba5cb33a605f0768f2e80713176ac8698a9b6bd5fdc44a2030",
+                  "c67e8977bd2257be4ba5d4b8b522eed11261f8e1d5341cfdce40eac063ae3768"]
 
-CLASSIFICATION_SNIPPET = """
 
-import torch
-from torch import nn
-import torch.nn.functional as F
-from torch.utils.data import Dataset, DataLoader
-from models.ynet3d import *
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
 
-# prepare your own data
-train_loader = DataLoader(Your Dataset, batch_size=config.batch_size, shuffle=True)
 
-# prepare the 3D model
-class TargetNet(nn.Module):
-    def __init__(self, base_model,n_class=1):
-        super(TargetNet, self).__init__()
+def _digest(code: str) -> str:
+    text = "\n".join(line.rstrip() for line in code.strip("\n").splitlines())
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
-        self.base_model = base_model
-        self.dense_1 = nn.Linear(512, n_class, bias=True)
 
-    def forward(self, x):
-        self.base_model(x)
-        self.base_out = self.base_model.out512
-        # This global average polling is for shape (N,C,H,W) not for (N, H, W, C)
-        # where N = batch_size, C = channels, H = height, and W = Width
-        self.out_glb_avg_pool = F.avg_pool3d(self.base_out, kernel_size=self.base_out.size()[2:]).view(self.base_out.size()[0],-1)
-        self.linear_out = self.dense_1(self.out_glb_avg_pool)
-        final_out = F.relu(self.linear_out)
-        return final_out
-        
-base_model = UNet3D()
-
-#Load pre-trained weights
-weight_dir = 'Checkpoints/en_de/semantic_genesis_chest_ct.pt'
-checkpoint = torch.load(weight_dir)
-state_dict = checkpoint['state_dict']
-state_dict = {k.replace("module.", ""): v for k, v in state_dict.items()}
-delete = [key for key in state_dict if "projection_head" in key]
-for key in delete: del state_dict[key]
-delete = [key for key in state_dict if "prototypes" in key]
-for key in delete: del state_dict[key]
-for key in state_dict.keys():
-    if key in base_model.state_dict().keys():
-        base_model.state_dict()[key].copy_(state_dict[key])
-        print("Copying {} <---- {}".format(key, key))
-    elif key.replace("classficationNet.", "") in base_model.state_dict().keys():
-        base_model.state_dict()[key.replace("classficationNet.", "")].copy_(state_dict[key])
-        print("Copying {} <---- {}".format(key.replace("classficationNet.", ""), key))
-    else:
-        print("Key {} is not found".format(key))
-
-target_model = TargetNet(base_model)
-target_model.to(device)
-target_model = nn.DataParallel(target_model, device_ids = [i for i in range(torch.cuda.device_count())])
-criterion = nn.BCELoss()
-optimizer = torch.optim.SGD(target_model.parameters(), config.lr, momentum=0.9, weight_decay=0.0, nesterov=False)
-
-# train the model
-
-for epoch in range(intial_epoch, config.nb_epoch):
-    target_model.train()
-    for batch_ndx, (x,y) in enumerate(train_loader):
-        x, y = x.float().to(device), y.float().to(device)
-        pred = F.sigmoid(target_model(x))
-        loss = criterion(pred, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-"""
-
-SEGMENTATION_SNIPPET = """
-import torch
-from torch import nn
-import torch.nn.functional as F
-from torch.utils.data import Dataset, DataLoader
-from models.ynet3d import *
-
-#Declare the Dice Loss
-def torch_dice_coef_loss(y_true,y_pred, smooth=1.):
-    y_true_f = torch.flatten(y_true)
-    y_pred_f = torch.flatten(y_pred)
-    intersection = torch.sum(y_true_f * y_pred_f)
-    return 1. - ((2. * intersection + smooth) / (torch.sum(y_true_f) + torch.sum(y_pred_f) + smooth))
-
-# prepare your own data
-train_loader = DataLoader(Your Dataset, batch_size=config.batch_size, shuffle=True)
-
-# prepare the 3D model
-
-model = UNet3D()
-
-#Load pre-trained weights
-weight_dir = 'Checkpoints/en_de/semantic_genesis_chest_ct.pt'
-checkpoint = torch.load(weight_dir)
-state_dict = checkpoint['state_dict']
-#Load pre-trained weights
-checkpoint = torch.load(weight_dir)
-state_dict = checkpoint['state_dict']
-state_dict = {k.replace("module.", ""): v for k, v in state_dict.items()}
-delete = [key for key in state_dict if "projection_head" in key]
-for key in delete: del state_dict[key]
-delete = [key for key in state_dict if "prototypes" in key]
-for key in delete: del state_dict[key]
-for key in state_dict.keys():
-    if key in model.state_dict().keys():
-        model.state_dict()[key].copy_(state_dict[key])
-        print("Copying {} <---- {}".format(key, key))
-    elif key.replace("classficationNet.", "") in model.state_dict().keys():
-        model.state_dict()[key.replace("classficationNet.", "")].copy_(state_dict[key])
-        print("Copying {} <---- {}".format(key.replace("classficationNet.", ""), key))
-    else:
-        print("Key {} is not found".format(key))
-
-model.to(device)
-model = nn.DataParallel(model, device_ids = [i for i in range(torch.cuda.device_count())])
-criterion = torch_dice_coef_loss
-optimizer = torch.optim.SGD(model.parameters(), config.lr, momentum=0.9, weight_decay=0.0, nesterov=False)
-
-# train the model
-
-for epoch in range(intial_epoch, config.nb_epoch):
-    model.train()
-    for batch_ndx, (x,y) in enumerate(train_loader):
-        x, y = x.float().to(device), y.float().to(device)
-        pred = model(x)
-        loss = criterion(pred, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-"""
+SNIPPETS = [b for b in _python_blocks() if "Your Dataset" in b]
+CLASSIFICATION_SNIPPET, SEGMENTATION_SNIPPET = (SNIPPETS + ["", ""])[:2]
+OTHER_BLOCKS = [b for b in _python_blocks() if "Your Dataset" not in b]
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +58,13 @@ def readme_dir(tmp_path_factory):
     return root
 
 
-def _run_snippet(code: str, root: Path, y: torch.Tensor, monkeypatch, capsys) -> tuple[dict, str]:
+def _run_snippet(code: str, root: Path, y: torch.Tensor, monkeypatch, capsys,
+                 epochs: int = 1) -> tuple[dict, str]:
     monkeypatch.chdir(root)
     x = torch.rand(1, 1, 32, 32, 16)  # one tiny cube keeps a width-32 step fast on CPU
     ns = {
         "__name__": "readme_snippet",
-        "config": SimpleNamespace(batch_size=1, lr=1e-3, nb_epoch=1),
+        "config": SimpleNamespace(batch_size=1, lr=1e-3, nb_epoch=epochs),
         "device": torch.device("cpu"),
         "intial_epoch": 0,
         "your_dataset": TensorDataset(x, y),
@@ -192,11 +86,10 @@ def _ckpt_state(root: Path) -> dict:
     return torch.load(root / WEIGHT_DIR)["state_dict"]
 
 
-def test_snippets_are_the_readme_text():
-    if not SEED_README.is_file():
-        pytest.skip("the original README is not available here")
-    blocks = re.findall(r"```python\n(.*?)```", SEED_README.read_text(), re.S)
-    assert blocks == [CLASSIFICATION_SNIPPET, SEGMENTATION_SNIPPET]
+def test_readme_holds_the_original_snippets_verbatim():
+    assert [_digest(b) for b in SNIPPETS] == SNIPPET_SHA256
+    assert "TargetNet" in CLASSIFICATION_SNIPPET and "torch_dice_coef_loss" in SEGMENTATION_SNIPPET
+    assert CLASSIFICATION_SNIPPET.count(f"weight_dir = '{WEIGHT_DIR}'") == 1
 
 
 def test_classification_snippet_runs_unchanged(readme_dir, monkeypatch, capsys):
@@ -221,3 +114,39 @@ def test_segmentation_snippet_runs_unchanged(readme_dir, monkeypatch, capsys):
     assert not torch.equal(model.state_dict()["down_tr64.ops.0.bn1.running_mean"],
                            ref["down_tr64.ops.0.bn1.running_mean"])
     assert ns["pred"].shape == y.shape
+
+
+def test_other_readme_blocks_run(readme_dir, monkeypatch):
+    assert OTHER_BLOCKS and any("load_pretrained" in b for b in OTHER_BLOCKS)
+    monkeypatch.chdir(readme_dir)
+    for code in OTHER_BLOCKS:
+        exec(compile(code, "README block", "exec"), {"__name__": "readme_block"})
+
+
+@pytest.fixture(scope="module")
+def converted_dir(tmp_path_factory):
+    """WEIGHT_DIR converted from a published-format width-32 Y-Net; and that Y-Net's weights."""
+    root = tmp_path_factory.mktemp("published")
+    torch.manual_seed(1)
+    source = save_published(root / "downloaded.pt", YNet3D(cls_classes=44, width=32))
+    assert cc.main([str(root / "downloaded.pt"), str(root / WEIGHT_DIR)]) == 0
+    (root / "downloaded.pt").unlink()  # 300 MB: keep only the converted file
+    return root, source
+
+
+@pytest.mark.parametrize("which", ["classification", "segmentation"])
+def test_snippets_on_the_converted_published_checkpoint(converted_dir, which, monkeypatch,
+                                                       capsys):
+    """No training epoch (nb_epoch 0): the model holds exactly what the snippet copied."""
+    root, source = converted_dir
+    capsys.readouterr()
+    code = CLASSIFICATION_SNIPPET if which == "classification" else SEGMENTATION_SNIPPET
+    y = torch.ones(1, 1) if which == "classification" else torch.zeros(1, 1, 32, 32, 16)
+    ns, out = _run_snippet(code, root, y, monkeypatch, capsys, epochs=0)
+    _check_copy_lines(out)
+    model = ns["base_model"] if which == "classification" else ns["model"]
+    model = model.module if hasattr(model, "module") else model
+    state = model.state_dict()
+    assert set(state) == set(UNet3D().state_dict())
+    for key, value in state.items():
+        assert torch.equal(value, source[key]), key

@@ -27,7 +27,7 @@ def test_two_processes_then_resume_with_one(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "pytorch" / "train.py"), *argv]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=240)
+                          encoding="utf-8", errors="replace", timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     epoch_lines = [l for l in proc.stdout.splitlines() + proc.stderr.splitlines()
                    if l.startswith("epoch ")]
