@@ -243,7 +243,9 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; check the path (--weights/--pre_path/--resume)")
     try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+        present = torch.serialization.get_safe_globals()  # the caller's stay after the load
+        allowed = [g for g in _numpy_scalar_globals() if g not in present]
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 -- every failure to parse the file is reported below
         if _is_truncated(path, e):

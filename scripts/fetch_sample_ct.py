@@ -159,7 +159,11 @@ def fetch_sample_ct(cache_dir: str | os.PathLike | None = None, tarball: str | o
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if not verify_sample_ct(folder):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FetchError(f"{folder}: cannot create the cache folder ({e.strerror}); pass "
+                         "--cache_dir to a writable folder") from e
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="sample_ct_", dir=folder) as t:
         tmp = Path(t)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import locale
+import sys
 import tarfile
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import SimpleITK as sitk
 
 from scripts import prepare_dataset as pd
 from scripts.ct_io import normalize_hu, read_ct
+from scripts import fetch_sample_ct as fsc
 from scripts.fetch_sample_ct import (SAMPLE_FILES, DownloadError, FetchError, fetch_sample_ct,
                                      link_images, verify_sample_ct)
 from self_discovery.pattern_generator_3D import passes_lung_test
@@ -138,3 +141,28 @@ def test_fetch_rejects_bad_tarballs_without_network(tmp_path):
     with pytest.raises(FetchError, match="cannot extract"):
         (tmp_path / "junk.tar.gz").write_bytes(b"junk")
         fetch_sample_ct(tmp_path / "c3", tarball=tmp_path / "junk.tar.gz", quiet=True)
+
+
+@pytest.fixture()
+def ascii_locale():
+    """The process locale as SimpleITK's DICOM writer leaves it (ANSI_X3.4-1968)."""
+    old = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    yield
+    locale.setlocale(locale.LC_CTYPE, old)
+
+
+def test_pip_output_is_decoded_as_utf8_whatever_the_locale(tmp_path, monkeypatch, ascii_locale,
+                                                           capsys):
+    """pip's UTF-8 output (and bytes that are not UTF-8) end in the script's one-line error."""
+    fake = tmp_path / "fake_python"
+    fake.write_text("#!/bin/sh\nprintf 'ERROR: r\\303\\251seau \\342\\206\\222 \\377 down\\n' >&2\n"
+                    "exit 1\n", encoding="utf-8")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    with pytest.raises(DownloadError, match="failed \\(rc 1\\): ERROR: r\u00e9seau \u2192 \ufffd down"):
+        fetch_sample_ct(tmp_path / "cache", quiet=True, timeout=30)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no_such_python"))
+    assert fsc.main(["--cache_dir", str(tmp_path / "cache2"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot run pip download")
