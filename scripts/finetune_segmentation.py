@@ -9,7 +9,9 @@ sliding-window inference over whole volumes (windows of ``--crop`` overlapping b
 and their means. Training stops early when the validation Dice (or loss, ``--monitor``) has not
 improved for ``--patience`` epochs; the best epoch's weights are kept.
 
-Data: ``--images`` / ``--masks`` are folders or lists of volumes, paired by sorted name:
+Data: ``--images`` / ``--masks`` are folders or lists of volumes, each mask paired with the image
+of the same name, optionally followed by ``_mask``/``_seg``/``_label`` (``case1.nii.gz`` and
+``case1_mask.nii.gz``); unmatched or ambiguous names are an error listing them. Volumes are
 ``.npy`` arrays (x, y, z) with images already in [0, 1], or any format SimpleITK reads (NIfTI,
 NRRD, MetaImage, a DICOM series folder, ...) with images in HU (clipped to [-1000, 1000] and
 scaled to [0, 1] here). A mask must lie on its image's grid (same size, spacing, origin and
@@ -54,7 +56,7 @@ from scripts.ct_io import CTReadError, find_ct_inputs, normalize_hu, read_ct, vo
 from scripts.finetune_common import (add_model_flags, add_optimizer_flags, load_best,
                                      make_optimizer, restore_state, save_epoch)
 
-__all__ = ["Case", "list_volumes", "load_cases", "sample_crop", "CropDataset",
+__all__ = ["Case", "MASK_SUFFIXES", "list_volumes", "pair_volumes", "load_cases", "sample_crop", "CropDataset",
            "sliding_window_predict", "evaluate_cases", "build_parser", "run", "main"]
 
 #: Largest number of foreground coordinates kept per volume for oversampling.
@@ -149,17 +151,68 @@ def _check_grid(img: np.ndarray, img_grid: dict | None, msk: np.ndarray, msk_gri
                          + "; ".join(problems) + "); resample the mask onto the image grid")
 
 
+#: Mask file names may add one of these to the image's name (``case1.nii.gz`` and
+#: ``case1_mask.nii.gz``); a mask with exactly the image's name (in another folder) also pairs.
+MASK_SUFFIXES = ("_mask", "_seg", "_label")
+
+
+def _names(items: Sequence[dict[str, Any]], limit: int = 8) -> str:
+    shown = [str(it["path"]) for it in items[:limit]]
+    return ", ".join(shown) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def pair_volumes(img_items: Sequence[dict[str, Any]], msk_items: Sequence[dict[str, Any]],
+                 what: str = "") -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Pair every image with its mask by name, never by order.
+
+    The rule: a mask pairs with the image whose name (without the volume suffix) equals the
+    mask's name, or the mask's name without a trailing ``_mask``, ``_seg`` or ``_label``
+    (``case1.nii.gz`` <- ``case1_mask.nii.gz`` or ``case1.nii.gz`` in the mask folder).
+    Two images with one name (in different folders), a mask that fits several images or
+    none, and an image without a mask are errors listing the files.
+    """
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for it in img_items:
+        by_name.setdefault(volume_stem(it["path"]), []).append(it)
+    dup = [it for group in by_name.values() if len(group) > 1 for it in group]
+    if dup:
+        raise InputError(f"--{what}images: several images share a name ({_names(dup)}); images "
+                         "pair with masks by file name, so rename them to be unique")
+    mask_of: dict[str, list[dict[str, Any]]] = {}
+    unmatched = []
+    for it in msk_items:
+        stem = volume_stem(it["path"])
+        keys = {stem} | {stem[: -len(s)] for s in MASK_SUFFIXES if stem.endswith(s)}
+        hits = [k for k in keys if k in by_name]
+        if len(hits) != 1:
+            unmatched.append(it)
+            continue
+        mask_of.setdefault(hits[0], []).append(it)
+    several = [it for group in mask_of.values() if len(group) > 1 for it in group]
+    no_mask = [by_name[k][0] for k in sorted(by_name) if k not in mask_of]
+    problems = []
+    if no_mask:
+        problems.append(f"image(s) without a mask: {_names(no_mask)}")
+    if unmatched:
+        problems.append(f"mask(s) matching no image: {_names(unmatched)}")
+    if several:
+        problems.append(f"several masks for one image: {_names(several)}")
+    if problems:
+        raise InputError(f"--{what}images / --{what}masks: " + "; ".join(problems) + "; a mask "
+                         "is named like its image, optionally followed by _mask, _seg or _label "
+                         "(case1.nii.gz -> case1_mask.nii.gz)")
+    return [(by_name[k][0], mask_of[k][0]) for k in sorted(by_name)]
+
+
 def load_cases(images: Sequence[str], masks: Sequence[str], seed: int = 0,
                foreground_labels: Sequence[int] | None = None, what: str = "") -> list[Case]:
-    """Read image/mask pairs (matched by sorted name), check grids, find foreground voxels."""
-    img_items = list_volumes(images, f"--{what}images")
-    msk_items = list_volumes(masks, f"--{what}masks")
-    if len(img_items) != len(msk_items):
-        raise InputError(f"--{what}images has {len(img_items)} volume(s) but --{what}masks has "
-                         f"{len(msk_items)}; give one mask per image (paired by sorted name)")
+    """Read image/mask pairs (paired by name, see :func:`pair_volumes`), check grids, find
+    foreground voxels."""
+    pairs = pair_volumes(list_volumes(images, f"--{what}images"),
+                         list_volumes(masks, f"--{what}masks"), what)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xF0E9]))
     cases = []
-    for it_img, it_msk in zip(img_items, msk_items):
+    for it_img, it_msk in pairs:
         img, img_grid = _read(it_img, is_mask=False)
         msk, msk_grid = _read(it_msk, is_mask=True)
         _check_grid(img, img_grid, msk, msk_grid, str(it_img["path"]), str(it_msk["path"]))
@@ -317,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     g = ap.add_argument_group("data (.npy in [0, 1] or HU volumes in any SimpleITK format; axes (x, y, z))")
     g.add_argument("--images", nargs="+", default=None,
-                   help="training images: folders and/or files, paired with --masks by sorted name")
+                   help="training images: folders and/or files; each pairs with the mask of the same "
+                        "name, optionally followed by _mask, _seg or _label (case1 <- case1_mask)")
     g.add_argument("--masks", nargs="+", default=None,
                    help="training masks on the same grids as the images (foreground = value > 0)")
     g.add_argument("--val_images", nargs="+", default=None, help="explicit validation images")

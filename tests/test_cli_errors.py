@@ -281,3 +281,53 @@ def test_phantoms_without_patients_is_a_one_line_error(tmp_path, capsys):
     assert phantoms.main(["--output_dir", str(tmp_path / "p"), "--n", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --n 0") and "\n" not in err
+
+
+# --- segmentation pairs images and masks by name ---------------------------------------------
+
+def _seg_folders(root: Path, images: list[str], masks: list[str]) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True)
+    (root / "msk").mkdir(parents=True)
+    for name in images:
+        np.save(root / "img" / f"{name}.npy", rng.random(SHAPE, dtype=np.float32))
+    for name in masks:
+        np.save(root / "msk" / f"{name}.npy", (rng.random(SHAPE) > 0.7).astype(np.uint8))
+    return root / "img", root / "msk"
+
+
+def test_segmentation_pairs_by_name_not_sort_order(tmp_path):
+    """case1, case10, case2 sort differently from case1_mask, case10_mask, case2_mask."""
+    from scripts.ct_io import volume_stem
+    from scripts.finetune_segmentation import list_volumes, pair_volumes
+    img, msk = _seg_folders(tmp_path, ["case1", "case10", "case2"],
+                            ["case2_seg", "case10_mask", "case1_label"])
+    pairs = pair_volumes(list_volumes([img], "--images"), list_volumes([msk], "--masks"))
+    assert [(volume_stem(a["path"]), volume_stem(b["path"])) for a, b in pairs] == [
+        ("case1", "case1_label"), ("case10", "case10_mask"), ("case2", "case2_seg")]
+
+
+@pytest.mark.parametrize("masks, needle", [
+    (["case1_mask", "case2_mask", "other_mask"], "mask(s) matching no image: "),
+    (["case1_mask", "case1_seg", "case2"], "several masks for one image"),
+    (["case1_mask"], "image(s) without a mask: "),
+])
+def test_segmentation_unmatched_or_ambiguous_masks_are_listed(tmp_path, capsys, masks, needle):
+    from scripts import finetune_segmentation as fs
+    img, msk = _seg_folders(tmp_path, ["case1", "case2"], masks)
+    rc = fs.main(["--images", str(img), "--masks", str(msk), "--width", "4", "--device", "cpu",
+                  "--nb_epoch", "1", "--quiet", "--crop", "16", "16", "8",
+                  "--output_dir", str(tmp_path / "out")])
+    one_error_line(capsys, rc, needle, "_mask, _seg or _label")
+
+
+def test_segmentation_same_image_name_in_two_folders_is_refused(tmp_path, capsys):
+    """Two test images named p0 would also write one predictions/p0.npy over the other."""
+    from scripts import finetune_segmentation as fs
+    img, msk = _seg_folders(tmp_path / "a", ["p0", "p1"], ["p0_mask", "p1_mask"])
+    img2, msk2 = _seg_folders(tmp_path / "b", ["p0"], ["p0_mask"])
+    rc = fs.main(["--images", str(img), "--masks", str(msk), "--test_images", str(img), str(img2),
+                  "--test_masks", str(msk), str(msk2), "--width", "4", "--device", "cpu",
+                  "--nb_epoch", "1", "--quiet", "--crop", "16", "16", "8", "--save_predictions",
+                  "--output_dir", str(tmp_path / "out")])
+    one_error_line(capsys, rc, "--test_images", "share a name", str(img2 / "p0.npy"))
