@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +20,9 @@ from models.checkpoint import CheckpointError, InputError, atomic_path, to_plain
 
 __all__ = ["REPO_ROOT", "HelpFormatter", "atomic_path", "save_npy_atomic", "save_json_atomic",
            "resolve_device", "full_device", "seed_everything", "write_run_config",
-           "early_stopping_update", "InputError", "call_reporting_errors", "make_output_dir",
-           "summary_writer", "middle_slice_grid", "save_png"]
+           "early_stopping_update", "check_finite_training", "InputError", "call_reporting_errors", "one_line",
+           "make_output_dir", "LOCK_NAME", "add_overwrite_flag", "output_session",
+           "remove_stale_temporaries", "summary_writer", "middle_slice_grid", "save_png"]
 
 #: The repository root; CLI defaults are relative to the working directory, as in the reference.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,15 +57,142 @@ def summary_writer(log_dir: str | os.PathLike, flag: str = "--log_dir") -> Any:
     return SummaryWriter(str(make_output_dir(log_dir, flag)))
 
 
+#: Longest error line printed; the middle of a longer message (a list of thousands of names,
+#: say) is replaced by "... (N more characters) ...", keeping its start and the fix at its end.
+MAX_MESSAGE = 600
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
+    """``message`` as one readable line: an error re-raised from a DataLoader worker ("Caught
+    InputError in DataLoader worker process 0. Original Traceback ...") becomes its original
+    message, newlines become spaces, and a message over ``limit`` characters keeps its first
+    two thirds and last third around "... (N more characters) ..."."""
+    text = str(message).strip()
+    if "Original Traceback" in text:  # torch.utils.data's ExceptionWrapper
+        last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
+        text = re.sub(r"^[\w.]*(InputError|CheckpointError|Error): ", "", last)
+    text = " ".join(text.split())
+    if len(text) > limit:
+        head, tail = (2 * limit) // 3, limit // 3
+        text = f"{text[:head]} ... ({len(text) - head - tail} more characters) ... {text[-tail:]}"
+    return text
+
+
 def call_reporting_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
-    """Call ``fn``; bad user input (``InputError``, ``CheckpointError``) becomes one
-    ``error: ...`` line on stderr and ``(False, None)``, so every CLI's ``main`` ends the same
-    way (exit code 2, no traceback). Returns ``(True, result)`` otherwise."""
+    """Call ``fn``; bad user input (``InputError``, ``CheckpointError``) and operating-system
+    errors (read-only or full disk, missing permission: ``OSError`` naming the path) become one
+    ``error: ...`` line on stderr (see ``one_line``) and ``(False, None)``, so every CLI's
+    ``main`` ends the same way (exit code 2, no traceback). Returns ``(True, result)`` otherwise."""
     try:
         return True, fn(*args, **kwargs)
     except (InputError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return False, None
+    except OSError as e:
+        where = e.filename if e.filename is not None else "output"
+        why = e.strerror or one_line(str(e))
+        print(f"error: {one_line(f'{where}: {why}; check that the path exists, is writable and the disk has free space')}",
+              file=sys.stderr)
+        return False, None
+
+
+#: Lock file of a folder some run is writing into (holds the writer's process id).
+LOCK_NAME = ".lock"
+#: Temporary files of ``atomic_path``: ``.<name>.<random>.tmp[.suffix]``.
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp(\.\w+)?$")
+
+
+def add_overwrite_flag(group: Any, what: str) -> None:
+    """``--overwrite``: the one flag that lets a run replace a finished result."""
+    group.add_argument("--overwrite", action="store_true",
+                       help=f"replace {what} of an earlier run in the output folder (without it "
+                            "a finished result is kept and the run stops with an error)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _take_lock(folder: Path, flag: str) -> Path:
+    """Create ``folder/.lock`` exclusively with our pid; a lock of a dead process is reclaimed."""
+    lock = folder / LOCK_NAME
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = None
+            if pid is not None and _pid_alive(pid):
+                raise InputError(f"{folder}: another run (process {pid}) is writing into this "
+                                 f"folder; wait for it to end or choose another {flag}") from None
+            print(f"note: {lock}: lock of a run that no longer exists, taken over",
+                  file=sys.stderr)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return lock
+    raise InputError(f"{lock}: cannot take this lock; remove it if no run is writing into {folder}")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed atomic write left in ``folder`` and its direct
+    sub-folders (call it only while holding the folder's lock); returns them."""
+    folder = Path(folder)
+    found = []
+    for d in [folder] + sorted(p for p in folder.iterdir() if p.is_dir()):
+        for p in d.iterdir():
+            if _TEMPORARY.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                found.append(p)
+    if found:
+        print(f"note: removed {len(found)} temporary file(s) left by an interrupted run in "
+              f"{folder}", file=sys.stderr)
+    return found
+
+
+@contextmanager
+def output_session(folder: str | os.PathLike, flag: str, finished: Iterable[str | os.PathLike] = (),
+                   overwrite: bool = False, continue_flag: str | None = "--resume",
+                   continuing: bool = False, enabled: bool = True) -> Iterator[Path]:
+    """Own ``folder`` while a run writes into it.
+
+    A finished result of an earlier run (any path of ``finished`` that exists) is kept: the run
+    stops with an error naming it unless ``overwrite`` (``--overwrite``) or ``continuing``
+    (``continue_flag``, e.g. ``--resume``). A lock file (``.lock``, created exclusively, holding
+    the process id; one of a dead process is taken over) stops a second run writing into the
+    same folder, and temporaries of interrupted writes are removed. ``enabled=False`` (other
+    ranks of a distributed run) only yields the folder.
+    """
+    folder = Path(folder)
+    if not enabled:
+        yield folder
+        return
+    existing = [Path(p) for p in finished if Path(p).exists()]
+    if existing and not (overwrite or continuing):
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        cont = f" or {continue_flag} to continue it" if continue_flag else ""
+        raise InputError(f"{existing[0]}{more}: an earlier run's result is there and is kept; "
+                         f"pass --overwrite to replace it{cont}, or choose another {flag}")
+    make_output_dir(folder, flag)
+    lock = _take_lock(folder, flag)
+    try:
+        if existing and overwrite and not continuing:
+            print(f"note: --overwrite: replacing {existing[0]}"
+                  + (f" and {len(existing) - 1} more" if len(existing) > 1 else ""),
+                  file=sys.stderr)
+        remove_stale_temporaries(folder)
+        yield folder
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
@@ -110,6 +241,20 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def check_finite_training(model: torch.nn.Module, epoch: int, train_loss: float,
+                          val_loss: float, fix: str) -> None:
+    """Stop a run whose loss or weights stopped being finite: an ``InputError`` (one line,
+    ``fix`` says what to change) raised before the epoch's checkpoints are written, so the
+    last good ones stay. One host read for all weights."""
+    sums = [p.detach().float().sum() for p in model.parameters()]
+    weights_ok = bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
+    if not (math.isfinite(train_loss) and math.isfinite(val_loss) and weights_ok):
+        what = "weights" if weights_ok is False else "loss"
+        raise InputError(f"epoch {epoch}: non-finite {what} (train loss {train_loss:.4g}, val "
+                         f"loss {val_loss:.4g}); the checkpoints of the last good epoch are kept; "
+                         f"{fix}")
 
 
 def early_stopping_update(val_loss: float, best_loss: float, no_improve: int,

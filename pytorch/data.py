@@ -16,6 +16,7 @@ or the GPU, float16 or float32). Peak extra memory is one chunk, never a float64
 """
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,17 +25,54 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pytorch.common import InputError, full_device
+from pytorch.common import InputError, full_device, save_json_atomic
 
-__all__ = ["CLASSES_PER_BLOCK", "fold_blocks", "fold_file_names", "CubeSet", "load_cubes",
-           "load_pretraining_data", "BatchFeeder", "epoch_permutation", "validation_order",
-           "derive_seed"]
+__all__ = ["CLASSES_PER_BLOCK", "FOLD_INDEX", "write_fold_index", "check_fold_index", "fold_blocks",
+           "fold_file_names", "CubeSet", "load_cubes", "load_pretraining_data", "BatchFeeder",
+           "epoch_permutation", "validation_order", "derive_seed"]
 
 #: The pattern generator writes one group of fold files per block of this many classes.
 CLASSES_PER_BLOCK = 50
 #: Cubes must be normalised intensities; values this far outside [0, 1] are an error.
 RANGE_TOLERANCE = 1e-3
 _CHUNK = 256  # cubes copied per chunk while loading
+#: Written last by the pattern generator: the fold files of a finished run and their sizes.
+FOLD_INDEX = "fold_index.json"
+_FOLD_GLOB = "*_vwGen_ex_ref_fold*.0.npy"
+
+
+def write_fold_index(folder: Path, nb_classes: int) -> None:
+    """Record the fold files now in ``folder`` (name -> size in bytes), atomically; call it
+    when every block is complete."""
+    files = {p.name: p.stat().st_size for p in sorted(Path(folder).glob(_FOLD_GLOB))}
+    save_json_atomic(Path(folder) / FOLD_INDEX, {"nb_classes": int(nb_classes), "files": files})
+
+
+def check_fold_index(folder: Path, names: list[str]) -> None:
+    """Refuse fold files of an interrupted or mixed pattern-generator run.
+
+    With ``fold_index.json``, every file of ``names`` must be listed there with its size. Without
+    it, a folder the pattern generator wrote into (``coordinates.csv`` or ``config.json`` there)
+    is incomplete; folders without either (the published data, hand-made files) are read as is.
+    """
+    folder = Path(folder)
+    index_path = folder / FOLD_INDEX
+    fix = ("resume it with self_discovery/pattern_generator_3D.py --save "
+           f"{folder} --prev_coordinates {folder / 'coordinates.csv'}, or re-run it with --overwrite")
+    if not index_path.is_file():
+        if (folder / "coordinates.csv").is_file() or (folder / "config.json").is_file():
+            raise InputError(f"{folder}: the pattern generator has not finished writing here (no "
+                             f"{FOLD_INDEX}: the run was interrupted or is still running); {fix}")
+        return
+    try:
+        files = dict(json.loads(index_path.read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{index_path}: unreadable ({e}); {fix}") from e
+    for name in names:
+        path = folder / name
+        if name not in files or not path.is_file() or path.stat().st_size != files[name]:
+            raise InputError(f"{path}: not the file the pattern generator finished with (see "
+                             f"{index_path}); {fix}")
 
 
 def fold_blocks(cls_classes: int) -> list[tuple[int, int]]:
@@ -181,6 +219,7 @@ def load_pretraining_data(data_dir: str | Path, cls_classes: int, nb_instances: 
             f"{data_dir}: missing fold file(s) {', '.join(missing)}; expected for "
             f"--cls_classes {cls_classes} and --nb_multires_patch {nb_multires_patch} in "
             "--data_dir (make them with self_discovery/pattern_generator_3D.py)")
+    check_fold_index(data_dir, [p.name for d, lab, _ in train + val for p in (d, lab)])
     kw = dict(cube_shape=cube_shape, cls_classes=cls_classes, dtype=dtype, device=device,
               pin_memory=pin_memory)
     return load_cubes(train, **kw), load_cubes(val, **kw)

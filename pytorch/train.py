@@ -34,9 +34,9 @@ from models.checkpoint import (DECODER_PREFIXES, load_checkpoint, load_pretraine
                                load_state_dict_checked, load_training_state, save_checkpoint,
                                unwrap_model)
 from pytorch import distributed as D
-from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, early_stopping_update,
-                            full_device, middle_slice_grid, resolve_device, seed_everything,
-                            summary_writer, write_run_config)
+from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, call_reporting_errors,
+                            check_finite_training, early_stopping_update, full_device, middle_slice_grid, output_session,
+                            resolve_device, seed_everything, summary_writer, write_run_config)
 from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation, fold_blocks,
                           load_pretraining_data, validation_order)
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None,
                    help="continue a run from its checkpoint (usually ..._last.pt): weights, "
                         "optimiser, scheduler, epoch, early-stopping state; never implicit")
+    add_overwrite_flag(g, f"the checkpoints {CHECKPOINT_NAME}.pt / _last.pt (e.g. the "
+                          "published file placed in Checkpoints/en_de/)")
     g.add_argument("--log_dir", default="runs",
                    help="TensorBoard logs go to <log_dir>/<exp>_<time>[_<notes>]")
     g.add_argument("--log_every", type=int, default=50,
@@ -273,8 +275,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
               file=sys.stderr)
     info, device = D.init_distributed(device)
     device = full_device(device)
+    best_path, last_path, _ = _checkpoint_paths(args)
     try:
-        return _train(args, info, device)
+        with output_session(best_path.parent, "--checkpoint_dir", [best_path, last_path],
+                            args.overwrite, continuing=bool(args.resume), enabled=info.is_main):
+            return _train(args, info, device)
     finally:
         D.cleanup_distributed()
 
@@ -398,10 +403,8 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         tr, va = summarize_stats(sums), summarize_stats(vsums)  # one host sync per epoch
-        if not (math.isfinite(tr["loss"]) and math.isfinite(va["loss"])):
-            # One-line error like every other stage; the previous epoch's checkpoints stay intact.
-            raise InputError(f"epoch {epoch + 1}: non-finite loss (train {tr['loss']}, "
-                             f"val {va['loss']}); lower --lr or use --amp fp32")
+        check_finite_training(model, epoch + 1, tr["loss"], va["loss"],
+                              "lower --lr or use --amp fp32, then --resume the last checkpoint")
         # ---- decisions (rank 0, shared) ---------------------------------------------------
         decision = None
         if main_rank:

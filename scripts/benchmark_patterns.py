@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pytorch.common import HelpFormatter, atomic_path, save_json_atomic, save_npy_atomic
-from self_discovery.feature_extractor import INDEX_NAME
+from self_discovery.feature_extractor import INDEX_NAME, save_features
 from self_discovery.pattern_generator_3D import lung_test_weight_sum, normalize_crop
 
 __all__ = ["naive_weight_sum", "synthetic_volume", "write_dataset", "bench_lung_test",
@@ -120,13 +120,10 @@ def write_dataset(root: Path, n_train: int, n_val: int, shape: Sequence[int], fe
     bar.close()
     feats = root / "features"
     feats.mkdir(parents=True, exist_ok=True)
-    save_npy_atomic(feats / "train_features.npy",
-            rng.standard_normal((n_train, feat_dim)).astype(np.float32))
-    save_npy_atomic(feats / "validation_features.npy",
-            rng.standard_normal((n_val, feat_dim)).astype(np.float32))
-    save_json_atomic(feats / INDEX_NAME, {"train": names["train"],
-                                          "validation": names["validation"],
-                                          "feature_dim": feat_dim})
+    save_features(feats, rng.standard_normal((n_train, feat_dim)).astype(np.float32),
+                  rng.standard_normal((n_val, feat_dim)).astype(np.float32),
+                  {"train": names["train"], "validation": names["validation"],
+                   "feature_dim": feat_dim})
     return root
 
 
@@ -234,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--nb_classes", str(a.classes), "--nb_instances", str(a.instances),
                    "--nb_instances_val", str(a.instances_val), "--len_border", str(a.len_border),
                    "--len_border_z", str(a.len_border_z), "--lung_threshold",
-                   str(a.lung_threshold), "--seed", str(a.seed)]
+                   str(a.lung_threshold), "--seed", str(a.seed), "--overwrite"]
             if not a.no_multi_res:
                 cmd.append("--multi_res")
             t = time.perf_counter()

@@ -8,6 +8,7 @@ axes are axis-aligned, so files written by different tools mean the same thing p
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,6 +16,7 @@ import numpy as np
 
 __all__ = ["IMAGE_SUFFIXES", "IGNORED_SUFFIXES", "CTReadError", "read_ct", "read_sitk",
            "resample", "resampled_shape", "normalize_hu", "find_ct_inputs", "dicom_series",
+           "split_by_subject",
            "volume_suffix", "volume_stem"]
 
 #: File name endings treated as single-file (or header) volumes, checked longest first.
@@ -67,6 +69,33 @@ def dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str]]]:
     return out
 
 
+def _dicom_subject(path: str) -> tuple[str, str]:
+    """(PatientID, StudyInstanceUID) of one DICOM file, from its header ("" when absent)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return "", ""
+    get = lambda tag: reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""  # noqa: E731
+    return get("0010|0020"), get("0020|000d")
+
+
+def split_by_subject(files: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The slices of one series UID grouped by (patient, study), order kept: two patients'
+    scans that share a SeriesInstanceUID are never merged into one volume. Returns
+    ``[(subject, files)]`` with subject ``""`` when all slices belong to one patient and study."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for f in files:
+        groups.setdefault(_dicom_subject(f), []).append(f)
+    if len(groups) == 1:
+        return [("", list(files))]
+    return [(f"{pid or 'patient'}_{study[-8:]}" if study else (pid or "patient"), fs)
+            for (pid, study), fs in groups.items()]
+
+
 def find_ct_inputs(root: str | os.PathLike) -> list[dict[str, Any]]:
     """Everything under ``root`` (recursively) that may be a CT volume, in sorted order.
 
@@ -79,22 +108,27 @@ def find_ct_inputs(root: str | os.PathLike) -> list[dict[str, Any]]:
     if root.is_file():
         return [{"path": root, "kind": "file", "series": None, "files": None}]
     if not root.is_dir():
-        raise CTReadError(f"{root}: no such file or folder")
+        raise CTReadError(f"{root}: " + ("not a regular file or folder (a pipe or device?)"
+                                          if root.exists() else "no such file or folder"))
     items: list[dict[str, Any]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         names = sorted(f for f in filenames if not f.startswith("."))
         if not names:
             continue
-        series = dicom_series(dirpath)
+        series = [(sid, subject, fs) for sid, files in dicom_series(dirpath)
+                  for subject, fs in split_by_subject(files)]
         in_series: set[str] = set()
-        for sid, files in series:
+        for sid, subject, files in series:
             in_series.update(os.path.abspath(f) for f in files)
             items.append({"path": Path(dirpath), "kind": "dicom", "series": sid,
-                          "files": files, "n_series": len(series)})
+                          "subject": subject, "files": files, "n_series": len(series)})
         for name in names:
             full = Path(dirpath) / name
             if os.path.abspath(full) in in_series:
+                continue
+            if not full.is_file():  # a pipe, socket or device would block or fail on reading
+                print(f"note: skipped {full}: not a regular file", file=sys.stderr)
                 continue
             suf = volume_suffix(name)
             if suf in IGNORED_SUFFIXES and suf not in IMAGE_SUFFIXES:

@@ -45,11 +45,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from models.targets import build_classifier
-from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, make_output_dir,
-                            resolve_device, save_json_atomic, seed_everything, summary_writer,
+from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, call_reporting_errors,
+                            make_output_dir, resolve_device, save_json_atomic, seed_everything, summary_writer,
                             write_run_config)
-from scripts.finetune_common import (add_model_flags, add_optimizer_flags, load_best,
-                                     make_optimizer, restore_state, save_epoch)
+from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_session,
+                                     load_best, make_optimizer, restore_state, save_epoch)
 
 __all__ = ["CubeSet", "load_cubes", "load_labels", "load_class_folders", "split_stratified",
            "classification_metrics", "build_parser", "run", "main"]
@@ -351,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     t.add_argument("--resume", default=None,
                    help="continue an interrupted run from its last.pt (model, optimizer, epoch, history)")
+    add_overwrite_flag(t, "metrics.json, best.pt and last.pt")
 
     o = ap.add_argument_group("outputs")
     o.add_argument("--output_dir", default="runs/finetune_classification",
@@ -373,6 +374,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune as configured by ``args`` (see :func:`build_parser`); return the metrics dict
     that is also written to ``output_dir/metrics.json``."""
     _check_args(args)
+    with finetune_session(args):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
     seed_everything(args.seed)
     device = resolve_device(args.device)

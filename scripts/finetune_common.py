@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,13 @@ from torch import nn
 
 from models.checkpoint import (load_checkpoint, load_state_dict_checked, load_training_state,
                                save_checkpoint)
+from pytorch.common import output_session
 
 __all__ = ["add_model_flags", "add_optimizer_flags", "make_optimizer", "FinetuneState",
-           "restore_state", "save_epoch", "load_best"]
+           "finetune_session", "restore_state", "save_epoch", "load_best"]
+
+#: What a finished fine-tuning run leaves in --output_dir (kept unless --overwrite/--resume).
+RESULT_NAMES = ("metrics.json", "best.pt", "last.pt")
 
 
 def add_model_flags(ap: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -60,16 +63,19 @@ class FinetuneState:
     best_val: dict[str, Any] = field(default_factory=dict)
 
 
+def finetune_session(args: argparse.Namespace):
+    """``output_session`` of a fine-tuning run: ``--output_dir`` locked, an earlier run's
+    ``metrics.json``/``best.pt``/``last.pt`` kept unless ``--overwrite`` or ``--resume``."""
+    out = Path(args.output_dir)
+    return output_session(out, "--output_dir", [out / n for n in RESULT_NAMES], args.overwrite,
+                          continuing=bool(args.resume))
+
+
 def restore_state(resume: str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
                   output_dir: Path) -> FinetuneState:
-    """Load ``--resume`` (model, optimizer, epoch, history) or start fresh.
-
-    Starting fresh over an existing ``last.pt`` prints a note: nothing resumes silently.
-    """
+    """Load ``--resume`` (model, optimizer, epoch, history) or start fresh (an earlier run's
+    results in ``output_dir`` were refused by :func:`finetune_session` unless ``--overwrite``)."""
     if not resume:
-        if (output_dir / "last.pt").exists():
-            print(f"note: {output_dir / 'last.pt'} exists and will be overwritten; use --resume "
-                  "to continue it", file=sys.stderr)
         return FinetuneState()
     ckpt = load_checkpoint(resume)
     load_state_dict_checked(model, ckpt["state_dict"], source=str(resume))

@@ -8,10 +8,17 @@ with air, -1024 HU); clips to [--hu_min, --hu_max] and scales to [0, 1]; writes 
 (``manifest.json`` and ``manifest.csv``: source, original shape and spacing, output shape and
 spacing, HU range, split).
 
-Unreadable or odd inputs (2D images, single slices, empty/constant volumes, values that are
-not CT in HU such as label masks or MR) are reported and skipped; the run goes on and ends
-with a summary. Re-running skips patients whose ``.npy`` already exists (``--overwrite``
-redoes them). Exit status 0 when the dataset holds at least one volume, 2 otherwise.
+Unreadable or odd inputs (2D images, single slices, tiny, empty/constant, complex or non-finite
+volumes, values that are not CT in HU such as label masks or MR, pipes and other non-regular
+files) are reported and skipped; the run goes on and ends with a summary.
+
+A patient is identified by its source (absolute path, plus the series UID for DICOM; size and
+modification time are recorded to notice changed files). The manifest is rewritten atomically
+after every patient, so a killed run loses at most the patient in progress. Re-running prepares
+exactly the sources not yet in the manifest (``--overwrite`` redoes them all). Each patient's
+split comes from a hash of its source and ``--seed``, never from the order of discovery: an
+interrupted run continued later gives the same split as an uninterrupted one. Exit status 0
+when the dataset holds at least one volume, 2 otherwise.
 
     python scripts/prepare_dataset.py --input_dir /data/LUNA16 --output_dir dataset/
 """
@@ -25,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import re
@@ -35,11 +43,12 @@ import numpy as np
 from tqdm import tqdm
 
 from pytorch.common import (HelpFormatter, InputError, atomic_path, call_reporting_errors,
-                            save_json_atomic, save_npy_atomic)
+                            output_session, save_json_atomic, save_npy_atomic)
 from scripts.ct_io import (CTReadError, find_ct_inputs, normalize_hu, read_ct, resample,
                            volume_stem, volume_suffix)
 
-__all__ = ["build_parser", "prepare_dataset", "check_ct_range", "patient_name", "main"]
+__all__ = ["build_parser", "prepare_dataset", "check_ct_range", "patient_name", "source_identity",
+           "main"]
 
 SPLITS = ("train", "validation")
 MANIFEST_JSON = "manifest.json"
@@ -61,12 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="dataset/",
                    help="where train/, validation/ and manifest.{json,csv} are written")
     g.add_argument("--overwrite", action="store_true",
-                   help="re-create volumes that already exist (default: skip them)")
+                   help="prepare again the patients already in the manifest (default: keep "
+                        "them and prepare only new sources)")
     g = ap.add_argument_group("split")
     g.add_argument("--val_fraction", type=float, default=0.2,
-                   help="fraction of new patients put in validation/ (at least one when there "
-                        "are two or more new patients and the fraction is > 0)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the train/validation shuffle")
+                   help="fraction of the patients put in validation/ (at least one when there "
+                        "are two or more patients and the fraction is > 0); patients already in "
+                        "the manifest keep their split")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the train/validation split (a hash of each patient's source "
+                        "and the seed orders the patients, whatever order they are found in)")
     g = ap.add_argument_group("intensities and geometry")
     g.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
                    help="resample linearly to this voxel spacing in mm, keeping the physical "
@@ -117,16 +130,51 @@ def patient_name(item: dict[str, Any], root: Path) -> str:
             base = path.name
         if item.get("n_series", 1) > 1:
             base = f"{base}_{item['series'][-8:]}"
+        if item.get("subject"):
+            base = f"{base}_{item['subject']}"
     else:
         base = volume_stem(path)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "patient"
 
 
-def _existing_split(out: Path, name: str) -> str | None:
-    for split in SPLITS:
-        if (out / split / f"{name}.npy").is_file():
-            return split
-    return None
+def source_identity(item: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a patient's source: ``key`` (absolute path, ``#<series UID>`` and the
+    patient/study of a DICOM series), and ``size``/``mtime_ns`` (summed / latest over the
+    files) to notice a changed source."""
+    path = Path(item["path"]).resolve()
+    files = [Path(f) for f in item.get("files") or [path]]
+    stats = [f.stat() for f in files]
+    key = str(path)
+    if item["kind"] == "dicom":
+        key += f"#{item['series']}" + (f"#{item['subject']}" if item.get("subject") else "")
+    return {"key": key, "size": sum(st.st_size for st in stats),
+            "mtime_ns": max(st.st_mtime_ns for st in stats)}
+
+
+def _split_rank(key: str, seed: int) -> int:
+    """The order of a source in the split: a hash of (seed, key), never the discovery order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "big")
+
+
+def _check_not_nested(inputs: list[Path], out: Path) -> None:
+    """Refuse an output folder inside an input folder (it would be read as input on every
+    re-run) or an input inside the output folder."""
+    o = out.resolve()
+    for root in inputs:
+        r = root.resolve()
+        if o == r or r in o.parents or o in r.parents:
+            raise InputError(f"--output_dir {out} and --input_dir {root} overlap: the prepared "
+                             "volumes would be read as input on the next run; choose an output "
+                             "folder outside the input folders")
+
+
+def _check_volume(path: Path, vol: np.ndarray, args: argparse.Namespace) -> None:
+    """Skip (``CTReadError``) volumes that are too small or hold NaN/inf, whatever the flags."""
+    if min(vol.shape) < args.min_size:
+        raise CTReadError(f"{path}: shape {vol.shape} has an axis shorter than --min_size "
+                          f"{args.min_size} (a 2D image or a few slices?)")
+    if vol.dtype.kind == "f" and not np.isfinite(vol).all():
+        raise CTReadError(f"{path}: holds NaN or infinite values")
 
 
 def _read_item(item: dict[str, Any], args: argparse.Namespace
@@ -138,9 +186,10 @@ def _read_item(item: dict[str, Any], args: argparse.Namespace
             vol = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise CTReadError(f"{path}: not a readable .npy ({e})") from e
-        if vol.ndim != 3 or not np.issubdtype(vol.dtype, np.number):
-            raise CTReadError(f"{path}: expected a 3D numeric array (x, y, z), got shape "
+        if vol.ndim != 3 or vol.dtype.kind not in "iuf":
+            raise CTReadError(f"{path}: expected a 3D array of real numbers (x, y, z), got shape "
                               f"{vol.shape} dtype {vol.dtype}")
+        _check_volume(path, vol, args)
         vol = vol.astype(np.float32)
         facts = {"format": "npy", "original_shape": list(vol.shape), "original_spacing": None,
                  "orientation": "as stored", "source_hu_min": float(vol.min()) if vol.size else None,
@@ -162,9 +211,7 @@ def _read_item(item: dict[str, Any], args: argparse.Namespace
              "source_hu_min": float(hu.min()), "source_hu_max": float(hu.max())}
     if meta.get("reoriented_to"):
         facts["note"] = f"reoriented {meta.get('original_orientation', '')} -> {meta['reoriented_to']}"
-    if min(hu.shape) < args.min_size:
-        raise CTReadError(f"{path}: shape {hu.shape} has an axis shorter than --min_size "
-                          f"{args.min_size} (a 2D image or a few slices?)")
+    _check_volume(path, hu, args)
     if not args.no_hu_check and (why := check_ct_range(hu)):
         raise CTReadError(f"{path}: {why}")
     if args.spacing is not None:
@@ -190,6 +237,26 @@ def _write_manifest(out: Path, records: dict[str, dict[str, Any]], settings: dic
         tmp.write_text(buf.getvalue(), encoding="utf-8")
 
 
+def _load_manifest(out: Path) -> dict[str, dict[str, Any]]:
+    """Records of the previous runs by patient name ({} when there is no readable manifest)."""
+    if not (out / MANIFEST_JSON).is_file():
+        return {}
+    try:
+        rows = json.loads((out / MANIFEST_JSON).read_text(encoding="utf-8"))["volumes"]
+        return {r["patient"]: dict(r) for r in rows}
+    except (ValueError, KeyError, TypeError) as e:
+        print(f"warning: {out / MANIFEST_JSON} is unreadable ({e!r}); the patients of this run "
+              "are prepared again (same names and splits)", file=sys.stderr)
+        return {}
+
+
+def _record_key(rec: dict[str, Any]) -> str | None:
+    """The source key of a manifest record (records of older versions: the resolved source)."""
+    if rec.get("source_key"):
+        return str(rec["source_key"])
+    return str(Path(rec["source"]).resolve()) if rec.get("source") else None
+
+
 def prepare_dataset(args: argparse.Namespace) -> dict[str, Any]:
     """Run stage 0 with parsed ``args``; return a summary dict
     (``written``, ``existing``, ``skipped`` lists and ``output_dir``)."""
@@ -200,77 +267,92 @@ def prepare_dataset(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(f"--spacing {args.spacing}: every spacing must be > 0 mm")
     if not args.hu_max > args.hu_min:
         raise InputError(f"--hu_min {args.hu_min} / --hu_max {args.hu_max}: need hu_max > hu_min")
-
-    # 1. find inputs, name them uniquely
-    items: list[tuple[str, dict[str, Any]]] = []
-    seen: dict[str, int] = {}
-    for root in (Path(p) for p in args.input_dir):
+    roots = [Path(p) for p in args.input_dir]
+    for root in roots:
         if not root.exists():
             raise InputError(f"{root}: --input_dir not found; give a folder of CT scans "
                              "(or run scripts/fetch_sample_ct.py for sample data)")
+    _check_not_nested(roots, out)
+    with output_session(out, "--output_dir"):
+        return _prepare(args, roots, out)
+
+
+def _prepare(args: argparse.Namespace, roots: list[Path], out: Path) -> dict[str, Any]:
+    # 1. find inputs and their identities
+    found: list[tuple[str, dict[str, Any], dict[str, Any]]] = []   # (base name, item, identity)
+    for root in roots:
         for item in find_ct_inputs(root):
-            name = patient_name(item, root if root.is_dir() else root.parent)
-            if name in seen:
-                seen[name] += 1
-                name = f"{name}_{seen[name]}"
-            else:
-                seen[name] = 0
-            items.append((name, item))
-    if not items:
+            found.append((patient_name(item, root if root.is_dir() else root.parent), item,
+                          source_identity(item)))
+    if not found:
         raise InputError(f"{' '.join(args.input_dir)}: no files found; put one CT per patient "
                          "there (.mhd, .nii.gz, .nrrd, DICOM series folders, .npy)")
+    by_key: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {}
+    for entry in found:                     # the same source given twice counts once
+        by_key.setdefault(entry[2]["key"], entry)
 
-    # 2. previous manifest: what is done, and where
-    old: dict[str, dict[str, Any]] = {}
-    if (out / MANIFEST_JSON).is_file():
-        try:
-            manifest = json.loads((out / MANIFEST_JSON).read_text(encoding="utf-8"))
-            old = {r["patient"]: r for r in manifest["volumes"]}
-        except (ValueError, KeyError, TypeError) as e:
-            print(f"warning: {out / MANIFEST_JSON} is unreadable ({e!r}); it is rebuilt from the "
-                  "volumes processed in this run", file=sys.stderr)
-            old = {}
+    # 2. previous manifest: which sources are done, under which name and split
+    records = _load_manifest(out)
+    known = {k: name for name, rec in records.items()
+             if (k := _record_key(rec)) and rec.get("split") in SPLITS}
+    done = {k for k, n in known.items() if (out / records[n]["split"] / f"{n}.npy").is_file()}
 
-    # 3. split the new patients (existing ones keep their split)
-    existing = {n: s for n, _ in items if not args.overwrite and (s := _existing_split(out, n))}
-    new_names = [n for n, _ in items if n not in existing]
-    rng = np.random.default_rng(args.seed)
-    order = [new_names[i] for i in rng.permutation(len(new_names))]
+    # 3. names (a base name shared by several sources gets a hash of the source) and splits
+    #    (sources ranked by a hash of source and seed; recorded patients keep theirs)
+    base_count: dict[str, int] = {}
+    for base, _, _ in by_key.values():
+        base_count[base] = base_count.get(base, 0) + 1
+    taken = set(records)
+    order = sorted(by_key, key=lambda k: _split_rank(k, args.seed))
     n_val = int(round(len(order) * args.val_fraction))
     if args.val_fraction > 0 and len(order) >= 2:
         n_val = max(1, n_val)
     n_val = min(n_val, max(0, len(order) - 1))
-    split_of = {n: ("validation" if i < n_val else "train") for i, n in enumerate(order)}
-    split_of.update(existing)
+    ranked_split = {k: ("validation" if i < n_val else "train") for i, k in enumerate(order)}
 
     settings = {k: v for k, v in vars(args).items()}
-    records: dict[str, dict[str, Any]] = {k: v for k, v in old.items()
-                                          if _existing_split(out, k)}
+    previous, records = records, {known[k]: records[known[k]] for k in done}  # still on disk
     written, kept, skipped = [], [], []
-    for name, item in tqdm(items, desc="prepare", unit="vol", disable=None):
-        split = split_of[name]
-        target = out / split / f"{name}.npy"
-        if name in existing:
-            kept.append(name)
-            rec = records.setdefault(name, {"patient": name, "source": str(item["path"])})
-            rec.update(split=split, status="existing")
-            continue
+    for key, (base, item, ident) in tqdm(sorted(by_key.items(), key=lambda e: e[1][0]),
+                                         desc="prepare", unit="vol", disable=None):
+        if key in known:  # prepared before: same name and split
+            name = known[key]
+            split = previous[name]["split"]
+            rec = records.get(name)
+            if rec is not None and not args.overwrite:
+                if rec.get("source_size") not in (None, ident["size"]) or \
+                        rec.get("source_mtime_ns") not in (None, ident["mtime_ns"]):
+                    tqdm.write(f"warning: {item['path']} changed since it was prepared; keeping "
+                               f"{rec['split']}/{name}.npy (--overwrite prepares it again)",
+                               file=sys.stderr)
+                rec["status"] = "existing"
+                kept.append(name)
+                continue
+        else:
+            name = base if base_count[base] == 1 and base not in taken else \
+                f"{base}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+            on_disk = [sp for sp in SPLITS if (out / sp / f"{name}.npy").is_file()]
+            split = on_disk[0] if len(on_disk) == 1 else ranked_split[key]  # lost manifest
         t0 = time.time()
         try:
             vol, facts = _read_item(item, args)
-        except (CTReadError, MemoryError) as e:
-            msg = str(e)
+        except (CTReadError, MemoryError, ValueError, OSError) as e:
+            msg = str(e) if str(item["path"]) in str(e) else f"{item['path']}: {e}"
             tqdm.write(f"skipped: {msg}", file=sys.stderr)
             skipped.append({"source": str(item["path"]), "reason": msg})
             continue
-        for other in SPLITS:  # --overwrite may move a patient between splits
-            if other != split and (out / other / f"{name}.npy").is_file():
-                (out / other / f"{name}.npy").unlink()
+        target = out / split / f"{name}.npy"
+        for other in SPLITS:  # a leftover of an interrupted run in the other split
+            if other != split:
+                (out / other / f"{name}.npy").unlink(missing_ok=True)
         save_npy_atomic(target, vol)
         records[name] = {"patient": name, "split": split, "status": "written",
-                         "source": str(item["path"]), "output": str(target),
-                         "output_shape": list(vol.shape), "hu_min": args.hu_min,
-                         "hu_max": args.hu_max, **facts}
+                         "source": str(item["path"]), "source_key": key,
+                         "source_size": ident["size"], "source_mtime_ns": ident["mtime_ns"],
+                         "output": str(target), "output_shape": list(vol.shape),
+                         "hu_min": args.hu_min, "hu_max": args.hu_max, **facts}
+        taken.add(name)
+        _write_manifest(out, records, settings, skipped)   # after every patient, atomically
         written.append(name)
         tqdm.write(f"{split}/{name}.npy  {tuple(facts['original_shape'])} -> {vol.shape}  "
                    f"({time.time() - t0:.1f}s)")

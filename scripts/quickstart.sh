@@ -123,13 +123,13 @@ run prepare "$PY" scripts/prepare_dataset.py --input_dir "${SOURCES[@]}" --outpu
 run autoencoder "$PY" self_discovery/train_autoencoder.py --data_dir "$DS" \
     --input_rows "${AE_SIZE[0]}" --input_cols "${AE_SIZE[1]}" --input_deps "${AE_SIZE[2]}" \
     --width "$WIDTH" --batch_size "$AE_BATCH" "${AE_EPOCH[@]}" --num_workers 0 --cache \
-    --device "$DEVICE" --checkpoint_dir "$AE" --log_dir "$RUNS/autoencoder"
+    --device "$DEVICE" --checkpoint_dir "$AE" --log_dir "$RUNS/autoencoder" --overwrite
 
 # ---- 3. one feature vector per patient -----------------------------------------------------
 run features "$PY" self_discovery/feature_extractor.py --data_dir "$DS" \
     --weights "$AE/Unet_autoencoder.pt" \
     --input_rows "${AE_SIZE[0]}" --input_cols "${AE_SIZE[1]}" --input_depth "${AE_SIZE[2]}" \
-    --num_workers 0 --device "$DEVICE" --save_dir "$FEAT"
+    --num_workers 0 --device "$DEVICE" --save_dir "$FEAT" --overwrite
 
 # ---- 4. self-discovery of anatomical patterns ----------------------------------------------
 N_TRAIN=$([[ $DRY == 1 ]] && echo 999 || find "$DS/train" -name '*.npy' | wc -l)
@@ -143,14 +143,14 @@ run patterns "$PY" self_discovery/pattern_generator_3D.py --data_dir "$DS" --sav
     --crop_rows "${CUBE[0]}" --crop_cols "${CUBE[1]}" --multi_res \
     --minPatchSize "$PATCH_MIN" --maxPatchSize "$PATCH_MAX" --nb_classes "$CLASSES" \
     --nb_instances "$INSTANCES" --nb_instances_val "$INSTANCES_VAL" \
-    --len_border "$BORDER" --len_border_z "$BORDER_Z" --seed 0
+    --len_border "$BORDER" --len_border_z "$BORDER_Z" --seed 0 --overwrite
 
 # ---- 5. pretraining: self-classification + self-restoration (Y-Net 3D) ----------------------
 run pretrain "$PY" pytorch/train.py --data_dir "$PAT" \
     --input_rows "${CUBE[0]}" --input_cols "${CUBE[1]}" --input_deps "${CUBE[2]}" \
     --cls_classes "$CLASSES" --nb_instances "$INSTANCES" --nb_val_instances "$INSTANCES_VAL" \
     --nb_multires_patch 3 --width "$WIDTH" --batch_size "$BATCH" "${PT_EPOCH[@]}" \
-    --device "$DEVICE" --checkpoint_dir "$PRE" --log_dir "$RUNS" --notes quickstart
+    --device "$DEVICE" --checkpoint_dir "$PRE" --log_dir "$RUNS" --notes quickstart --overwrite
 
 # ---- 6. fine-tune the pretrained encoder: nodule / no-nodule cubes -------------------------
 run nodule_cubes "$PY" scripts/phantoms.py --output_dir "$NOD" --nodule_cubes "$FT_CUBES" \
@@ -158,7 +158,7 @@ run nodule_cubes "$PY" scripts/phantoms.py --output_dir "$NOD" --nodule_cubes "$
 run finetune "$PY" scripts/finetune_classification.py --data "$NOD/cubes.npy" \
     --labels "$NOD/labels.npy" --weights "$PRE/semantic_genesis_chest_ct.pt" --width "$WIDTH" \
     --batch_size "$FT_BATCH" "${FT_EPOCH[@]}" "${FT_OPT[@]}" --num_workers 0 --device "$DEVICE" \
-    --output_dir "$FT"
+    --output_dir "$FT" --overwrite
 
 [[ $DRY == 1 ]] && exit 0
 [[ $OUT == /* ]] && ABS_OUT="$OUT" || ABS_OUT="$REPO/$OUT"

@@ -10,8 +10,9 @@ looks), written atomically:
 
 - ``train_features.npy`` (N_train, 16w) and ``validation_features.npy`` (N_val, 16w), float32;
 - ``features_index.json``: ``{"train": [file names in row order], "validation": [...],
-  "data_dir", "weights", "feature_dim", "input_size"}``; ``load_features`` checks it against
-  the folder so features are never silently paired with the wrong patients;
+  "data_dir", "weights", "feature_dim", "input_size", "sha256"}``, written last;
+  ``load_features`` checks it against the folder and both files' checksums, so features are
+  never silently paired with the wrong patients nor train and validation features of two runs;
 - ``config.json``: the resolved configuration.
 
 Run from the repository root::
@@ -30,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import hashlib
 import json
 import os
 import warnings
@@ -42,15 +44,16 @@ from torch.utils.data import DataLoader, Subset
 from models.checkpoint import (DECODER_PREFIXES, infer_model_config, load_checkpoint,
                                load_state_dict_checked)
 from models.ynet3d import UNet3D, set_batchnorm
-from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, resolve_device,
-                            save_json_atomic, save_npy_atomic, write_run_config)
+from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, call_reporting_errors,
+                            output_session, resolve_device, save_json_atomic, save_npy_atomic,
+                            write_run_config)
 from pytorch.distributed import (DistInfo, all_gather_objects, barrier, distributed_session,
                                  is_main, shard_indices)
 from pytorch.engine import autocast, resolve_amp
 from self_discovery.volumes import SPLITS, ResizedVolumeDataset, list_volumes
 
 __all__ = ["TRAIN_NAME", "VAL_NAME", "INDEX_NAME", "build_parser", "resolve_weights",
-           "load_encoder", "extract_features", "load_features", "main"]
+           "load_encoder", "extract_features", "save_features", "file_sha256", "load_features", "main"]
 
 TRAIN_NAME = "train_features.npy"
 VAL_NAME = "validation_features.npy"
@@ -88,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("outputs")
     g.add_argument("--save_dir", default="self_discovery/features/",
                    help=f"where {TRAIN_NAME}, {VAL_NAME}, {INDEX_NAME} and config.json go")
+    add_overwrite_flag(g, f"{TRAIN_NAME}, {VAL_NAME} and {INDEX_NAME}")
     g.add_argument("--verbose", type=int, default=1, choices=[0, 1],
                    help="0: errors only, 1: progress bars and a summary")
     return p
@@ -183,7 +187,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                          "positive multiple of 8")
     if args.batch_size <= 0 or args.num_workers < 0:
         raise InputError("--batch_size must be positive and --num_workers >= 0")
-    with distributed_session(resolve_device(args.device)) as (info, device):
+    save = Path(args.save_dir)
+    with distributed_session(resolve_device(args.device)) as (info, device), \
+            output_session(save, "--save_dir", [save / n for n in (TRAIN_NAME, VAL_NAME, INDEX_NAME)],
+                           args.overwrite, continue_flag=None, enabled=info.is_main):
         return _run(args, info, device, size)
 
 
@@ -206,14 +213,12 @@ def _run(args: argparse.Namespace, info: DistInfo, device: torch.device,
         save_dir = Path(args.save_dir)
         train_feats, val_feats = results["train"], results["validation"]
         assert train_feats is not None and val_feats is not None
-        save_npy_atomic(save_dir / TRAIN_NAME, train_feats)
-        save_npy_atomic(save_dir / VAL_NAME, val_feats)
-        index = {"train": [f.name for f in files["train"]],
-                 "validation": [f.name for f in files["validation"]],
-                 "data_dir": str(data_dir.resolve()),
-                 "weights": str(resolve_weights(args.weights).resolve()),
-                 "feature_dim": dim, "input_size": list(size), "model_config": cfg}
-        save_json_atomic(save_dir / INDEX_NAME, index)
+        save_features(save_dir, train_feats, val_feats, {
+            "train": [f.name for f in files["train"]],
+            "validation": [f.name for f in files["validation"]],
+            "data_dir": str(data_dir.resolve()),
+            "weights": str(resolve_weights(args.weights).resolve()),
+            "feature_dim": dim, "input_size": list(size), "model_config": cfg})
         write_run_config(dict(vars(args), resolved_device=str(device),
                               world_size=info.world_size, model_config=cfg), save_dir)
         summary = {"train": train_feats.shape, "validation": val_feats.shape,
@@ -223,6 +228,31 @@ def _run(args: argparse.Namespace, info: DistInfo, device: torch.device,
                   f"-> {save_dir}", flush=True)
     barrier()
     return summary
+
+
+def save_features(save_dir: str | os.PathLike, train_feats: np.ndarray, val_feats: np.ndarray,
+                  index: dict[str, Any]) -> None:
+    """Write both feature files, then ``index`` (file names per split, ...) with their SHA-256.
+
+    The old index is removed first and written back last, so a run killed between the writes
+    leaves features that :func:`load_features` refuses, never train features of one run next
+    to validation features of another.
+    """
+    save_dir = Path(save_dir)
+    (save_dir / INDEX_NAME).unlink(missing_ok=True)
+    save_npy_atomic(save_dir / TRAIN_NAME, train_feats)
+    save_npy_atomic(save_dir / VAL_NAME, val_feats)
+    sums = {n: file_sha256(save_dir / n) for n in (TRAIN_NAME, VAL_NAME)}
+    save_json_atomic(save_dir / INDEX_NAME, {**index, "sha256": sums})
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (features are small: N x 16w float32)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _describe_mismatch(split: str, indexed: list[str], current: list[str]) -> str:
@@ -281,12 +311,19 @@ def load_features(train_features_path: str | os.PathLike, val_features_path: str
     index_path = train_features_path.parent / INDEX_NAME
     if not index_path.is_file():
         raise InputError(f"{index_path}: no index of which file each feature row belongs to "
-                         f"(features from an older extractor?); {rerun}")
+                         f"(an interrupted extraction, or features from an older extractor); "
+                         f"{rerun} --overwrite")
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         indexed = {split: list(index[split]) for split in SPLITS}
+        sums = dict(index["sha256"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{index_path}: unreadable features index ({e}); {rerun}") from e
+        raise InputError(f"{index_path}: unreadable features index ({e}); {rerun} --overwrite") from e
+    for path, name in ((train_features_path, TRAIN_NAME), (val_features_path, VAL_NAME)):
+        if sums.get(name) != file_sha256(path):
+            raise InputError(f"{path}: not the file {index_path} was written with (an interrupted "
+                             f"or mixed extraction: train and validation features must come from "
+                             f"one run); {rerun} --overwrite")
     current = {split: list_volumes(data_dir / split) for split in SPLITS}
     problems = [_describe_mismatch(split, indexed[split], [f.name for f in current[split]])
                 for split in SPLITS if indexed[split] != [f.name for f in current[split]]]

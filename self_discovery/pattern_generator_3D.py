@@ -70,10 +70,11 @@ import numpy as np
 from sklearn.neighbors import NearestNeighbors
 from tqdm import tqdm
 
-from pytorch.common import (HelpFormatter, InputError, atomic_path, call_reporting_errors,
-                            make_output_dir, middle_slice_grid, save_npy_atomic, save_png,
-                            write_run_config)
-from pytorch.data import CLASSES_PER_BLOCK, fold_file_names  # the reader's names: one contract
+from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, atomic_path,
+                            call_reporting_errors, middle_slice_grid, output_session,
+                            save_npy_atomic, save_png, write_run_config)
+from pytorch.data import (  # the reader's names: one contract
+    CLASSES_PER_BLOCK, FOLD_INDEX, fold_file_names, write_fold_index)
 from self_discovery.volumes import is_unit_range, open_volume, resize_volume, within_unit_range
 
 __all__ = ["LUNG_HU", "CLASSES_PER_FILE", "CSV_COLUMNS", "lung_test_weight_sum",
@@ -181,8 +182,8 @@ class _Volumes:
     """Memory-mapped access to the volumes with per-volume intensity detection.
 
     A volume is opened for each crop (a header read) so no mapping stays alive; a crop reads only
-    its region. Whether a volume is HU or already in [0, 1] is decided once per volume from a
-    strided sample (about 16 x 16 rows along z).
+    its region. Whether a volume is HU or already in [0, 1] is decided once per volume from all
+    its values (read slab by slab), which must be finite.
     """
 
     def __init__(self, data_dir: Path, is_normalized: bool, hu_min: float, hu_max: float) -> None:
@@ -198,12 +199,14 @@ class _Volumes:
     def _is_unit(self, rel: str, vol: np.ndarray) -> bool:
         if rel in self._unit:
             return self._unit[rel]
-        steps = tuple(max(1, s // 16) for s in vol.shape)   # ~16 x 16 whole z-rows (few pages)
-        sample = np.asarray(vol[::steps[0], ::steps[1], :], dtype=np.float32)
-        lo, hi = float(sample.min()), float(sample.max())
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise InputError(f"{self.path(rel)}: volume contains NaN or inf values; re-create it "
-                             "with scripts/prepare_dataset.py")
+        lo, hi = math.inf, -math.inf
+        step = max(1, (1 << 24) // max(1, vol[0].size))     # whole volume, ~64 MB slabs in x
+        for x0 in range(0, vol.shape[0], step):
+            slab = np.asarray(vol[x0:x0 + step], dtype=np.float32)
+            if not np.isfinite(slab).all():
+                raise InputError(f"{self.path(rel)}: volume contains NaN or inf values (first in "
+                                 f"x >= {x0}); re-create it with scripts/prepare_dataset.py")
+            lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
         if self.is_normalized:
             if not within_unit_range(lo, hi):
                 raise InputError(
@@ -500,6 +503,16 @@ def generate_patterns(args: argparse.Namespace) -> list[ClassPlan]:
 
     a = args
     _check_args(a)
+    save = Path(a.save)
+    earlier = [save / "coordinates.csv", save / FOLD_INDEX] + sorted(save.glob("*_vwGen_ex_ref_fold*.npy"))
+    resuming = bool(a.prev_coordinates) and Path(a.prev_coordinates).resolve().parent == save.resolve()
+    with output_session(save, "--save", earlier, a.overwrite, "--prev_coordinates", resuming):
+        return _generate(a)
+
+
+def _generate(a: argparse.Namespace) -> list[ClassPlan]:
+    from self_discovery.feature_extractor import load_features
+
     data_dir, save = Path(a.data_dir), Path(a.save)
     train_feats, val_feats, train_files, val_files = load_features(
         a.train_features, a.val_features, data_dir)
@@ -557,7 +570,7 @@ def generate_patterns(args: argparse.Namespace) -> list[ClassPlan]:
         print(f"resuming: {len(plans)} class(es) from {a.prev_coordinates} (blocks complete in "
               "--save are kept, other recorded classes re-cropped from their coordinates)")
     same_run = _same_cube_config(a, save) if plans else False
-    make_output_dir(save, "--save")
+    (save / FOLD_INDEX).unlink(missing_ok=True)  # written back last: an interrupted run is seen
     write_run_config(a, save)
 
     per_file = a.classes_per_file
@@ -593,6 +606,7 @@ def generate_patterns(args: argparse.Namespace) -> list[ClassPlan]:
                 bar.update(1)
         _write_csv(save / "coordinates.csv", plans[:last], per_file, counts)
     bar.close()
+    write_fold_index(save, a.nb_classes)
     return plans
 
 
@@ -775,6 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "recorded coordinates and discovery continues up to --nb_classes")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of all random draws (same seed and inputs -> same bytes)")
+    add_overwrite_flag(g, "the fold files and coordinates.csv")
     g = ap.add_argument_group("output")
     g.add_argument("--montage_instances", type=int, default=8,
                    help="cubes per row in montage/class_NNN.png (0: no montage)")

@@ -43,8 +43,9 @@ from torch.utils.data.distributed import DistributedSampler
 from models.checkpoint import (load_checkpoint, load_state_dict_checked, load_training_state,
                                save_checkpoint)
 from models.ynet3d import UNet3D, set_batchnorm
-from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, early_stopping_update,
-                            make_output_dir, middle_slice_grid, resolve_device, seed_everything,
+from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, call_reporting_errors,
+                            check_finite_training, early_stopping_update, make_output_dir,
+                            middle_slice_grid, output_session, resolve_device, seed_everything,
                             summary_writer, write_run_config)
 from pytorch.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object,
                                  distributed_session, shard_indices)
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"continue an interrupted run (weights, optimizer, lr schedule, epoch, "
                         f"early stopping) from a checkpoint; without a value from "
                         f"<checkpoint_dir>/{LAST_NAME}")
+    add_overwrite_flag(g, f"{BEST_NAME} and {LAST_NAME}")
     g.add_argument("--log_dir", default="runs/autoencoder",
                    help="TensorBoard folder (losses, lr, middle-slice input|reconstruction)")
     g.add_argument("--verbose", type=int, nargs="?", const=2, default=1, choices=[0, 1, 2],
@@ -206,7 +208,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     "best_loss", "epoch", "best_path", "last_path"}`` (the history of this invocation only).
     """
     _check_args(args)
-    with distributed_session(resolve_device(args.device)) as (info, device):
+    ckpt_dir = Path(args.checkpoint_dir)
+    with distributed_session(resolve_device(args.device)) as (info, device), \
+            output_session(ckpt_dir, "--checkpoint_dir", [ckpt_dir / BEST_NAME, ckpt_dir / LAST_NAME],
+                           args.overwrite, continuing=bool(args.resume), enabled=info.is_main):
         return _train(args, info, device)
 
 
@@ -251,8 +256,6 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
         load_state_dict_checked(model, ckpt["state_dict"], source=str(args.weights),
                                 ignore_unexpected=["clc_out"])
         say(f"initial weights from {args.weights} (epoch counter and optimizer start fresh)")
-    elif main_rank and last_path.exists():
-        say(f"note: {last_path} exists and will be overwritten; use --resume to continue it")
 
     ddp_model: nn.Module = model
     if info.enabled:
@@ -320,9 +323,8 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
         all_reduce_sum(sums)
         train_loss = float(sums[0] / sums[1].clamp(min=1))
         val_loss = float(sums[2] / sums[3].clamp(min=1))
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            raise InputError(f"epoch {epoch + 1}: loss is not finite (train {train_loss}, val "
-                             f"{val_loss}); lower --lr or try --no-amp")
+        check_finite_training(model, epoch + 1, train_loss, val_loss,
+                              "lower --lr or try --no-amp, then --resume the last checkpoint")
         epoch += 1
         # Decisions on rank 0, broadcast so every rank agrees.
         decision = None

@@ -17,7 +17,7 @@ import pytest
 from pytorch.common import InputError
 from scripts.benchmark_patterns import naive_weight_sum  # the reference's per-voxel loop
 from self_discovery import pattern_generator_3D as pg
-from self_discovery.feature_extractor import INDEX_NAME
+from self_discovery.feature_extractor import save_features
 from self_discovery.volumes import is_unit_range, load_resized
 
 SHAPE = (80, 80, 44)
@@ -55,14 +55,9 @@ def make_dataset(root: Path, n_train: int = 10, n_val: int = 4, hu: bool = False
                 vol = vol * 2000.0 - 1000.0
             np.save(d / name, vol.astype(np.float32))
             names[split].append(name)
-    feats = root / "features"
-    feats.mkdir()
-    np.save(feats / "train_features.npy", rng.standard_normal((n_train, 16)).astype(np.float32))
-    np.save(feats / "validation_features.npy",
-            rng.standard_normal((n_val, 16)).astype(np.float32))
-    (feats / INDEX_NAME).write_text(json.dumps({"train": names["train"],
-                                                "validation": names["validation"],
-                                                "feature_dim": 16}))
+    save_features(root / "features", rng.standard_normal((n_train, 16)).astype(np.float32),
+                  rng.standard_normal((n_val, 16)).astype(np.float32),
+                  {"train": names["train"], "validation": names["validation"], "feature_dim": 16})
     return root
 
 

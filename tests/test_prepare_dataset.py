@@ -188,8 +188,9 @@ def test_rerun_skips_done_and_split_is_stable(tmp_path, capsys):
     # an unreadable manifest is reported and rebuilt, not silently dropped
     (out / "manifest.json").write_text("{not json")
     rc, log = _run(capsys, *args)
-    assert rc == 0 and "manifest.json is unreadable" in log and "7 already done" in log
-    assert len(_manifest(out)["volumes"]) == 7
+    assert rc == 0 and "manifest.json is unreadable" in log and "7 written" in log
+    assert len(_manifest(out)["volumes"]) == 7 and len(list(out.rglob("*.npy"))) == 7
+    assert set(val) <= {p.name for p in (out / "validation").glob("*.npy")}  # same splits
     # --overwrite redoes everything
     rc, log = _run(capsys, *args, "--overwrite")
     assert rc == 0 and "7 written" in log and len(list(out.rglob("*.npy"))) == 7
@@ -217,3 +218,69 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--input_dir", "--output_dir", "--val_fraction", "--spacing", "--hu_min",
                  "--hu_max", "--seed", "--overwrite"):
         assert flag in text
+
+
+# ------------------------------------------------------------------------------- identity
+def test_same_file_name_in_two_folders_are_two_patients(tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    for sub, seed in (("a", 0), ("b", 1)):
+        write_phantom_dataset(src / sub, 1, (24, 24, 10), seed=seed, fmt="nrrd")
+    args = ["--input_dir", str(src), "--output_dir", str(out), "--val_fraction", "0"]
+    rc, log = _run(capsys, *args)
+    assert rc == 0 and "2 written" in log, log
+    names = sorted(p.name for p in (out / "train").glob("*.npy"))
+    assert len(names) == 2 and all(n.startswith("phantom_000_") for n in names)
+    rc, log = _run(capsys, *args)
+    assert rc == 0 and "0 written, 2 already done" in log
+    write_phantom_dataset(src / "c", 1, (24, 24, 10), seed=2, fmt="nrrd")   # a third phantom_000
+    rc, log = _run(capsys, *args)
+    assert rc == 0 and "1 written, 2 already done" in log
+    recs = _manifest(out)["volumes"]
+    assert len(recs) == 3 == len({r["source_key"] for r in recs}) == len(list(out.rglob("*.npy")))
+    assert all(r["output_shape"] == [24, 24, 10] for r in recs)
+
+
+def test_output_inside_input_is_refused(tmp_path, capsys):
+    write_phantom_dataset(tmp_path / "in", 1, (24, 24, 10), seed=0, fmt="nrrd")
+    rc, log = _run(capsys, "--input_dir", str(tmp_path / "in"),
+                   "--output_dir", str(tmp_path / "in" / "dataset"))
+    assert rc == 2 and log.count("error:") == 1 and "overlap" in log and "Traceback" not in log
+    assert not (tmp_path / "in" / "dataset").exists()
+
+
+def test_odd_arrays_and_pipes_are_skipped_not_fatal(tmp_path, capsys):
+    import os
+    src = tmp_path / "in"
+    write_phantom_dataset(src, 1, (24, 24, 10), seed=0, fmt="nrrd")
+    np.save(src / "complex.npy", np.ones((24, 24, 10), np.complex64))
+    np.save(src / "tiny.npy", np.linspace(0, 1, 24 * 24 * 2, dtype=np.float32).reshape(24, 24, 2))
+    nan = np.linspace(-1000, 1000, 24 * 24 * 10, dtype=np.float32).reshape(24, 24, 10)
+    nan[1::2] = np.nan
+    np.save(src / "nan.npy", nan)
+    np.save(src / "text.npy", np.array([["a"] * 10] * 24))
+    os.mkfifo(src / "pipe.nrrd")
+    rc, log = _run(capsys, "--input_dir", str(src), "--output_dir", str(tmp_path / "out"),
+                   "--no_hu_check", "--val_fraction", "0")
+    assert rc == 0 and "1 written" in log and "Traceback" not in log, log
+    for name in ("complex.npy", "tiny.npy", "nan.npy", "text.npy"):
+        assert f"skipped: {src / name}" in log, name
+    assert "pipe.nrrd: not a regular file" in log
+
+
+def test_dicom_series_uid_shared_by_two_patients_is_not_merged(tmp_path, capsys):
+    from scripts.phantoms import _write_dicom_series, make_chest_phantom
+    folder = tmp_path / "in" / "series"
+    folder.mkdir(parents=True)
+    for patient, seed in (("alice", 0), ("bob", 1)):
+        hu, _ = make_chest_phantom((24, 24, 6), seed=seed)
+        one = _write_dicom_series(hu, (1.0, 1.0, 2.0), tmp_path / patient, patient, uid_seed=5)
+        for f in one.iterdir():
+            f.rename(folder / f"{patient}_{f.name}")
+    items = find_ct_inputs(tmp_path / "in")
+    assert len(items) == 2 and all(len(i["files"]) == 6 for i in items)
+    assert {i["files"][0].split("/")[-1].split("_")[0] for i in items} == {"alice", "bob"}
+    rc, log = _run(capsys, "--input_dir", str(tmp_path / "in"),
+                   "--output_dir", str(tmp_path / "out"), "--val_fraction", "0", "--min_size", "4")
+    assert rc == 0 and "2 written" in log, log
+    vols = [np.load(p) for p in sorted((tmp_path / "out" / "train").glob("*.npy"))]
+    assert [v.shape for v in vols] == [(24, 24, 6)] * 2

@@ -1,0 +1,255 @@
+"""Nothing a user made is replaced without asking, one writer per output folder, and outputs of
+several files killed half-way (a real SIGKILL at a known point, in a child process) are refused
+by the next stage and recovered by a re-run. Tiny data, width-4 networks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import save_checkpoint
+from pytorch.common import LOCK_NAME, InputError, output_session
+from tests.fold_fixtures import make_fold_files, make_volume_dataset, train_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_error_line(capsys, rc: int, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def killed_child(code: str) -> None:
+    """Run ``code`` in a fresh Python from the repository root; it must die of SIGKILL."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# --- output sessions ------------------------------------------------------------------------
+
+def test_second_writer_is_stopped_and_a_dead_writers_lock_is_taken_over(tmp_path, capsys):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_NAME).write_text(f"{sleeper.pid}\n")
+        with pytest.raises(InputError, match=f"another run \\(process {sleeper.pid}\\)"):
+            with output_session(tmp_path, "--save"):
+                pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (tmp_path / LOCK_NAME).write_text(f"{dead_pid()}\n")
+    (tmp_path / ".x.npy.ab12cd34.tmp.npy").write_bytes(b"partial")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".y.json.zz99zz99.tmp").write_text("{")
+    with output_session(tmp_path, "--save") as folder:
+        assert int((folder / LOCK_NAME).read_text()) == os.getpid()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["sub"]  # lock released, temps gone
+    assert "taken over" in capsys.readouterr().err
+
+
+def test_finished_result_is_kept_unless_overwrite(tmp_path):
+    (tmp_path / "best.pt").write_bytes(b"mine")
+    with pytest.raises(InputError, match="best.pt: an earlier run's result is there and is kept; "
+                                         "pass --overwrite to replace it or --resume"):
+        with output_session(tmp_path, "--output_dir", [tmp_path / "best.pt"]):
+            pass
+    with output_session(tmp_path, "--output_dir", [tmp_path / "best.pt"], continuing=True):
+        pass
+    with output_session(tmp_path, "--output_dir", [tmp_path / "best.pt"], overwrite=True):
+        pass
+    assert (tmp_path / "best.pt").read_bytes() == b"mine"  # the session itself deletes nothing
+
+
+def test_pretraining_never_replaces_the_published_checkpoint(tmp_path, capsys):
+    from pytorch import train
+    data = make_fold_files(tmp_path / "folds", classes=2, instances=2, val_instances=1,
+                           resolutions=1)
+    args = train_args(data, tmp_path, classes=2, instances=2, val_instances=1, resolutions=1,
+                      epochs=1, width=4)
+    published = tmp_path / "ckpt" / "semantic_genesis_chest_ct.pt"
+    published.parent.mkdir()
+    published.write_bytes(b"the published weights")
+    one_error_line(capsys, train.main(args), str(published), "--overwrite", "--resume")
+    assert published.read_bytes() == b"the published weights"
+    assert not (tmp_path / "ckpt" / LOCK_NAME).exists()
+    assert train.main(args + ["--overwrite"]) == 0
+    assert "--overwrite: replacing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "classification"])
+def test_training_stages_keep_finished_results(tmp_path, capsys, stage):
+    if stage == "autoencoder":
+        from self_discovery import train_autoencoder as ta
+        from tests.fold_fixtures import autoencoder_args
+        data = make_volume_dataset(tmp_path / "data", 2, 1, (32, 32, 16))
+        args = autoencoder_args(data, tmp_path, "--nb_epoch", "1")
+        main, kept = ta.main, tmp_path / "ckpt" / "Unet_autoencoder.pt"
+    else:
+        from scripts import finetune_classification as fc
+        from scripts.phantoms import make_nodule_cubes
+        c, lab = make_nodule_cubes(6, (16, 16, 8), seed=0)
+        np.save(tmp_path / "c.npy", c)
+        np.save(tmp_path / "l.npy", lab)
+        args = ["--data", str(tmp_path / "c.npy"), "--labels", str(tmp_path / "l.npy"),
+                "--width", "4", "--device", "cpu", "--nb_epoch", "1", "--quiet",
+                "--num_workers", "0", "--output_dir", str(tmp_path / "out")]
+        main, kept = fc.main, tmp_path / "out" / "metrics.json"
+    assert main(args) == 0
+    before = kept.read_bytes()
+    one_error_line(capsys, main(args), str(kept), "--overwrite")
+    assert kept.read_bytes() == before
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_non_finite_weights_stop_training_and_keep_the_last_good_checkpoint(tmp_path, capsys,
+                                                                           monkeypatch):
+    from pytorch import train
+    data = make_fold_files(tmp_path / "folds", classes=2, instances=2, val_instances=1,
+                           resolutions=1)
+    args = train_args(data, tmp_path, classes=2, instances=2, val_instances=1, resolutions=1,
+                      epochs=1, width=4)
+    assert train.main(args) == 0
+    last = tmp_path / "ckpt" / "semantic_genesis_chest_ct_last.pt"
+    good = last.read_bytes()
+    real_step = train.train_step
+
+    def diverging_step(net, *a, **k):
+        out = real_step(net, *a, **k)
+        with torch.no_grad():
+            next(net.parameters()).fill_(float("inf"))   # what an exploding lr does
+        return out
+
+    monkeypatch.setattr(train, "train_step", diverging_step)
+    args[args.index("--nb_epoch") + 1] = "3"
+    rc = train.main(args + ["--resume", str(last)])
+    one_error_line(capsys, rc, "epoch 2: non-finite", "last good epoch are kept")
+    assert last.read_bytes() == good
+
+
+# --- interrupted multi-file outputs ---------------------------------------------------------
+
+@pytest.fixture()
+def features_setup(tmp_path):
+    from self_discovery import train_autoencoder as ta
+    data = make_volume_dataset(tmp_path / "data", 3, 2, (32, 32, 16))
+    ckpts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ckpts.append(save_checkpoint(tmp_path / f"ae{seed}.pt", ta.build_model(width=4),
+                                     arch="UNet3D", model_config={"width": 4, "norm": "standard",
+                                                                  "decoder": "upsampling"}))
+    return tmp_path, data, ckpts
+
+
+def _features_argv(data: Path, weights: Path, out: Path) -> list[str]:
+    return ["--data_dir", str(data), "--weights", str(weights), "--save_dir", str(out),
+            "--input_rows", "32", "--input_cols", "32", "--input_depth", "16",
+            "--num_workers", "0", "--device", "cpu", "--verbose", "0"]
+
+
+def test_features_killed_between_the_two_files_are_refused_then_redone(features_setup):
+    from self_discovery import feature_extractor as fe
+    root, data, (w0, w1) = features_setup
+    out = root / "features"
+    assert fe.main(_features_argv(data, w0, out)) == 0
+    old_index = (out / fe.INDEX_NAME).read_bytes()
+    killed_child(f"""
+        import os, signal
+        from self_discovery import feature_extractor as fe
+        real = fe.save_npy_atomic
+        def save_then_die(path, array):
+            real(path, array)
+            if path.name == fe.TRAIN_NAME:
+                os.kill(os.getpid(), signal.SIGKILL)
+        fe.save_npy_atomic = save_then_die
+        fe.main({_features_argv(data, w1, out) + ["--overwrite"]!r})
+    """)
+    with pytest.raises(InputError, match="interrupted extraction"):
+        fe.load_features(out / fe.TRAIN_NAME, out / fe.VAL_NAME, data)
+    (out / fe.INDEX_NAME).write_bytes(old_index)   # even with the old index back: mixed runs
+    with pytest.raises(InputError, match="train and validation features must come from one run"):
+        fe.load_features(out / fe.TRAIN_NAME, out / fe.VAL_NAME, data)
+    (out / LOCK_NAME).write_text(f"{dead_pid()}\n")   # the killed run's lock stays behind
+    assert fe.main(_features_argv(data, w1, out) + ["--overwrite"]) == 0
+    fe.load_features(out / fe.TRAIN_NAME, out / fe.VAL_NAME, data)
+
+
+def test_pattern_generator_killed_after_one_block_is_refused_then_resumed(tmp_path, capsys):
+    from pytorch import train
+    from tests.test_patterns import _args, make_dataset
+    root = make_dataset(tmp_path, n_train=6, n_val=3)
+    argv = _args(root, "out", "--classes_per_file", "1", classes=2, inst=3, inst_val=2)
+    save = root / "out"
+    killed_child(f"""
+        import os, signal
+        from self_discovery import pattern_generator_3D as pg
+        real = pg._write_csv
+        def write_then_die(path, plans, *a):
+            real(path, plans, *a)
+            os.kill(os.getpid(), signal.SIGKILL)     # block 1 complete, block 2 never started
+        pg._write_csv = write_then_die
+        pg.main({argv!r})
+    """)
+    targs = train_args(save, tmp_path, classes=1, instances=3, val_instances=2, resolutions=1,
+                       epochs=1, shape=(64, 64, 32))
+    one_error_line(capsys, train.main(targs), str(save), "not finished", "--prev_coordinates")
+    from self_discovery import pattern_generator_3D as pg
+    one_error_line(capsys, pg.main(argv), "coordinates.csv", "--overwrite")  # kept, not replaced
+    assert pg.main(argv + ["--prev_coordinates", str(save / "coordinates.csv")]) == 0
+    assert (save / "fold_index.json").is_file() and not (save / LOCK_NAME).exists()
+    assert train.main(targs + ["--overwrite"]) == 0
+    np.save(save / "val_label1_vwGen_ex_ref_fold1.0.npy", np.zeros((3, 1), np.int64))
+    one_error_line(capsys, train.main(targs + ["--overwrite"]),
+                   "val_label1_vwGen_ex_ref_fold1.0.npy",
+                   "not the file the pattern generator finished with")
+
+
+def test_prepare_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    from scripts import prepare_dataset as pd
+    from scripts.phantoms import write_phantom_dataset
+    src = tmp_path / "in"
+    write_phantom_dataset(src, 5, (24, 24, 10), seed=0, fmt="nrrd")
+    base = ["--input_dir", str(src), "--val_fraction", "0.4", "--seed", "5"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    killed_child(f"""
+        import os, signal
+        from scripts import prepare_dataset as pd
+        real, calls = pd._write_manifest, []
+        def write_then_die(*a):
+            real(*a)
+            calls.append(1)
+            if len(calls) == 2:            # two patients recorded, three to go
+                os.kill(os.getpid(), signal.SIGKILL)
+        pd._write_manifest = write_then_die
+        pd.main({base + ["--output_dir", str(killed)]!r})
+    """)
+    assert len(json.loads((killed / "manifest.json").read_text())["volumes"]) == 2
+    (killed / "train" / ".phantom_009.npy.ab12cd34.tmp.npy").write_bytes(b"partial")
+    assert pd.main(base + ["--output_dir", str(killed)]) == 0
+    assert pd.main(base + ["--output_dir", str(whole)]) == 0
+
+    def layout(out: Path) -> dict[str, bytes]:
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.npy"))}
+
+    assert layout(killed) == layout(whole) and len(layout(whole)) == 5
+    recs = json.loads((killed / "manifest.json").read_text())["volumes"]
+    assert len(recs) == 5 and all(r["original_shape"] == [24, 24, 10] for r in recs)
