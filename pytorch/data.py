@@ -112,70 +112,92 @@ def _open(path: Path) -> np.ndarray:
                          "self_discovery/pattern_generator_3D.py") from e
 
 
-def _rows_needed(path: Path, available: int, needed: int, what: str) -> int:
-    """Rows to take from a file: ``needed``, or ``needed - 1`` for files of the reference code."""
-    if available >= needed:
-        return needed
-    if available == needed - 1:
-        # The reference pattern generator sliced every block with ``[:-1]`` and so dropped the
-        # last cube; the published data was written by it. Accept that one missing cube.
-        warnings.warn(f"{path}: {available} rows, expected {needed}; using all of them (files "
-                      "written by the reference code lack the last cube of each block)",
-                      stacklevel=3)
-        return available
-    raise InputError(f"{path}: has {available} rows, but {needed} are needed for {what}; lower "
-                     "--cls_classes / --nb_instances / --nb_val_instances or re-create the data")
+def _class_rows(data_path: Path, label_path: Path, lab: np.ndarray, classes: range,
+                per_class: int) -> np.ndarray:
+    """File rows of the first ``per_class`` cubes of every class in ``classes``, read from the
+    labels (so files with more cubes per class than asked, e.g. 200 for --nb_instances 100,
+    give every class, not the first classes' extra cubes). Files of the reference code lack the
+    last cube of each block: that one missing cube is accepted with a warning."""
+    rows = []
+    for c in classes:
+        idx = np.flatnonzero(lab == c)
+        if len(idx) >= per_class:
+            rows.append(idx[:per_class])
+            continue
+        if c == classes[-1] and len(idx) == per_class - 1 and len(idx) and idx[-1] == len(lab) - 1:
+            # The reference pattern generator sliced every block with ``[:-1]`` and so dropped
+            # the last cube; the published data was written by it.
+            warnings.warn(f"{data_path}: class {c} has {len(idx)} cubes, expected {per_class}; "
+                          "using them (files written by the reference code lack the last cube "
+                          "of each block)", stacklevel=3)
+            rows.append(idx)
+            continue
+        found, counts = np.unique(lab, return_counts=True)
+        listing = ", ".join(f"{int(v)}: {int(n)}" for v, n in zip(found[:12], counts[:12]))
+        raise InputError(
+            f"{data_path} ({label_path.name}): class {c} has {len(idx)} cube(s) but {per_class} "
+            f"are needed (cubes per label found: {listing}"
+            + (f", ... {len(found) - 12} more labels" if len(found) > 12 else "") + "); lower "
+            "--nb_instances / --nb_val_instances / --cls_classes or re-create the data")
+    return np.concatenate(rows) if rows else np.zeros(0, np.int64)
 
 
-def load_cubes(pairs: list[tuple[Path, Path, int]], cube_shape: tuple[int, int, int],
+def load_cubes(pairs: list[tuple[Path, Path, range, int]], cube_shape: tuple[int, int, int],
                cls_classes: int, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", pin_memory: bool = False) -> CubeSet:
-    """Validate and concatenate the first ``rows`` of every (data, label, rows) file pair.
+    """Validate and concatenate, for every (data, label, classes, per_class) file pair, the
+    first ``per_class`` cubes of each class in ``classes`` (found by label).
 
     Checks: data shape (N, X, Y, Z) or (N, 1, X, Y, Z) with (X, Y, Z) == ``cube_shape``; labels
-    (N, 1) or (N,) of integer values in [0, cls_classes); finite cube values in [0, 1].
+    (N, 1) or (N,) of integer values >= 0; enough cubes per class; finite cube values in [0, 1].
     Every error is an ``InputError`` naming the file.
     """
     device = torch.device(device)
     arrays, total = [], 0
-    for data_path, label_path, rows in pairs:
+    for data_path, label_path, classes, per_class in pairs:
         data, labels = _open(data_path), _open(label_path)
         shape = tuple(data.shape[1:])
         if shape not in (tuple(cube_shape), (1, *cube_shape)):
             raise InputError(
                 f"{data_path}: cubes of shape {shape}, expected {tuple(cube_shape)}; set "
                 "--input_rows/--input_cols/--input_deps to the size the data was made with")
+        if data.dtype.kind not in "uif":
+            raise InputError(f"{data_path}: cubes of dtype {data.dtype}, expected real numbers; "
+                             "re-create the file")
         lab_ok = labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == 1)
         if not lab_ok:
             raise InputError(f"{label_path}: labels of shape {labels.shape}, expected (N, 1)")
         if labels.shape[0] != data.shape[0]:
             raise InputError(f"{label_path}: {labels.shape[0]} labels for {data.shape[0]} cubes "
                              f"in {data_path.name}; the two files must come from the same run")
-        rows = _rows_needed(data_path, data.shape[0], rows, "these classes")
-        lab = np.asarray(labels[:rows]).reshape(-1)
+        lab = np.asarray(labels).reshape(-1)
         if lab.dtype.kind == "f":
             if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
                 raise InputError(f"{label_path}: labels must be integer class indices")
         elif lab.dtype.kind not in "iu":
             raise InputError(f"{label_path}: labels of dtype {lab.dtype}, expected integers")
         lab = lab.astype(np.int64)
-        if lab.size and (lab.min() < 0 or lab.max() >= cls_classes):
-            raise InputError(
-                f"{label_path}: labels in [{lab.min()}, {lab.max()}] but --cls_classes is "
-                f"{cls_classes} (labels must lie in [0, {cls_classes})); fix --cls_classes")
-        arrays.append((data_path, data, lab, rows))
-        total += rows
+        if lab.size and lab.min() < 0:
+            raise InputError(f"{label_path}: negative label {lab.min()}; labels are class indices "
+                             f"in [0, --cls_classes {cls_classes})")
+        take = _class_rows(data_path, label_path, lab, classes, per_class)
+        arrays.append((data_path, data, lab[take], take))
+        total += len(take)
     pin = pin_memory and device.type == "cpu" and torch.cuda.is_available()
     cubes = torch.empty((total, 1, *cube_shape), dtype=dtype, device=device, pin_memory=pin)
     labels_out = torch.empty(total, dtype=torch.int64)
     at = 0
-    for data_path, data, lab, rows in arrays:
+    for data_path, data, lab, take in arrays:
+        rows = len(take)
         for s in range(0, rows, _CHUNK):
             e = min(rows, s + _CHUNK)
-            chunk = np.array(data[s:e], dtype=np.float32).reshape(e - s, 1, *cube_shape)
+            part = take[s:e]
+            contiguous = part[-1] - part[0] == len(part) - 1
+            block = data[part[0]:part[-1] + 1] if contiguous else data[part]
+            chunk = np.array(block, dtype=np.float32).reshape(e - s, 1, *cube_shape)
             finite = np.isfinite(chunk).reshape(e - s, -1).all(1)
             if not finite.all():
-                first = s + int(np.nonzero(~finite)[0][0])
+                first = int(part[int(np.nonzero(~finite)[0][0])])
                 raise InputError(f"{data_path}: NaN or inf in cube {first} (row index); "
                                  "re-create the file")
             lo, hi = float(chunk.min()), float(chunk.max())
@@ -198,9 +220,10 @@ def load_pretraining_data(data_dir: str | Path, cls_classes: int, nb_instances: 
                           pin_memory: bool = False) -> tuple[CubeSet, CubeSet]:
     """Load the train (all resolutions) and validation (resolution 1) cubes of C classes.
 
-    For block k with c_k classes used, the first ``nb_instances * c_k`` rows of each train file
-    and ``nb_val_instances * c_k`` rows of each val file are taken (files with more classes,
-    e.g. the published 50-class data for C = 44, are fine). A missing file is one error naming
+    For block k with c_k classes used, the first ``nb_instances`` cubes of each of those classes
+    in each train file and ``nb_val_instances`` in each val file are taken, located by label
+    (files with more classes, e.g. the published 50-class data for C = 44, or more cubes per
+    class than asked are fine). A missing file is one error naming
     every expected file and the flags that set them.
     """
     data_dir = Path(data_dir)
@@ -208,18 +231,19 @@ def load_pretraining_data(data_dir: str | Path, cls_classes: int, nb_instances: 
         raise InputError(f"--nb_multires_patch must be >= 1, got {nb_multires_patch}")
     train, val = [], []
     for k, c_k in fold_blocks(cls_classes):
+        classes = range((k - 1) * CLASSES_PER_BLOCK, (k - 1) * CLASSES_PER_BLOCK + c_k)
         for r in range(1, nb_multires_patch + 1):
             d, lab = fold_file_names("train", r, k)
-            train.append((data_dir / d, data_dir / lab, nb_instances * c_k))
+            train.append((data_dir / d, data_dir / lab, classes, nb_instances))
         d, lab = fold_file_names("val", 1, k)
-        val.append((data_dir / d, data_dir / lab, nb_val_instances * c_k))
-    missing = [p.name for d, lab, _ in train + val for p in (d, lab) if not p.is_file()]
+        val.append((data_dir / d, data_dir / lab, classes, nb_val_instances))
+    missing = [p.name for d, lab, _, _ in train + val for p in (d, lab) if not p.is_file()]
     if missing:
         raise InputError(
             f"{data_dir}: missing fold file(s) {', '.join(missing)}; expected for "
             f"--cls_classes {cls_classes} and --nb_multires_patch {nb_multires_patch} in "
             "--data_dir (make them with self_discovery/pattern_generator_3D.py)")
-    check_fold_index(data_dir, [p.name for d, lab, _ in train + val for p in (d, lab)])
+    check_fold_index(data_dir, [p.name for d, lab, _, _ in train + val for p in (d, lab)])
     kw = dict(cube_shape=cube_shape, cls_classes=cls_classes, dtype=dtype, device=device,
               pin_memory=pin_memory)
     return load_cubes(train, **kw), load_cubes(val, **kw)

@@ -51,7 +51,7 @@ from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, call_
 from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_session,
                                      load_best, make_optimizer, restore_state, save_epoch)
 
-__all__ = ["CubeSet", "load_cubes", "load_labels", "load_class_folders", "split_stratified",
+__all__ = ["CubeSet", "load_cubes", "load_labels", "count_classes", "load_class_folders", "split_stratified",
            "classification_metrics", "build_parser", "run", "main"]
 
 
@@ -165,6 +165,26 @@ def load_labels(path: str | os.PathLike) -> np.ndarray:
     if lab.size and (not np.all(np.isfinite(lab)) or np.any(lab < 0) or np.any(lab != np.round(lab))):
         raise InputError(f"{path}: labels must be integers >= 0 (class indices)")
     return lab.astype(np.int64)
+
+
+def count_classes(labels: np.ndarray, num_classes: int | None = None) -> int:
+    """Number of classes of integer ``labels``: they must be 0..K-1 with every class present
+    (at least 2 classes), or lie in [0, ``num_classes``) when that is given (--num_classes).
+    Never sized from the largest label alone: an error lists the labels found."""
+    found = np.unique(np.asarray(labels, dtype=np.int64))
+    shown = ", ".join(str(int(v)) for v in found[:10]) + (
+        f", ... ({found.size - 10} more)" if found.size > 10 else "")
+    if num_classes is not None:
+        outside = found[(found < 0) | (found >= num_classes)]
+        if outside.size:
+            raise InputError(f"labels {shown} do not all lie in [0, --num_classes {num_classes}); "
+                             "fix the labels or --num_classes")
+        return num_classes
+    if not np.array_equal(found, np.arange(found.size)):
+        raise InputError(f"labels must be the class indices 0..K-1 with every class present, "
+                         f"found {found.size} distinct label(s): {shown}; renumber them, or give "
+                         "--num_classes K when some classes are absent")
+    return max(2, int(found.size))
 
 
 def load_class_folders(root: str | os.PathLike) -> CubeSet:
@@ -331,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test_data_dir", default=None, help="optional test set, one sub-folder per class")
     g.add_argument("--augment", action="store_true", help="random flips along x, y, z while training")
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--num_classes", type=int, default=None,
+                   help="number of classes K when some never occur in the data (labels in [0, K)); "
+                        "without it the labels must be exactly 0..K-1")
 
     m = add_model_flags(ap)
     m.add_argument("--freeze_encoder", action="store_true",
@@ -403,7 +426,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(f"need training and validation cubes, got {len(train)} and {len(val)}; "
                          "add data or change --val_fraction")
     all_labels = np.concatenate([train.labels, val.labels] + ([test.labels] if test is not None else []))
-    n_classes = max(2, int(all_labels.max()) + 1)
+    n_classes = count_classes(all_labels, args.num_classes)
     loss = args.loss if args.loss != "auto" else ("bce" if n_classes == 2 else "ce")
     if loss == "bce" and n_classes > 2:
         raise InputError(f"--loss bce needs 2 classes, the labels have {n_classes}; use --loss ce")

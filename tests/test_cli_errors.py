@@ -331,3 +331,29 @@ def test_segmentation_same_image_name_in_two_folders_is_refused(tmp_path, capsys
                   "--nb_epoch", "1", "--quiet", "--crop", "16", "16", "8", "--save_predictions",
                   "--output_dir", str(tmp_path / "out")])
     one_error_line(capsys, rc, "--test_images", "share a name", str(img2 / "p0.npy"))
+
+
+# --- labels never size a head by their maximum -----------------------------------------------
+
+@pytest.mark.parametrize("labels, needle", [
+    ([0, 1, 0, 10**9, 1, 0], "found 3 distinct label(s): 0, 1, 1000000000"),
+    ([0, 5000] * 3, "found 2 distinct label(s): 0, 5000"),
+])
+def test_classification_labels_must_be_0_to_k_minus_1(tmp_path, capsys, labels, needle):
+    from scripts import finetune_classification as fc
+    np.save(tmp_path / "c.npy", np.random.default_rng(0).random((6, *SHAPE)).astype(np.float32))
+    np.save(tmp_path / "l.npy", np.array(labels, np.int64))
+    rc = fc.main(["--data", str(tmp_path / "c.npy"), "--labels", str(tmp_path / "l.npy"),
+                  "--width", "4", "--device", "cpu", "--nb_epoch", "1", "--quiet",
+                  "--output_dir", str(tmp_path / "out")])
+    one_error_line(capsys, rc, needle, "--num_classes")
+
+
+def test_count_classes_with_explicit_num_classes():
+    from scripts.finetune_classification import count_classes
+    assert count_classes(np.array([0, 2, 2, 0]), num_classes=3) == 3
+    assert count_classes(np.array([1, 0, 2])) == 3
+    with pytest.raises(InputError, match=r"do not all lie in \[0, --num_classes 2\)"):
+        count_classes(np.array([0, 2]), num_classes=2)
+    with pytest.raises(InputError, match=r"\.\.\. \(90 more\)"):
+        count_classes(np.arange(1, 101))

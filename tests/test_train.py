@@ -291,3 +291,14 @@ def test_input_size_must_divide_by_8(folds, tmp_path, capsys):
 
 # The original README's fine-tuning snippets run verbatim against our checkpoint in
 # tests/test_readme_snippets.py.
+
+
+def test_more_cubes_per_class_than_nb_instances_keeps_every_class(tmp_path):
+    """Files of 4 cubes per class read with --nb_instances 2: each class's first 2 cubes, not
+    the first half of the classes."""
+    d = make_fold_files(tmp_path / "f", classes=6, instances=4, val_instances=3, resolutions=2)
+    train, val = load_pretraining_data(d, 6, 2, 1, 2, SHAPE)
+    assert train.labels.tolist() == [c for c in range(6) for _ in range(2)] * 2
+    assert val.labels.tolist() == list(range(6))
+    full = np.load(d / fold_file_names("train", 1, 1)[0])
+    np.testing.assert_array_equal(train.cubes[2:4, 0].numpy(), full[4:6])   # class 1, cubes 0-1
