@@ -54,6 +54,8 @@ __all__ = [
     "checkpoint_dict",
     "infer_model_config",
     "load_training_state",
+    "training_counters",
+    "checked_model_config",
     "clean_state_dict",
     "strip_prefixes",
     "unwrap_model",
@@ -316,10 +318,62 @@ def infer_model_config(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | No
     return None, cfg
 
 
+def training_counters(ckpt: Mapping[str, Any], source: str = "checkpoint"
+                      ) -> tuple[int, float, int]:
+    """(``epoch``, ``best_loss``, ``num_epoch_no_improvement``) of a checkpoint, checked: whole
+    numbers >= 0 and a number (inf allowed, NaN not); a ``CheckpointError`` naming ``source``
+    and the field otherwise (a hand-edited or foreign file)."""
+    def whole(key: str) -> int:
+        v = ckpt.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0 \
+                or v != int(v):
+            raise CheckpointError(f"{source}: field {key!r} is {v!r}, not a whole number >= 0; "
+                                  "the file is damaged or not written by this project")
+        return int(v)
+
+    best = ckpt.get("best_loss", math.inf)
+    if isinstance(best, bool) or not isinstance(best, (int, float)) or best != best:
+        raise CheckpointError(f"{source}: field 'best_loss' is {best!r}, not a number; the file "
+                              "is damaged or not written by this project")
+    return whole("epoch"), float(best), whole("num_epoch_no_improvement")
+
+
+#: Values a checkpoint's ``model_config`` may hold, checked by ``checked_model_config``.
+_CONFIG_CHOICES = {"decoder": ("upsampling", "transpose"), "norm": ("batch_stats", "standard")}
+
+
+def checked_model_config(ckpt: Mapping[str, Any], source: str = "checkpoint",
+                         defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint's ``model_config`` over ``defaults``, checked: ``width``/``n_class``/
+    ``cls_classes``/``in_channels`` whole numbers >= 1, ``decoder``/``norm`` known names,
+    ``bn_momentum``/``bn_eps`` numbers in (0, 1]."""
+    cfg = ckpt.get("model_config") or {}
+    if not isinstance(cfg, Mapping):
+        raise CheckpointError(f"{source}: 'model_config' is a {type(cfg).__name__}, not a dict; "
+                              "the file is damaged or not written by this project")
+    out = dict(defaults or {})
+    out.update(cfg)
+    for key, value in out.items():
+        if key in ("width", "n_class", "cls_classes", "in_channels"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{source}: model_config {key!r} is {value!r}, not a whole "
+                                      "number >= 1; the file is damaged")
+        elif key in ("bn_momentum", "bn_eps"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 < value <= 1:
+                raise CheckpointError(f"{source}: model_config {key!r} is {value!r}, not a "
+                                      "number in (0, 1]; the file is damaged")
+        elif key in _CONFIG_CHOICES and value not in _CONFIG_CHOICES[key]:
+            raise CheckpointError(f"{source}: model_config {key!r} is {value!r}, not one of "
+                                  f"{', '.join(_CONFIG_CHOICES[key])}; the file is damaged")
+    return out
+
+
 def load_training_state(ckpt: Mapping[str, Any], optimizer: torch.optim.Optimizer | None = None,
                         scheduler: Any = None, source: str = "checkpoint") -> None:
     """Restore the optimiser and lr-scheduler states of a checkpoint read by ``load_checkpoint``
-    (for ``--resume``); empty or absent states are skipped.
+    (for ``--resume``); empty or absent states are skipped. The torch RNG state in
+    ``extra["torch_rng_state"]``, when present, is restored too.
 
     Raises CheckpointError naming ``source`` when a state does not fit (other parameters or
     settings than the run that wrote it).
@@ -329,9 +383,17 @@ def load_training_state(ckpt: Mapping[str, Any], optimizer: torch.optim.Optimize
             optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         if scheduler is not None and ckpt.get("scheduler_state_dict"):
             scheduler.load_state_dict(ckpt["scheduler_state_dict"])
-    except (ValueError, KeyError, RuntimeError) as e:
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
         raise CheckpointError(f"{source}: optimiser/scheduler state does not fit this model "
                               f"({e}); resume with the run's own settings") from e
+    extra = ckpt.get("extra") or {}
+    rng = extra.get("torch_rng_state") if isinstance(extra, Mapping) else None
+    if rng is not None:
+        try:
+            torch.set_rng_state(rng)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: extra['torch_rng_state'] is not a torch RNG state "
+                                  f"({str(e).splitlines()[0][:80]}); the file is damaged") from e
 
 
 def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -385,6 +447,15 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
     new_keys = tuple(new_keys)
     target = model.state_dict()
     state = clean_state_dict(state_dict)
+    odd = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CheckpointError(f"{source}: {len(odd)} state_dict value(s) are not tensors: "
+                              f"{', '.join(odd[:5])}; the file is damaged or not a checkpoint")
+    bad = [k for k, v in state.items() if k in target and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} weight tensor(s) hold NaN or inf (first "
+                              f"{bad[0]}); a diverged run's file: use an earlier checkpoint")
     missing = [k for k in target if k not in state and not _matches(k, new_keys)]
     unexpected = [k for k in state if k not in target and not allow_unexpected
                   and not _matches(k, ignore_unexpected)]

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import InputError
+
 __all__ = [
     "ContBatchNorm3d",
     "LUConv",
@@ -62,6 +64,11 @@ class ContBatchNorm3d(nn.BatchNorm3d):
         self.norm = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.training or self.norm == "batch_stats") and x.numel() == x.shape[1]:
+            raise InputError(
+                f"a batch of one cube reaches a BatchNorm layer as {tuple(x.shape)}: one value per "
+                "channel, so batch statistics do not exist; use batches of 2 or more cubes (or "
+                "cubes with a side of 16 or more voxels)")
         if self.norm == "standard":
             return super().forward(x)
         self._check_input_dim(x)

@@ -18,14 +18,93 @@ import torch
 
 from models.checkpoint import CheckpointError, InputError, atomic_path, to_plain
 
-__all__ = ["REPO_ROOT", "HelpFormatter", "atomic_path", "save_npy_atomic", "save_json_atomic",
+__all__ = ["REPO_ROOT", "ArgumentParser", "HelpFormatter", "positive_int", "nonneg_int",
+           "seed_int", "positive_float", "nonneg_float", "finite_float", "fraction",
+           "probability", "device_name", "atomic_path", "save_npy_atomic", "save_json_atomic",
            "resolve_device", "full_device", "seed_everything", "write_run_config",
-           "early_stopping_update", "check_finite_training", "InputError", "call_reporting_errors", "one_line",
+           "early_stopping_update", "check_finite_training", "InputError",
+           "call_reporting_errors", "one_line", "check_real_array",
            "make_output_dir", "LOCK_NAME", "add_overwrite_flag", "output_session",
            "remove_stale_temporaries", "summary_writer", "middle_slice_grid", "save_png"]
 
 #: The repository root; CLI defaults are relative to the working directory, as in the reference.
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of every CLI: a bad flag is one ``error: ...`` line and exit code 2, like the
+    errors ``call_reporting_errors`` reports (no usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {one_line(message)}; see {self.prog} --help\n")
+
+
+def _number(text: str, kind: type, test: Callable[[Any], bool], what: str) -> Any:
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if (kind is float and not math.isfinite(value)) or not test(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (sizes, counts, widths, epochs)."""
+    return _number(text, int, lambda v: v >= 1, "an integer >= 1")
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0 (workers, borders)."""
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**63)."""
+    return _number(text, int, lambda v: 0 <= v < 2**63, "a seed in [0, 2**63)")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rates, spacings)."""
+    return _number(text, float, lambda v: v > 0, "a finite number > 0")
+
+
+def nonneg_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (loss weights, distances, weight decay)."""
+    return _number(text, float, lambda v: v >= 0, "a finite number >= 0")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: any finite number (HU window ends)."""
+    return _number(text, float, lambda v: True, "a finite number")
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1) (hold-out fractions, overlaps)."""
+    return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    return _number(text, float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def device_name(text: str) -> str:
+    """argparse type (and the rule of ``resolve_device``): ``auto``, ``cpu``, or ``cuda`` /
+    ``cuda:N`` of a visible GPU. Anything else (``mps``, ``meta``, typos) is refused."""
+    name = str(text).strip().lower()
+    if name in ("auto", "cpu"):
+        return name
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device of this tool; use auto, cpu, "
+                                         "cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is visible; use cpu or auto")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA "
+                                         "device(s) are visible")
+    return name
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -91,8 +170,8 @@ def call_reporting_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> 
     except OSError as e:
         where = e.filename if e.filename is not None else "output"
         why = e.strerror or one_line(str(e))
-        print(f"error: {one_line(f'{where}: {why}; check that the path exists, is writable and the disk has free space')}",
-              file=sys.stderr)
+        fix = "check that the path exists, is writable and the disk has free space"
+        print(f"error: {one_line(f'{where}: {why}; {fix}')}", file=sys.stderr)
         return False, None
 
 
@@ -195,6 +274,16 @@ def output_session(folder: str | os.PathLike, flag: str, finished: Iterable[str 
         lock.unlink(missing_ok=True)
 
 
+def check_real_array(arr: np.ndarray, path: str | os.PathLike, fix: str,
+                     allow_bool: bool = False) -> np.ndarray:
+    """The dtype rule of every array a stage reads: real numbers (integers or floats; booleans
+    where ``allow_bool``), never complex, strings or objects; an ``InputError`` naming ``path``
+    and ``fix`` otherwise. Returns ``arr``."""
+    if arr.dtype.kind not in ("iufb" if allow_bool else "iuf"):
+        raise InputError(f"{path}: values of dtype {arr.dtype}, expected real numbers; {fix}")
+    return arr
+
+
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
     """``np.save`` atomically."""
     with atomic_path(path, suffix=".npy") as tmp:
@@ -218,11 +307,14 @@ def write_run_config(args: argparse.Namespace | dict, out_dir: str | os.PathLike
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is an error."""
+    """``auto`` -> cuda if available else cpu; other names as ``device_name`` accepts them
+    (an ``InputError`` otherwise)."""
+    try:
+        name = device_name(name)
+    except argparse.ArgumentTypeError as e:
+        raise InputError(f"--device {e}") from None
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is visible; use --device cpu or auto")
     return torch.device(name)
 
 

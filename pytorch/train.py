@@ -32,11 +32,14 @@ import torch
 
 from models.checkpoint import (DECODER_PREFIXES, load_checkpoint, load_pretrained,
                                load_state_dict_checked, load_training_state, save_checkpoint,
-                               unwrap_model)
+                               training_counters, unwrap_model)
 from pytorch import distributed as D
-from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, call_reporting_errors,
-                            check_finite_training, early_stopping_update, full_device, middle_slice_grid, output_session,
-                            resolve_device, seed_everything, summary_writer, write_run_config)
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
+                            call_reporting_errors, check_finite_training, device_name,
+                            early_stopping_update, full_device, middle_slice_grid, nonneg_float,
+                            nonneg_int, output_session, positive_float, positive_int,
+                            resolve_device, seed_everything, seed_int, summary_writer,
+                            write_run_config)
 from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation, fold_blocks,
                           load_pretraining_data, validation_order)
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
@@ -49,7 +52,7 @@ _VAL_CHUNK = 64  # validation perturbations are drawn per chunk of this many cub
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; defaults are the paper's / published code's."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="train.py",
         description="Pretrain Semantic Genesis (Y-Net 3D: self-classification + "
                     "self-restoration) on the fold files of self-discovered anatomical "
@@ -60,19 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with the fold files train_data{r}_vwGen_ex_ref_fold{k}.0.npy, "
                         "train_label{r}_..., val_data1_..., val_label1_... (written by "
                         "self_discovery/pattern_generator_3D.py)")
-    g.add_argument("--input_rows", type=int, default=64, help="cube size x (divisible by 8)")
-    g.add_argument("--input_cols", type=int, default=64, help="cube size y (divisible by 8)")
-    g.add_argument("--input_deps", type=int, default=32, help="cube size z (divisible by 8)")
-    g.add_argument("--cls_classes", type=int, default=44,
+    g.add_argument("--input_rows", type=positive_int, default=64, help="cube size x (divisible by 8)")
+    g.add_argument("--input_cols", type=positive_int, default=64, help="cube size y (divisible by 8)")
+    g.add_argument("--input_deps", type=positive_int, default=32, help="cube size z (divisible by 8)")
+    g.add_argument("--cls_classes", type=positive_int, default=44,
                    help="number of anatomical-pattern classes C used (the paper: 44); the "
                         "first C classes of the fold files, which may hold more")
-    g.add_argument("--nb_instances", type=int, default=200,
+    g.add_argument("--nb_instances", type=positive_int, default=200,
                    help="training cubes per class and resolution in the fold files")
-    g.add_argument("--nb_val_instances", type=int, default=30,
+    g.add_argument("--nb_val_instances", type=positive_int, default=30,
                    help="validation cubes per class in the fold files")
-    g.add_argument("--nb_multires_patch", type=int, default=3,
+    g.add_argument("--nb_multires_patch", type=positive_int, default=3,
                    help="resolutions used: train_data1..N (1 = single resolution)")
-    g.add_argument("--num_workers", type=int, default=4,
+    g.add_argument("--num_workers", type=nonneg_int, default=4,
                    help="accepted for compatibility with the reference; unused: the cubes are "
                         "held in memory and batches are gathered on the device, no loader "
                         "workers")
@@ -91,39 +94,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exp", choices=("en_de", "en"), default="en_de",
                    help="en_de: Y-Net 3D (classification + restoration); en: encoder + "
                         "classification head only (cross-entropy, accuracy)")
-    g.add_argument("--width", type=int, default=32,
+    g.add_argument("--width", type=positive_int, default=32,
                    help="base channels of the network (32 = published; the bottleneck has "
                         "16x width channels)")
     g.add_argument("--norm", choices=("batch_stats", "standard"), default="batch_stats",
                    help="BatchNorm mode: batch_stats = the published normalisation with batch "
                         "statistics in train and eval mode; standard = running statistics in "
                         "eval mode")
-    g.add_argument("--lambda_rec", type=float, default=1.0, help="weight of the restoration MSE")
-    g.add_argument("--lambda_cls", type=float, default=0.01,
+    g.add_argument("--lambda_rec", type=nonneg_float, default=1.0, help="weight of the restoration MSE")
+    g.add_argument("--lambda_cls", type=nonneg_float, default=0.01,
                    help="weight of the classification cross-entropy (en_de)")
     g.add_argument("--pre_path", default=None,
                    help="initialise en_de from this checkpoint (e.g. an --exp en run): encoder "
                         "and head are loaded, the decoder is new; mismatched keys are an error")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=64,
+    g.add_argument("--batch_size", type=positive_int, default=64,
                    help="effective (global) batch size; under torchrun with N processes each "
                         "process takes batch_size // N cubes per step (the remainder is "
                         "dropped), so the optimisation matches one process")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    g.add_argument("--lr_step", type=int, default=40, help="multiply the lr by --lr_gamma every "
+    g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--lr_step", type=positive_int, default=40, help="multiply the lr by --lr_gamma every "
                                                            "this many epochs")
-    g.add_argument("--lr_gamma", type=float, default=0.5, help="step-decay factor of the lr")
-    g.add_argument("--nb_epoch", type=int, default=10000,
+    g.add_argument("--lr_gamma", type=positive_float, default=0.5, help="step-decay factor of the lr")
+    g.add_argument("--nb_epoch", type=positive_int, default=10000,
                    help="maximum number of epochs (early stopping usually ends sooner)")
-    g.add_argument("--patience", type=int, default=50,
+    g.add_argument("--patience", type=positive_int, default=50,
                    help="stop after this many epochs without a lower validation loss")
-    g.add_argument("--seed", type=int, default=1,
+    g.add_argument("--seed", type=seed_int, default=1,
                    help="seed of initialisation, shuffling and perturbations; the same seed "
                         "gives the same run (on the same device and process count)")
 
     g = p.add_argument_group("device and speed")
-    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    g.add_argument("--device", type=device_name, default="auto", help="auto (CUDA if available), cpu or cuda")
     g.add_argument("--amp", choices=("auto", "bf16", "fp32"), default="auto",
                    help="mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -153,10 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "published file placed in Checkpoints/en_de/)")
     g.add_argument("--log_dir", default="runs",
                    help="TensorBoard logs go to <log_dir>/<exp>_<time>[_<notes>]")
-    g.add_argument("--log_every", type=int, default=50,
+    g.add_argument("--log_every", type=nonneg_int, default=50,
                    help="update the progress bar's loss every this many steps (the only "
                         "in-epoch host synchronisation)")
-    g.add_argument("--nb_preview", type=int, default=4,
+    g.add_argument("--nb_preview", type=nonneg_int, default=4,
                    help="validation cubes shown each epoch in TensorBoard (original | "
                         "perturbed | restored middle slices)")
     g.add_argument("--notes", default="", help="free text, appended to the TensorBoard run name "
@@ -317,9 +320,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         load_state_dict_checked(model, ckpt["state_dict"], source=str(args.resume))
-        start_epoch = int(ckpt.get("epoch", 0))
-        best_loss = float(ckpt.get("best_loss", math.inf))
-        no_improve = int(ckpt.get("num_epoch_no_improvement", 0))
+        start_epoch, best_loss, no_improve = training_counters(ckpt, str(args.resume))
     elif args.pre_path:
         loaded = load_pretrained(model, args.pre_path, new_keys=DECODER_PREFIXES)
         if main_rank and args.verbose >= 1:
@@ -331,9 +332,6 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
     scheduler = make_scheduler(optimizer, args.lr_step, args.lr_gamma)
     if ckpt is not None:
         load_training_state(ckpt, optimizer, scheduler, source=str(args.resume))
-        rng = (ckpt.get("extra") or {}).get("torch_rng_state")
-        if isinstance(rng, torch.Tensor):
-            torch.set_rng_state(rng)
     net: torch.nn.Module = model
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -45,9 +45,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from models.targets import build_classifier
-from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, call_reporting_errors,
-                            make_output_dir, resolve_device, save_json_atomic, seed_everything, summary_writer,
-                            write_run_config)
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
+                            call_reporting_errors, check_real_array, device_name, fraction, make_output_dir,
+                            nonneg_int, positive_int, resolve_device, save_json_atomic,
+                            seed_everything, seed_int, summary_writer, write_run_config)
 from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_session,
                                      load_best, make_optimizer, restore_state, save_epoch)
 
@@ -115,6 +116,7 @@ def _open_cubes(path: Path) -> np.ndarray:
         arr = np.load(path, mmap_mode="r")
     except (ValueError, OSError) as e:
         raise InputError(f"{path}: not a readable .npy file ({e}); re-create it") from e
+    check_real_array(arr, path, "save the cubes as float32 in [0, 1]")
     if arr.ndim == 5 and arr.shape[1] == 1:
         arr = arr[:, 0]
     elif arr.ndim == 3:
@@ -153,7 +155,8 @@ def load_labels(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"{path}: labels file not found; check --labels")
     try:
         if path.suffix == ".npy":
-            lab = np.load(path)
+            lab = check_real_array(np.load(path), path, "save integer class indices",
+                                   allow_bool=True)
             if lab.ndim == 2 and lab.shape[1] > 1:
                 lab = lab.argmax(1)
         else:
@@ -329,7 +332,7 @@ def evaluate(model: nn.Module, loader: DataLoader, loss: str, device: torch.devi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         description="Fine-tune a Semantic Genesis encoder (encoder + global pooling + linear head) "
                     "for 3D cube classification.",
         formatter_class=HelpFormatter)
@@ -343,15 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_data", nargs="+", default=None, help="explicit validation cubes (as --data)")
     g.add_argument("--val_labels", default=None, help="labels for --val_data")
     g.add_argument("--val_data_dir", default=None, help="explicit validation set, one sub-folder per class")
-    g.add_argument("--val_fraction", type=float, default=0.2,
+    g.add_argument("--val_fraction", type=fraction, default=0.2,
                    help="without explicit validation data: stratified fraction of the training cubes held out")
     g.add_argument("--test_data", nargs="+", default=None,
                    help="optional test cubes, evaluated once with the best weights")
     g.add_argument("--test_labels", default=None, help="labels for --test_data")
     g.add_argument("--test_data_dir", default=None, help="optional test set, one sub-folder per class")
     g.add_argument("--augment", action="store_true", help="random flips along x, y, z while training")
-    g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
-    g.add_argument("--num_classes", type=int, default=None,
+    g.add_argument("--num_workers", type=nonneg_int, default=2, help="DataLoader worker processes")
+    g.add_argument("--num_classes", type=positive_int, default=None,
                    help="number of classes K when some never occur in the data (labels in [0, K)); "
                         "without it the labels must be exactly 0..K-1")
 
@@ -363,15 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "cross-entropy; auto: bce for 2 classes else ce")
 
     t = ap.add_argument_group("training")
-    t.add_argument("--nb_epoch", type=int, default=100, help="maximum number of epochs")
-    t.add_argument("--patience", type=int, default=10,
+    t.add_argument("--nb_epoch", type=positive_int, default=100, help="maximum number of epochs")
+    t.add_argument("--patience", type=positive_int, default=10,
                    help="stop after this many epochs without improvement of --monitor")
     t.add_argument("--monitor", default="loss", choices=["loss", "auc"],
                    help="validation value for early stopping and the best checkpoint")
-    t.add_argument("--batch_size", type=int, default=16, help="cubes per batch")
+    t.add_argument("--batch_size", type=positive_int, default=16, help="cubes per batch")
     add_optimizer_flags(t)
-    t.add_argument("--seed", type=int, default=0, help="seed of the split, the shuffling and the head")
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    t.add_argument("--seed", type=seed_int, default=0, help="seed of the split, the shuffling and the head")
+    t.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda[:i]")
     t.add_argument("--resume", default=None,
                    help="continue an interrupted run from its last.pt (model, optimizer, epoch, history)")
     add_overwrite_flag(t, "metrics.json, best.pt and last.pt")

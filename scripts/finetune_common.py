@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.checkpoint import (load_checkpoint, load_state_dict_checked, load_training_state,
-                               save_checkpoint)
-from pytorch.common import output_session
+from models.checkpoint import (CheckpointError, load_checkpoint, load_state_dict_checked,
+                               load_training_state, save_checkpoint, training_counters)
+from pytorch.common import nonneg_float, output_session, positive_float, positive_int
 
 __all__ = ["add_model_flags", "add_optimizer_flags", "make_optimizer", "FinetuneState",
            "finetune_session", "restore_state", "save_epoch", "load_best"]
@@ -27,7 +27,7 @@ def add_model_flags(ap: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     m.add_argument("--weights", default=None,
                    help="pretrained Semantic Genesis checkpoint (ours or published); omit to train "
                         "from scratch")
-    m.add_argument("--width", type=int, default=32,
+    m.add_argument("--width", type=positive_int, default=32,
                    help="base channels of the U-Net (32 = published)")
     m.add_argument("--norm", default="batch_stats", choices=["batch_stats", "standard"],
                    help="BatchNorm: batch statistics also in eval (published) or running statistics")
@@ -38,8 +38,8 @@ def add_optimizer_flags(group: argparse._ArgumentGroup) -> None:
     """``--optimizer``, ``--lr``, ``--weight_decay`` (see :func:`make_optimizer`)."""
     group.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
                        help="sgd: momentum 0.9 as in the README snippet; adam")
-    group.add_argument("--lr", type=float, default=1e-2, help="learning rate")
-    group.add_argument("--weight_decay", type=float, default=0.0, help="L2 weight decay")
+    group.add_argument("--lr", type=positive_float, default=1e-2, help="learning rate")
+    group.add_argument("--weight_decay", type=nonneg_float, default=0.0, help="L2 weight decay")
 
 
 def make_optimizer(params: list[nn.Parameter], name: str, lr: float,
@@ -80,13 +80,19 @@ def restore_state(resume: str | None, model: nn.Module, optimizer: torch.optim.O
     ckpt = load_checkpoint(resume)
     load_state_dict_checked(model, ckpt["state_dict"], source=str(resume))
     load_training_state(ckpt, optimizer, source=str(resume))
-    extra = ckpt.get("extra", {})
-    return FinetuneState(start_epoch=int(ckpt.get("epoch", 0)),
-                         best_value=extra.get("best_value"),
-                         best_epoch=int(extra.get("best_epoch", -1)),
-                         no_improve=int(ckpt.get("num_epoch_no_improvement", 0)),
-                         history=list(extra.get("history", [])),
-                         best_val=dict(extra.get("best_val", {})))
+    epoch, _, no_improve = training_counters(ckpt, str(resume))
+    extra = ckpt.get("extra") or {}
+    try:
+        best_value = extra.get("best_value")
+        state = FinetuneState(start_epoch=epoch,
+                              best_value=None if best_value is None else float(best_value),
+                              best_epoch=int(extra.get("best_epoch", -1)), no_improve=no_improve,
+                              history=list(extra.get("history", [])),
+                              best_val=dict(extra.get("best_val", {})))
+    except (AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{resume}: the run state in 'extra' is damaged ({e}); resume "
+                              "from another last.pt or start again with --overwrite") from e
+    return state
 
 
 def save_epoch(state: FinetuneState, epoch: int, current: float, val: dict[str, Any], *,

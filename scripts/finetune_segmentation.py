@@ -49,9 +49,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from models.targets import bce_dice_loss, binary_dice_iou, build_segmentation_model, dice_coef_loss
-from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, call_reporting_errors,
-                            make_output_dir, resolve_device, save_json_atomic, save_npy_atomic, seed_everything,
-                            summary_writer, write_run_config)
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
+                            call_reporting_errors, check_real_array, device_name, fraction, make_output_dir,
+                            nonneg_int, positive_int, probability, resolve_device, save_json_atomic,
+                            save_npy_atomic, seed_everything, seed_int, summary_writer,
+                            write_run_config)
 from scripts.ct_io import CTReadError, find_ct_inputs, normalize_hu, read_ct, volume_stem
 from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_session,
                                      load_best, make_optimizer, restore_state, save_epoch)
@@ -104,6 +106,7 @@ def _read(item: dict[str, Any], is_mask: bool) -> tuple[np.ndarray, dict[str, An
             arr = np.load(path)
         except (ValueError, OSError) as e:
             raise InputError(f"{path}: not a readable .npy file ({e})") from e
+        check_real_array(arr, path, "save the volume as real numbers", allow_bool=is_mask)
         if arr.ndim == 4 and arr.shape[0] == 1:
             arr = arr[0]
         if arr.ndim != 3:
@@ -364,7 +367,7 @@ def _preview(case: Case, prob: np.ndarray) -> np.ndarray:
 # CLI
 # ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         description="Fine-tune the whole Semantic Genesis 3D U-Net for binary segmentation "
                     "(random crops with foreground oversampling, Dice loss, sliding-window evaluation).",
         formatter_class=HelpFormatter)
@@ -376,37 +379,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training masks on the same grids as the images (foreground = value > 0)")
     g.add_argument("--val_images", nargs="+", default=None, help="explicit validation images")
     g.add_argument("--val_masks", nargs="+", default=None, help="masks for --val_images")
-    g.add_argument("--val_fraction", type=float, default=0.2,
+    g.add_argument("--val_fraction", type=fraction, default=0.2,
                    help="without explicit validation volumes: fraction of training volumes held out (>= 1 volume)")
     g.add_argument("--test_images", nargs="+", default=None,
                    help="optional test images, evaluated once with the best weights")
     g.add_argument("--test_masks", nargs="+", default=None, help="masks for --test_images")
-    g.add_argument("--foreground_labels", type=int, nargs="+", default=None,
+    g.add_argument("--foreground_labels", type=nonneg_int, nargs="+", default=None,
                    help="mask values counted as foreground; when omitted, every value > 0")
-    g.add_argument("--crop", type=int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
+    g.add_argument("--crop", type=positive_int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="training crop and sliding-window size; each side divisible by 8")
-    g.add_argument("--foreground_prob", type=float, default=0.5,
+    g.add_argument("--foreground_prob", type=probability, default=0.5,
                    help="probability that a training crop is centred on a foreground voxel")
-    g.add_argument("--overlap", type=float, default=0.5,
+    g.add_argument("--overlap", type=fraction, default=0.5,
                    help="sliding-window overlap between neighbouring windows, in [0, 1)")
     g.add_argument("--augment", action="store_true", help="random flips along x, y, z while training")
-    g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--num_workers", type=nonneg_int, default=2, help="DataLoader worker processes")
 
     m = add_model_flags(ap)
     m.add_argument("--loss", default="dice", choices=["dice", "bce_dice"],
                    help="dice: the README's Dice loss; bce_dice: binary cross-entropy + Dice")
 
     t = ap.add_argument_group("training")
-    t.add_argument("--nb_epoch", type=int, default=200, help="maximum number of epochs")
-    t.add_argument("--steps_per_epoch", type=int, default=50, help="training batches per epoch")
-    t.add_argument("--patience", type=int, default=20,
+    t.add_argument("--nb_epoch", type=positive_int, default=200, help="maximum number of epochs")
+    t.add_argument("--steps_per_epoch", type=positive_int, default=50, help="training batches per epoch")
+    t.add_argument("--patience", type=positive_int, default=20,
                    help="stop after this many epochs without improvement of --monitor")
     t.add_argument("--monitor", default="dice", choices=["dice", "loss"],
                    help="validation value for early stopping and the best checkpoint")
-    t.add_argument("--batch_size", type=int, default=8, help="crops per batch (also windows per inference batch)")
+    t.add_argument("--batch_size", type=positive_int, default=8, help="crops per batch (also windows per inference batch)")
     add_optimizer_flags(t)
-    t.add_argument("--seed", type=int, default=0, help="seed of the split, the crops and the initialisation")
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    t.add_argument("--seed", type=seed_int, default=0, help="seed of the split, the crops and the initialisation")
+    t.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda[:i]")
     t.add_argument("--resume", default=None,
                    help="continue an interrupted run from its last.pt (model, optimizer, epoch, history)")
     add_overwrite_flag(t, "metrics.json, best.pt and last.pt")

@@ -416,29 +416,29 @@ def make_nodule_cubes(n: int, size: Sequence[int] = (64, 64, 32), seed: int = 0,
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python scripts/phantoms.py``."""
-    from pytorch.common import HelpFormatter
+    from pytorch.common import (ArgumentParser, HelpFormatter, nonneg_int, positive_float,
+                                positive_int, seed_int)
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=HelpFormatter)
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = ap.add_argument_group("phantoms")
     g.add_argument("--output_dir", required=True, help="folder to write the phantom volumes into")
-    g.add_argument("--n", type=int, default=10, help="number of phantom patients")
-    g.add_argument("--shape", type=int, nargs=3, default=[320, 320, 96], metavar=("X", "Y", "Z"),
+    g.add_argument("--n", type=nonneg_int, default=10, help="number of phantom patients")
+    g.add_argument("--shape", type=positive_int, nargs=3, default=[320, 320, 96], metavar=("X", "Y", "Z"),
                    help="volume size in voxels, axes (x, y, z)")
-    g.add_argument("--spacing", type=float, nargs=3, default=list(DEFAULT_SPACING),
+    g.add_argument("--spacing", type=positive_float, nargs=3, default=list(DEFAULT_SPACING),
                    metavar=("SX", "SY", "SZ"), help="voxel spacing in mm written to the files")
     g.add_argument("--format", default="nrrd", choices=PHANTOM_FORMATS,
                    help="file format (npy = already normalised to [0, 1])")
-    g.add_argument("--nodules", type=int, default=0, help="nodules per patient")
+    g.add_argument("--nodules", type=nonneg_int, default=0, help="nodules per patient")
     g.add_argument("--mask_dir", default=None, help="also write nodule masks into this folder")
-    g.add_argument("--seed", type=int, default=0, help="seed of the first patient (then +1, +2, ...)")
+    g.add_argument("--seed", type=seed_int, default=0, help="seed of the first patient (then +1, +2, ...)")
     g.add_argument("--skip_existing", action="store_true",
                    help="keep patients already written in --output_dir")
     g = ap.add_argument_group("nodule classification cubes (instead of volumes)")
-    g.add_argument("--nodule_cubes", type=int, default=0, metavar="N",
+    g.add_argument("--nodule_cubes", type=nonneg_int, default=0, metavar="N",
                    help="write N lung cubes in [0, 1] as cubes.npy (N, X, Y, Z) and labels.npy "
                         "(N,), half with a nodule (label 1), into --output_dir, instead of volumes")
-    g.add_argument("--cube_size", type=int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
+    g.add_argument("--cube_size", type=positive_int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="size of the nodule cubes")
     return ap
 

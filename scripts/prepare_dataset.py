@@ -42,8 +42,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pytorch.common import (HelpFormatter, InputError, atomic_path, call_reporting_errors,
-                            output_session, save_json_atomic, save_npy_atomic)
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, atomic_path,
+                            call_reporting_errors, finite_float, fraction, output_session,
+                            positive_float, positive_int, save_json_atomic, save_npy_atomic,
+                            seed_int)
 from scripts.ct_io import (CTReadError, find_ct_inputs, normalize_hu, read_ct, resample,
                            volume_stem, volume_suffix)
 
@@ -60,7 +62,7 @@ CSV_FIELDS = ("patient", "split", "status", "source", "format", "original_shape"
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of stage 0 (every flag documented)."""
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="prepare_dataset.py", description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter)
     g = ap.add_argument_group("input / output")
@@ -73,25 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepare again the patients already in the manifest (default: keep "
                         "them and prepare only new sources)")
     g = ap.add_argument_group("split")
-    g.add_argument("--val_fraction", type=float, default=0.2,
+    g.add_argument("--val_fraction", type=fraction, default=0.2,
                    help="fraction of the patients put in validation/ (at least one when there "
                         "are two or more patients and the fraction is > 0); patients already in "
                         "the manifest keep their split")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=seed_int, default=0,
                    help="seed of the train/validation split (a hash of each patient's source "
                         "and the seed orders the patients, whatever order they are found in)")
     g = ap.add_argument_group("intensities and geometry")
-    g.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
+    g.add_argument("--spacing", type=positive_float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
                    help="resample linearly to this voxel spacing in mm, keeping the physical "
                         "extent (default: keep each scan's spacing)")
-    g.add_argument("--hu_min", type=float, default=-1000.0, help="HU mapped to 0 (clipped below)")
-    g.add_argument("--hu_max", type=float, default=1000.0, help="HU mapped to 1 (clipped above)")
+    g.add_argument("--hu_min", type=finite_float, default=-1000.0, help="HU mapped to 0 (clipped below)")
+    g.add_argument("--hu_max", type=finite_float, default=1000.0, help="HU mapped to 1 (clipped above)")
     g.add_argument("--no_reorient", action="store_true",
                    help="keep each file's voxel order instead of turning axis-aligned scans to "
                         "the identity direction (LPS: x right->left, y front->back, z up)")
     g.add_argument("--no_hu_check", action="store_true",
                    help="accept volumes whose values do not look like CT in HU")
-    g.add_argument("--min_size", type=int, default=8,
+    g.add_argument("--min_size", type=positive_int, default=8,
                    help="skip volumes with fewer voxels than this along any axis")
     return ap
 

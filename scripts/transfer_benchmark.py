@@ -35,8 +35,9 @@ import numpy as np
 
 from models.checkpoint import load_checkpoint
 from models.targets import infer_width
-from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, make_output_dir,
-                            save_json_atomic, save_npy_atomic, write_run_config)
+from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, call_reporting_errors,
+                            make_output_dir, save_json_atomic, save_npy_atomic,
+                            write_run_config)
 
 __all__ = ["build_classification_task", "build_segmentation_task", "summarize", "format_table",
            "build_parser", "run", "main"]
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="runs/transfer_benchmark",
                    help="data/, runs/, config.json and transfer_benchmark.json go here")
     g.add_argument("--quiet", action="store_true", help="no per-epoch lines from the runs")
+    add_overwrite_flag(g, "the runs' metrics.json, best.pt and last.pt")
 
     c = ap.add_argument_group("classification task (nodule / no nodule cubes)")
     c.add_argument("--cls_n", type=int, nargs=3, default=[128, 64, 128], metavar=("TRAIN", "VAL", "TEST"),
@@ -188,7 +190,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = make_output_dir(args.output_dir, "--output_dir")
     write_run_config(args, out)
     common = {"--width": str(width), "--norm": args.norm, "--device": args.device,
-              "--num_workers": str(args.num_workers), "--quiet": args.quiet}
+              "--num_workers": str(args.num_workers), "--quiet": args.quiet,
+              "--overwrite": args.overwrite}
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     t0 = time.time()
     for task in args.tasks:

@@ -41,11 +41,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from models.checkpoint import (DECODER_PREFIXES, infer_model_config, load_checkpoint,
+from models.checkpoint import (DECODER_PREFIXES, checked_model_config, infer_model_config,
+                               load_checkpoint,
                                load_state_dict_checked)
 from models.ynet3d import UNet3D, set_batchnorm
-from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, call_reporting_errors,
-                            output_session, resolve_device, save_json_atomic, save_npy_atomic,
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
+                            call_reporting_errors, device_name, nonneg_int, output_session,
+                            positive_int, resolve_device, save_json_atomic, save_npy_atomic,
                             write_run_config)
 from pytorch.distributed import (DistInfo, all_gather_objects, barrier, distributed_session,
                                  is_main, shard_indices)
@@ -62,7 +64,7 @@ DEFAULT_WEIGHTS = "self_discovery/Checkpoints/Autoencoder/Unet_autoencoder.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Self-discovery stage 2: one feature vector per patient (global-average-"
                     "pooled autoencoder bottleneck) for train and validation volumes.",
         formatter_class=HelpFormatter)
@@ -70,22 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", required=True,
                    help="folder holding train/ and validation/ with one .npy volume per patient "
                         "(the folder the autoencoder was trained on)")
-    g.add_argument("--input_rows", type=int, default=128, help="volumes are resized to this x size")
-    g.add_argument("--input_cols", type=int, default=128, help="volumes are resized to this y size")
-    g.add_argument("--input_depth", type=int, default=64,
+    g.add_argument("--input_rows", type=positive_int, default=128, help="volumes are resized to this x size")
+    g.add_argument("--input_cols", type=positive_int, default=128, help="volumes are resized to this y size")
+    g.add_argument("--input_depth", type=positive_int, default=64,
                    help="volumes are resized to this z size (the reference's flag name)")
-    g.add_argument("--batch_size", type=int, default=8, help="volumes per forward pass")
-    g.add_argument("--num_workers", type=int, default=4,
+    g.add_argument("--batch_size", type=positive_int, default=8, help="volumes per forward pass")
+    g.add_argument("--num_workers", type=nonneg_int, default=4,
                    help="DataLoader worker processes reading and resizing volumes")
     g = p.add_argument_group("model")
     g.add_argument("--weights", required=True,
                    help=f"autoencoder checkpoint from train_autoencoder.py, e.g. {DEFAULT_WEIGHTS}")
     g.add_argument("--arch", default="Unet", choices=["Unet"], help="autoencoder architecture")
-    g.add_argument("--width", type=int, default=32,
+    g.add_argument("--width", type=positive_int, default=32,
                    help="base channels w; ignored when the checkpoint records its model_config")
     g.add_argument("--decoder", default="upsampling", choices=["upsampling", "transpose"],
                    help="decoder type; ignored when the checkpoint records its model_config")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when present)")
+    g.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda (auto: cuda when present)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast on CUDA (faster, features then carry bf16 rounding)")
     g = p.add_argument_group("outputs")
@@ -116,13 +118,13 @@ def load_encoder(weights: str | os.PathLike, width: int = 32, decoder: str = "up
     """
     path = resolve_weights(weights)
     ckpt = load_checkpoint(path)
-    cfg = dict(ckpt.get("model_config") or infer_model_config(ckpt["state_dict"])[1])
+    inferred = {} if ckpt.get("model_config") else infer_model_config(ckpt["state_dict"])[1]
     # BatchNorm constants: recorded by train_autoencoder.py; older checkpoints were trained
     # with PyTorch's defaults (momentum 0.1, eps 1e-5), which eps must then stay.
-    cfg = {"width": int(cfg.get("width", width)), "decoder": cfg.get("decoder", decoder),
-           "norm": cfg.get("norm", "standard"), "n_class": int(cfg.get("n_class", 1)),
-           "bn_momentum": float(cfg.get("bn_momentum", 0.1)),
-           "bn_eps": float(cfg.get("bn_eps", 1e-5))}
+    cfg = checked_model_config(ckpt, str(path), {"width": width, "decoder": decoder,
+                                                 "norm": "standard", "n_class": 1,
+                                                 "bn_momentum": 0.1, "bn_eps": 1e-5, **inferred})
+    cfg = {k: cfg[k] for k in ("width", "decoder", "norm", "n_class", "bn_momentum", "bn_eps")}
     model = UNet3D(n_class=cfg["n_class"], width=cfg["width"], decoder=cfg["decoder"],
                    norm=cfg["norm"])
     set_batchnorm(model, cfg["bn_momentum"], cfg["bn_eps"])

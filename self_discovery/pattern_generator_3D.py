@@ -70,9 +70,10 @@ import numpy as np
 from sklearn.neighbors import NearestNeighbors
 from tqdm import tqdm
 
-from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, atomic_path,
-                            call_reporting_errors, middle_slice_grid, output_session,
-                            save_npy_atomic, save_png, write_run_config)
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
+                            atomic_path, call_reporting_errors, finite_float, middle_slice_grid,
+                            nonneg_float, nonneg_int, output_session, positive_int, probability,
+                            save_npy_atomic, save_png, seed_int, write_run_config)
 from pytorch.data import (  # the reader's names: one contract
     CLASSES_PER_BLOCK, FOLD_INDEX, fold_file_names, write_fold_index)
 from self_discovery.volumes import is_unit_range, open_volume, resize_volume, within_unit_range
@@ -726,7 +727,7 @@ def _check_args(a: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of stage 3 (reference flag names and defaults, plus ours)."""
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         description="Self-discovery of anatomical patterns (Semantic Genesis stage 3): crop "
                     "C classes of similar cubes from the train/validation volumes.",
         formatter_class=HelpFormatter)
@@ -745,55 +746,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="volumes are already in [0, 1]; without it HU volumes are clipped to "
                         "[--hu_min, --hu_max] and scaled (volumes found in [0, 1] are detected "
                         "and used as they are)")
-    g.add_argument("--hu_min", type=float, default=-1000.0,
+    g.add_argument("--hu_min", type=finite_float, default=-1000.0,
                    help="lower end of the HU window mapped to 0")
-    g.add_argument("--hu_max", type=float, default=1000.0,
+    g.add_argument("--hu_max", type=finite_float, default=1000.0,
                    help="upper end of the HU window mapped to 1")
     g = ap.add_argument_group("cubes")
-    g.add_argument("--input_rows", type=int, default=64, help="saved cube size in x")
-    g.add_argument("--input_cols", type=int, default=64, help="saved cube size in y")
-    g.add_argument("--input_deps", type=int, default=32, help="saved cube size in z (and crop "
+    g.add_argument("--input_rows", type=positive_int, default=64, help="saved cube size in x")
+    g.add_argument("--input_cols", type=positive_int, default=64, help="saved cube size in y")
+    g.add_argument("--input_deps", type=positive_int, default=32, help="saved cube size in z (and crop "
                                                              "depth)")
-    g.add_argument("--crop_rows", type=int, default=64, help="resolution-1 crop size in x "
+    g.add_argument("--crop_rows", type=positive_int, default=64, help="resolution-1 crop size in x "
                    "(resized to --input_rows when different)")
-    g.add_argument("--crop_cols", type=int, default=64, help="resolution-1 crop size in y "
+    g.add_argument("--crop_cols", type=positive_int, default=64, help="resolution-1 crop size in y "
                    "(resized to --input_cols when different)")
     g.add_argument("--multi_res", action="store_true",
                    help="also save two multi-resolution crops per train patient (resolutions 2 "
                         "and 3: side in [--minPatchSize, --maxPatchSize), resized)")
-    g.add_argument("--minPatchSize", type=int, default=50,
+    g.add_argument("--minPatchSize", type=positive_int, default=50,
                    help="smallest in-plane side of a multi-resolution crop")
-    g.add_argument("--maxPatchSize", type=int, default=80,
+    g.add_argument("--maxPatchSize", type=positive_int, default=80,
                    help="multi-resolution sides are drawn below this (exclusive)")
     g = ap.add_argument_group("discovery")
-    g.add_argument("--nb_classes", type=int, default=200,
+    g.add_argument("--nb_classes", type=positive_int, default=200,
                    help="number of pattern classes C (the paper trained with 44)")
-    g.add_argument("--nb_instances", type=int, default=200,
+    g.add_argument("--nb_instances", type=positive_int, default=200,
                    help="train cubes per class (from the nearest train patients)")
-    g.add_argument("--nb_instances_val", type=int, default=30,
+    g.add_argument("--nb_instances_val", type=positive_int, default=30,
                    help="validation cubes per class (from the nearest validation patients)")
-    g.add_argument("--distance_threshold", type=float, default=5,
+    g.add_argument("--distance_threshold", type=nonneg_float, default=5,
                    help="a class coordinate must be at least this far (voxels, L2) from every "
                         "earlier class's coordinate (closer is rejected)")
-    g.add_argument("--len_border", type=int, default=100,
+    g.add_argument("--len_border", type=nonneg_int, default=100,
                    help="coordinates keep this many voxels from the x/y borders of the reference")
-    g.add_argument("--len_border_z", type=int, default=30,
+    g.add_argument("--len_border_z", type=nonneg_int, default=30,
                    help="coordinates keep this many voxels from the z borders of the reference")
-    g.add_argument("--max_tries", type=int, default=200,
+    g.add_argument("--max_tries", type=positive_int, default=200,
                    help="random coordinates tried per reference before another reference")
-    g.add_argument("--lung_threshold", type=float, default=0.15,
+    g.add_argument("--lung_threshold", type=probability, default=0.15,
                    help="lung test: reject a window whose weighted count of voxels >= -150 HU "
                         "exceeds this fraction of the cube")
     g.add_argument("--prev_coordinates", default=None,
                    help="coordinates.csv of an earlier run: its classes are re-cropped from the "
                         "recorded coordinates and discovery continues up to --nb_classes")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=seed_int, default=0,
                    help="seed of all random draws (same seed and inputs -> same bytes)")
     add_overwrite_flag(g, "the fold files and coordinates.csv")
     g = ap.add_argument_group("output")
-    g.add_argument("--montage_instances", type=int, default=8,
+    g.add_argument("--montage_instances", type=nonneg_int, default=8,
                    help="cubes per row in montage/class_NNN.png (0: no montage)")
-    g.add_argument("--classes_per_file", type=int, default=CLASSES_PER_FILE,
+    g.add_argument("--classes_per_file", type=positive_int, default=CLASSES_PER_FILE,
                    help="classes per group of fold files (keep 50: pytorch/train.py expects it)")
     return ap
 

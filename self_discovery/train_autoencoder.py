@@ -40,13 +40,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from models.checkpoint import (load_checkpoint, load_state_dict_checked, load_training_state,
-                               save_checkpoint)
+from models.checkpoint import (checked_model_config, load_checkpoint, load_state_dict_checked,
+                               load_training_state, save_checkpoint, training_counters)
 from models.ynet3d import UNet3D, set_batchnorm
-from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, call_reporting_errors,
-                            check_finite_training, early_stopping_update, make_output_dir,
-                            middle_slice_grid, output_session, resolve_device, seed_everything,
-                            summary_writer, write_run_config)
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
+                            call_reporting_errors, check_finite_training, device_name,
+                            early_stopping_update, make_output_dir, middle_slice_grid, nonneg_int,
+                            output_session, positive_float, positive_int, resolve_device,
+                            seed_everything, seed_int, summary_writer, write_run_config)
 from pytorch.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object,
                                  distributed_session, shard_indices)
 from pytorch.engine import autocast, make_optimizer, resolve_amp
@@ -67,7 +68,7 @@ BN_MOMENTUM, BN_EPS = 0.01, 1e-3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Self-discovery stage 1: train the 3D U-Net autoencoder whose bottleneck "
                     "features rank patients by similarity (feature_extractor.py uses it).",
         formatter_class=HelpFormatter)
@@ -75,11 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", required=True,
                    help="folder holding train/ and validation/ with one float32 .npy volume "
                         "(x, y, z) in [0, 1] per patient (scripts/prepare_dataset.py)")
-    g.add_argument("--input_rows", type=int, default=128, help="volumes are resized to this x size")
-    g.add_argument("--input_cols", type=int, default=128, help="volumes are resized to this y size")
-    g.add_argument("--input_deps", type=int, default=64,
+    g.add_argument("--input_rows", type=positive_int, default=128, help="volumes are resized to this x size")
+    g.add_argument("--input_cols", type=positive_int, default=128, help="volumes are resized to this y size")
+    g.add_argument("--input_deps", type=positive_int, default=64,
                    help="volumes are resized to this z size (all three divisible by 8)")
-    g.add_argument("--num_workers", type=int, default=4,
+    g.add_argument("--num_workers", type=nonneg_int, default=4,
                    help="DataLoader worker processes reading and resizing volumes")
     g.add_argument("--cache", action="store_true",
                    help="read and resize every volume once and keep them in memory "
@@ -89,23 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autoencoder architecture (the reference offers only the 3D U-Net)")
     g.add_argument("--decoder", default="upsampling", choices=["upsampling", "transpose"],
                    help="decoder upsampling: nearest-neighbour (the method) or transposed conv")
-    g.add_argument("--width", type=int, default=32,
+    g.add_argument("--width", type=positive_int, default=32,
                    help="base channels w; the bottleneck (feature size) has 16*w channels")
     g.add_argument("--weights", default=None,
                    help="initial weights (a checkpoint of this autoencoder); training starts at "
                         "epoch 0 with a fresh optimizer. Not a resume: see --resume")
     g = p.add_argument_group("training")
-    g.add_argument("--batch_size", type=int, default=8, help="volumes per step (per process)")
-    g.add_argument("--nb_epoch", type=int, default=10000,
+    g.add_argument("--batch_size", type=positive_int, default=8, help="volumes per step (per process)")
+    g.add_argument("--nb_epoch", type=nonneg_int, default=10000,
                    help="maximum number of epochs; early stopping usually ends training first")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    g.add_argument("--lr_patience", type=int, default=20,
+    g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--lr_patience", type=positive_int, default=20,
                    help="halve the learning rate after this many epochs without a validation "
                         "improvement of 1e-4 (minimum lr 1e-6)")
-    g.add_argument("--patience", type=int, default=50,
+    g.add_argument("--patience", type=positive_int, default=50,
                    help="stop after this many epochs without a validation-loss improvement")
-    g.add_argument("--seed", type=int, default=1, help="seed of weights init and shuffling")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when present)")
+    g.add_argument("--seed", type=seed_int, default=1, help="seed of weights init and shuffling")
+    g.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda (auto: cuda when present)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on CUDA (no effect on CPU)")
     g = p.add_argument_group("outputs")
@@ -240,16 +241,14 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
     resume = _resume_path(args)
     if resume is not None:
         ckpt = load_checkpoint(resume)
-        cfg = ckpt.get("model_config") or {}
+        cfg = checked_model_config(ckpt, str(resume))
         for key in ("width", "decoder"):
             if key in cfg and cfg[key] != getattr(args, key):
                 raise InputError(f"{resume}: made with --{key} {cfg[key]}, this run has "
                                  f"--{key} {getattr(args, key)}; use the same value to resume")
         load_state_dict_checked(model, ckpt["state_dict"], source=str(resume))
         load_training_state(ckpt, optimizer, scheduler, source=str(resume))
-        start_epoch = int(ckpt.get("epoch", 0))
-        best_loss = float(ckpt.get("best_loss", math.inf))
-        no_improve = int(ckpt.get("num_epoch_no_improvement", 0))
+        start_epoch, best_loss, no_improve = training_counters(ckpt, str(resume))
         say(f"resumed from {resume}: epoch {start_epoch}, best val loss {best_loss:.6f}")
     elif args.weights:
         ckpt = load_checkpoint(args.weights)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pytorch.common import InputError
+from pytorch.common import InputError, check_real_array
 
 __all__ = ["SPLITS", "list_volumes", "open_volume", "UNIT_TOLERANCE", "HU_DETECT_MAX",
            "within_unit_range", "is_unit_range", "to_unit_range", "GAUSS_TRUNCATE",
@@ -53,10 +53,10 @@ def open_volume(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: not a readable .npy volume ({e}); re-create it with "
                          "scripts/prepare_dataset.py") from e
-    if vol.ndim != 3 or not np.issubdtype(vol.dtype, np.number):
+    if vol.ndim != 3:
         raise InputError(f"{path}: expected a 3D numeric volume (x, y, z), got shape {vol.shape} "
                          f"dtype {vol.dtype}")
-    return vol
+    return check_real_array(vol, path, "re-create it with scripts/prepare_dataset.py")
 
 
 def within_unit_range(lo: float, hi: float) -> bool:

@@ -99,3 +99,12 @@ def make_volume_dataset(root: str | Path, n_train: int = 4, n_val: int = 2,
             v = (v - v.min()) / (v.max() - v.min())
             np.save(root / split / f"patient_{i:03d}.npy", v.astype(np.float32))
     return root
+
+
+def tiny_pretraining(root: str | Path, epochs: int = 1) -> list[str]:
+    """Fold files of 2 classes (2 train + 1 val cube each, one resolution) under root/folds and
+    the ``pytorch/train.py`` flags of a width-4 run on them (checkpoints in root/ckpt)."""
+    data = make_fold_files(Path(root) / "folds", classes=2, instances=2, val_instances=1,
+                           resolutions=1)
+    return train_args(data, root, classes=2, instances=2, val_instances=1, resolutions=1,
+                      epochs=epochs, width=4)

@@ -142,11 +142,8 @@ def test_finetune_width_hint_given_once(junk, tmp_path, capsys):
 
 def test_train_log_dir_under_a_file(junk, tmp_path, capsys):
     from pytorch import train
-    from tests.fold_fixtures import make_fold_files, train_args
-    data = make_fold_files(tmp_path / "folds", classes=2, instances=2, val_instances=1,
-                           resolutions=1)
-    args = train_args(data, tmp_path, classes=2, instances=2, val_instances=1, resolutions=1,
-                      epochs=1, width=4)
+    from tests.fold_fixtures import tiny_pretraining
+    args = tiny_pretraining(tmp_path)
     args[args.index("--log_dir") + 1] = str(junk["text"])
     rc = train.main(args)
     one_error_line(capsys, rc, str(junk["text"]), "--log_dir")
@@ -357,3 +354,185 @@ def test_count_classes_with_explicit_num_classes():
         count_classes(np.array([0, 2]), num_classes=2)
     with pytest.raises(InputError, match=r"\.\.\. \(90 more\)"):
         count_classes(np.arange(1, 101))
+
+
+# --- every numeric flag is checked at parse time, by the shared argparse types ---------------
+
+BAD_FLAGS = [
+    ("pytorch.train", ["--data_dir", "x", "--device", "foo"], "--device"),
+    ("pytorch.train", ["--data_dir", "x", "--device", "mps"], "--device"),
+    ("pytorch.train", ["--data_dir", "x", "--device", "meta"], "--device"),
+    ("pytorch.train", ["--data_dir", "x", "--seed", "-1"], "--seed"),
+    ("pytorch.train", ["--data_dir", "x", "--lr", "nan"], "--lr"),
+    ("pytorch.train", ["--data_dir", "x", "--lr", "inf"], "--lr"),
+    ("pytorch.train", ["--data_dir", "x", "--width", "0"], "--width"),
+    ("self_discovery.train_autoencoder", ["--data_dir", "x", "--lr", "-1"], "--lr"),
+    ("self_discovery.feature_extractor", ["--data_dir", "x", "--weights", "w",
+                                          "--batch_size", "0"], "--batch_size"),
+    ("self_discovery.pattern_generator_3D", ["--hu_max", "inf"], "--hu_max"),
+    ("self_discovery.pattern_generator_3D", ["--lung_threshold", "1.5"], "--lung_threshold"),
+    ("scripts.prepare_dataset", ["--input_dir", "x", "--spacing", "1", "0", "1"], "--spacing"),
+    ("scripts.prepare_dataset", ["--input_dir", "x", "--hu_min", "nan"], "--hu_min"),
+    ("scripts.finetune_segmentation", ["--crop", "16", "-16", "8"], "--crop"),
+    ("scripts.finetune_segmentation", ["--overlap", "1"], "--overlap"),
+    ("scripts.finetune_classification", ["--val_fraction", "nan"], "--val_fraction"),
+    ("scripts.finetune_classification", ["--weight_decay", "-1"], "--weight_decay"),
+]
+
+
+@pytest.mark.parametrize("module, argv, flag", BAD_FLAGS)
+def test_bad_numeric_flags_are_one_line_errors_at_parse_time(module, argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert flag in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_gpu_is_refused(capsys):
+    from pytorch.common import resolve_device
+    with pytest.raises(SystemExit):
+        importlib.import_module("pytorch.train").main(["--data_dir", "x", "--device", "cuda:0"])
+    assert "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(InputError, match="not a device of this tool"):
+        resolve_device("mps")
+
+
+# --- arrays, workers, disks, checkpoints -----------------------------------------------------
+
+def test_error_in_a_dataloader_worker_is_the_same_one_line_error(tmp_path, capsys):
+    from self_discovery import train_autoencoder as ta
+    from tests.fold_fixtures import autoencoder_args, make_volume_dataset
+    data = make_volume_dataset(tmp_path / "data", 2, 1, (32, 32, 16))
+    bad = np.load(data / "train" / "patient_001.npy")
+    bad[3, 3, 3] = np.nan
+    np.save(data / "train" / "patient_001.npy", bad)
+    argv = autoencoder_args(data, tmp_path, "--nb_epoch", "1")
+    argv[argv.index("--num_workers") + 1] = "1"
+    line = one_error_line(capsys, ta.main(argv), "patient_001.npy", "NaN")
+    assert "worker" not in line and "Original Traceback" not in line
+
+
+def test_full_disk_is_one_line_naming_the_path(volumes, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from self_discovery import feature_extractor as fe
+    ckpt = save_checkpoint(tmp_path / "ae.pt", UNet3D(width=4, decoder="upsampling"),
+                           model_config={"width": 4, "decoder": "upsampling"})
+
+    def full(path, array):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(fe, "save_npy_atomic", full)
+    rc = fe.main(["--data_dir", str(volumes), "--weights", str(ckpt), "--save_dir",
+                  str(tmp_path / "f"), "--input_rows", "16", "--input_cols", "16",
+                  "--input_depth", "8", "--num_workers", "0", "--device", "cpu", "--verbose", "0"])
+    one_error_line(capsys, rc, str(tmp_path / "f" / "train_features.npy"), "No space left")
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("epoch", "three", "field 'epoch' is 'three'"),
+    ("num_epoch_no_improvement", -2, "field 'num_epoch_no_improvement' is -2"),
+    ("state_dict", "bad-value", "not tensors"),
+    ("extra", {"torch_rng_state": torch.zeros(3)}, "not a torch RNG state"),
+])
+def test_malformed_resume_checkpoint_fields(tmp_path, capsys, field, value, needle):
+    from pytorch import train
+    from tests.fold_fixtures import tiny_pretraining
+    args = tiny_pretraining(tmp_path)
+    assert train.main(args) == 0
+    last = tmp_path / "ckpt" / "semantic_genesis_chest_ct_last.pt"
+    ckpt = torch.load(last)
+    if field == "state_dict":
+        ckpt["state_dict"][next(iter(ckpt["state_dict"]))] = value
+    else:
+        ckpt[field] = value
+    torch.save(ckpt, tmp_path / "odd.pt")
+    args[args.index("--nb_epoch") + 1] = "2"
+    one_error_line(capsys, train.main(args + ["--resume", str(tmp_path / "odd.pt")]),
+                   str(tmp_path / "odd.pt"), needle)
+
+
+@pytest.mark.parametrize("config, needle", [({"width": "4"}, "'width' is '4'"),
+                                            ({"width": 4, "decoder": "foo"}, "'decoder' is 'foo'"),
+                                            ({"width": 4, "norm": "bar"}, "'norm' is 'bar'")])
+def test_malformed_model_config(volumes, tmp_path, capsys, config, needle):
+    from self_discovery import feature_extractor as fe
+    ckpt = save_checkpoint(tmp_path / "ae.pt", UNet3D(width=4, decoder="upsampling"),
+                           model_config=config)
+    rc = fe.main(["--data_dir", str(volumes), "--weights", str(ckpt), "--save_dir",
+                  str(tmp_path / "f"), "--num_workers", "0", "--device", "cpu"])
+    one_error_line(capsys, rc, str(ckpt), needle)
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_nan_weights_are_refused_by_both_finetuning_scripts(tmp_path, capsys, task):
+    model = YNet3D(cls_classes=2, width=4)
+    with torch.no_grad():
+        model.down_tr64.ops[0].conv1.weight[0, 0, 0, 0, 0] = float("nan")
+    ckpt = save_checkpoint(tmp_path / "nan.pt", model)
+    common = ["--weights", str(ckpt), "--width", "4", "--device", "cpu", "--nb_epoch", "1",
+              "--quiet", "--num_workers", "0", "--output_dir", str(tmp_path / "out")]
+    if task == "classification":
+        from scripts import finetune_classification as fc
+        np.save(tmp_path / "c.npy", np.random.default_rng(0).random((6, *SHAPE)).astype(np.float32))
+        np.save(tmp_path / "l.npy", np.arange(6) % 2)
+        rc = fc.main(["--data", str(tmp_path / "c.npy"), "--labels", str(tmp_path / "l.npy")]
+                     + common)
+    else:
+        from scripts import finetune_segmentation as fs
+        img, msk = _seg_folders(tmp_path, ["a", "b"], ["a_mask", "b_mask"])
+        rc = fs.main(["--images", str(img), "--masks", str(msk), "--crop", "16", "16", "8"]
+                     + common)
+    one_error_line(capsys, rc, str(ckpt), "NaN or inf", "down_tr64.ops.0.conv1.weight")
+
+
+def test_batch_of_one_under_batch_statistics_is_a_clear_error(tmp_path, capsys):
+    from pytorch import train
+    from tests.fold_fixtures import make_fold_files, train_args
+    data = make_fold_files(tmp_path / "folds", classes=2, instances=1, val_instances=1,
+                           resolutions=1, shape=(8, 8, 8))
+    args = train_args(data, tmp_path, classes=2, instances=1, val_instances=1, resolutions=1,
+                      epochs=1, width=4, batch_size=1, shape=(8, 8, 8))
+    one_error_line(capsys, train.main(args), "a batch of one cube", "batches of 2 or more")
+
+
+def test_pattern_generator_reads_every_voxel_for_nan(tmp_path, capsys):
+    from self_discovery import pattern_generator_3D as pg
+    from tests.test_patterns import _args, make_dataset
+    root = make_dataset(tmp_path, n_train=4, n_val=2)
+    vol = np.load(root / "data" / "train" / "p001.npy")
+    vol[1::2] = np.nan                                 # odd rows only: a strided sample misses it
+    np.save(root / "data" / "train" / "p001.npy", vol)
+    rc = pg.main(_args(root, "out", classes=2, inst=4, inst_val=2))
+    one_error_line(capsys, rc, "p001.npy", "NaN")
+
+
+def test_huge_class_count_gives_a_readable_line(tmp_path, capsys):
+    from pytorch import train
+    from tests.fold_fixtures import train_args
+    args = train_args(tmp_path / "none", tmp_path)
+    args[args.index("--cls_classes") + 1] = "1000000"
+    line = one_error_line(capsys, train.main(args), "more characters", "--cls_classes")
+    assert len(line) < 800
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, "<U3"])
+def test_string_or_complex_arrays_are_refused_by_every_reader(tmp_path, capsys, dtype):
+    from scripts import finetune_classification as fc
+    from scripts import finetune_segmentation as fs
+    from self_discovery.volumes import open_volume
+    arr = np.zeros((4, *SHAPE)).astype(dtype)
+    np.save(tmp_path / "c.npy", arr)
+    np.save(tmp_path / "l.npy", np.arange(4) % 2)
+    rc = fc.main(["--data", str(tmp_path / "c.npy"), "--labels", str(tmp_path / "l.npy"),
+                  "--width", "4", "--device", "cpu", "--quiet", "--output_dir", str(tmp_path / "o")])
+    one_error_line(capsys, rc, "c.npy", "expected real numbers")
+    img, msk = _seg_folders(tmp_path / "seg", ["a", "b"], ["a_mask", "b_mask"])
+    np.save(img / "a.npy", arr[0])
+    rc = fs.main(["--images", str(img), "--masks", str(msk), "--width", "4", "--device", "cpu",
+                  "--quiet", "--crop", "16", "16", "8", "--output_dir", str(tmp_path / "o2")])
+    one_error_line(capsys, rc, "a.npy", "expected real numbers")
+    with pytest.raises(InputError, match="expected real numbers"):
+        open_volume(tmp_path / "seg" / "img" / "a.npy")

@@ -17,7 +17,7 @@ import torch
 
 from models.checkpoint import save_checkpoint
 from pytorch.common import LOCK_NAME, InputError, output_session
-from tests.fold_fixtures import make_fold_files, make_volume_dataset, train_args
+from tests.fold_fixtures import make_volume_dataset, tiny_pretraining, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,10 +81,7 @@ def test_finished_result_is_kept_unless_overwrite(tmp_path):
 
 def test_pretraining_never_replaces_the_published_checkpoint(tmp_path, capsys):
     from pytorch import train
-    data = make_fold_files(tmp_path / "folds", classes=2, instances=2, val_instances=1,
-                           resolutions=1)
-    args = train_args(data, tmp_path, classes=2, instances=2, val_instances=1, resolutions=1,
-                      epochs=1, width=4)
+    args = tiny_pretraining(tmp_path)
     published = tmp_path / "ckpt" / "semantic_genesis_chest_ct.pt"
     published.parent.mkdir()
     published.write_bytes(b"the published weights")
@@ -123,10 +120,7 @@ def test_training_stages_keep_finished_results(tmp_path, capsys, stage):
 def test_non_finite_weights_stop_training_and_keep_the_last_good_checkpoint(tmp_path, capsys,
                                                                            monkeypatch):
     from pytorch import train
-    data = make_fold_files(tmp_path / "folds", classes=2, instances=2, val_instances=1,
-                           resolutions=1)
-    args = train_args(data, tmp_path, classes=2, instances=2, val_instances=1, resolutions=1,
-                      epochs=1, width=4)
+    args = tiny_pretraining(tmp_path)
     assert train.main(args) == 0
     last = tmp_path / "ckpt" / "semantic_genesis_chest_ct_last.pt"
     good = last.read_bytes()
