@@ -211,7 +211,8 @@ def _take_lock(folder: Path, flag: str) -> Path:
                 pid = None
             if pid is not None and _pid_alive(pid):
                 raise InputError(f"{folder}: another run (process {pid}) is writing into this "
-                                 f"folder; wait for it to end or choose another {flag}") from None
+                                 f"folder; wait for it to end or choose another {flag} (if no "
+                                 f"run is writing there, remove {lock})") from None
             print(f"note: {lock}: lock of a run that no longer exists, taken over",
                   file=sys.stderr)
             lock.unlink(missing_ok=True)
@@ -255,15 +256,16 @@ def output_session(folder: str | os.PathLike, flag: str, finished: Iterable[str 
     if not enabled:
         yield folder
         return
-    existing = [Path(p) for p in finished if Path(p).exists()]
-    if existing and not (overwrite or continuing):
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        cont = f" or {continue_flag} to continue it" if continue_flag else ""
-        raise InputError(f"{existing[0]}{more}: an earlier run's result is there and is kept; "
-                         f"pass --overwrite to replace it{cont}, or choose another {flag}")
     make_output_dir(folder, flag)
-    lock = _take_lock(folder, flag)
+    lock = _take_lock(folder, flag)   # first: a run still writing there is the better message
     try:
+        existing = [Path(p) for p in finished if Path(p).exists()]
+        if existing and not (overwrite or continuing):
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            cont = f" or {continue_flag} to continue it" if continue_flag else ""
+            raise InputError(f"{existing[0]}{more}: an earlier run's result is there and is "
+                             f"kept; pass --overwrite to replace it{cont}, or choose another "
+                             f"{flag}")
         if existing and overwrite and not continuing:
             print(f"note: --overwrite: replacing {existing[0]}"
                   + (f" and {len(existing) - 1} more" if len(existing) > 1 else ""),

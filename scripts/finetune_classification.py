@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 from models.targets import build_classifier
 from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
-                            call_reporting_errors, check_real_array, device_name, fraction, make_output_dir,
+                            call_reporting_errors, check_finite_training,
+                            check_real_array, device_name, fraction, make_output_dir,
                             nonneg_int, positive_int, resolve_device, save_json_atomic,
                             seed_everything, seed_int, summary_writer, write_run_config)
 from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_session,
@@ -478,6 +479,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 n += y.numel()
             train_loss = total / max(n, 1)
             v = evaluate(model, val_loader, loss, device)
+            check_finite_training(model, epoch + 1, train_loss, v["loss"],
+                                  "lower --lr, then --resume the last checkpoint")
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": v["loss"],
                    "val_auc": v["auc"], "val_accuracy": v["accuracy"],
                    "lr": optimizer.param_groups[0]["lr"]}

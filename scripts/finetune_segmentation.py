@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 from models.targets import bce_dice_loss, binary_dice_iou, build_segmentation_model, dice_coef_loss
 from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
-                            call_reporting_errors, check_real_array, device_name, fraction, make_output_dir,
+                            call_reporting_errors, check_finite_training,
+                            check_real_array, device_name, fraction, make_output_dir,
                             nonneg_int, positive_int, probability, resolve_device, save_json_atomic,
                             save_npy_atomic, seed_everything, seed_int, summary_writer,
                             write_run_config)
@@ -511,6 +512,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             train_loss = total / args.steps_per_epoch
             preview: list[np.ndarray] = []
             v = evaluate_cases(model, val, crop, args.overlap, args.batch_size, device, preview=preview)
+            check_finite_training(model, epoch + 1, train_loss, v["loss"],
+                                  "lower --lr, then --resume the last checkpoint")
             writer.add_image("val/image_mask_probability", preview[0], epoch + 1, dataformats="HW")
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": v["loss"],
                    "val_dice": v["dice"], "val_iou": v["iou"], "lr": optimizer.param_groups[0]["lr"]}

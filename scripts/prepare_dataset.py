@@ -283,7 +283,11 @@ def _prepare(args: argparse.Namespace, roots: list[Path], out: Path) -> dict[str
     # 1. find inputs and their identities
     found: list[tuple[str, dict[str, Any], dict[str, Any]]] = []   # (base name, item, identity)
     for root in roots:
-        for item in find_ct_inputs(root):
+        try:
+            inputs = find_ct_inputs(root)
+        except CTReadError as e:
+            raise InputError(f"{e}; give folders or files of CT scans to --input_dir") from e
+        for item in inputs:
             found.append((patient_name(item, root if root.is_dir() else root.parent), item,
                           source_identity(item)))
     if not found:

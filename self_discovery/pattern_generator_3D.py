@@ -505,7 +505,8 @@ def generate_patterns(args: argparse.Namespace) -> list[ClassPlan]:
     a = args
     _check_args(a)
     save = Path(a.save)
-    earlier = [save / "coordinates.csv", save / FOLD_INDEX] + sorted(save.glob("*_vwGen_ex_ref_fold*.npy"))
+    earlier = [save / "coordinates.csv", save / FOLD_INDEX] + sorted(
+        p for p in save.glob("*_vwGen_ex_ref_fold*.npy") if not p.name.startswith("."))
     resuming = bool(a.prev_coordinates) and Path(a.prev_coordinates).resolve().parent == save.resolve()
     with output_session(save, "--save", earlier, a.overwrite, "--prev_coordinates", resuming):
         return _generate(a)

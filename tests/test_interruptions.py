@@ -247,3 +247,40 @@ def test_prepare_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path)
     assert layout(killed) == layout(whole) and len(layout(whole)) == 5
     recs = json.loads((killed / "manifest.json").read_text())["volumes"]
     assert len(recs) == 5 and all(r["original_shape"] == [24, 24, 10] for r in recs)
+
+
+def test_second_pattern_generator_into_one_folder_is_refused_while_the_first_runs(tmp_path,
+                                                                                  capsys):
+    import time
+
+    from self_discovery import pattern_generator_3D as pg
+    from tests.test_patterns import _args, make_dataset
+    root = make_dataset(tmp_path, n_train=6, n_val=3)
+    argv = _args(root, "out", classes=2, inst=3, inst_val=2)
+    started = tmp_path / "started"
+    first = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import pathlib, time
+        from self_discovery import pattern_generator_3D as pg
+        real = pg._write_class
+        def slow(*a, **k):
+            pathlib.Path({str(started)!r}).touch()
+            time.sleep(120)                          # holds --save, a block half written
+            return real(*a, **k)
+        pg._write_class = slow
+        pg.main({argv!r})
+    """)], cwd=REPO)
+    try:
+        for _ in range(600):
+            if started.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert started.exists()
+        one_error_line(capsys, pg.main(argv), f"another run (process {first.pid})")
+    finally:
+        first.kill()                                 # SIGKILL: lock and temporaries stay behind
+        first.wait()
+    save = root / "out"
+    assert (save / LOCK_NAME).exists() and any(p.name.endswith(".tmp.npy") for p in save.iterdir())
+    assert pg.main(argv) == 0                        # lock taken over, temporaries removed
+    assert not [p for p in save.iterdir() if p.name.startswith(".")]
+    assert (save / "fold_index.json").is_file()
