@@ -396,11 +396,15 @@ def load_training_state(ckpt: Mapping[str, Any], optimizer: torch.optim.Optimize
                                   f"({str(e).splitlines()[0][:80]}); the file is damaged") from e
 
 
-def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def clean_state_dict(state_dict: Mapping[str, torch.Tensor],
+                     source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Strip wrapper prefixes (``module.``, ``_orig_mod.``, ``classficationNet.``) and drop
     keys of heads that are not part of our networks (``projection_head.*``, ``prototypes.*``)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{source}: state_dict key {key!r} is not a parameter name; the "
+                                  "file is damaged or not a Semantic Genesis checkpoint")
         key = strip_prefixes(key)
         if key.startswith(IGNORED_PREFIXES):
             continue
@@ -446,7 +450,7 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
     model = unwrap_model(model)
     new_keys = tuple(new_keys)
     target = model.state_dict()
-    state = clean_state_dict(state_dict)
+    state = clean_state_dict(state_dict, source)
     odd = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if odd:
         raise CheckpointError(f"{source}: {len(odd)} state_dict value(s) are not tensors: "

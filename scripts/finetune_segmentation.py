@@ -99,6 +99,12 @@ def list_volumes(paths: Sequence[str | os.PathLike], flag: str) -> list[dict[str
     return sorted(items, key=lambda it: (volume_stem(it["path"]), str(it["path"])))
 
 
+def _check_finite(arr: np.ndarray, path: Path) -> None:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError(f"{path}: NaN or inf in {int((~np.isfinite(arr)).sum())} voxel(s); "
+                         "re-create the volume (or give the HU volume in a SimpleITK format)")
+
+
 def _read(item: dict[str, Any], is_mask: bool) -> tuple[np.ndarray, dict[str, Any] | None]:
     """(array (X, Y, Z), grid facts or None for .npy). Images come back in [0, 1]."""
     path = Path(item["path"])
@@ -112,11 +118,9 @@ def _read(item: dict[str, Any], is_mask: bool) -> tuple[np.ndarray, dict[str, An
             arr = arr[0]
         if arr.ndim != 3:
             raise InputError(f"{path}: expected a volume (X, Y, Z), got shape {arr.shape}")
+        _check_finite(arr, path)
         if not is_mask:
             arr = arr.astype(np.float32, copy=False)
-            if not np.isfinite(arr).all():
-                raise InputError(f"{path}: NaN or inf in {int((~np.isfinite(arr)).sum())} voxel(s); "
-                                 "re-create the volume (or give the HU volume in a SimpleITK format)")
             lo, hi = float(arr.min()), float(arr.max())
             if lo < -0.05 or hi > 1.05:  # NaN / inf were rejected above
                 raise InputError(f"{path}: .npy image values in [{lo:.4g}, {hi:.4g}], expected [0, 1]; "
@@ -129,6 +133,7 @@ def _read(item: dict[str, Any], is_mask: bool) -> tuple[np.ndarray, dict[str, An
         raise InputError(str(e)) from e
     grid = {"spacing": list(spacing), "origin": meta.get("origin"),
             "direction": meta.get("original_direction"), "shape": list(arr.shape)}
+    _check_finite(arr, path)
     if not is_mask:
         arr = normalize_hu(arr)
     return arr, grid

@@ -536,3 +536,28 @@ def test_string_or_complex_arrays_are_refused_by_every_reader(tmp_path, capsys, 
     one_error_line(capsys, rc, "a.npy", "expected real numbers")
     with pytest.raises(InputError, match="expected real numbers"):
         open_volume(tmp_path / "seg" / "img" / "a.npy")
+
+
+def test_segmentation_nan_mask_is_refused(tmp_path, capsys):
+    from scripts import finetune_segmentation as fs
+    img, msk = _seg_folders(tmp_path, ["a", "b"], [])
+    for name in ("a", "b"):
+        m = np.zeros(SHAPE, np.float32)
+        m[0, 0, 0] = np.nan if name == "b" else 1.0
+        np.save(msk / f"{name}_mask.npy", m)
+    rc = fs.main(["--images", str(img), "--masks", str(msk), "--width", "4", "--device", "cpu",
+                  "--quiet", "--crop", "16", "16", "8", "--output_dir", str(tmp_path / "o")])
+    one_error_line(capsys, rc, "b_mask.npy", "NaN")
+
+
+def test_state_dict_with_a_non_string_key(tmp_path, capsys):
+    from scripts import finetune_classification as fc
+    sd = YNet3D(cls_classes=2, width=4).state_dict()
+    sd[3] = torch.zeros(1)
+    torch.save({"state_dict": sd}, tmp_path / "odd.pt")
+    np.save(tmp_path / "c.npy", np.random.default_rng(0).random((6, *SHAPE)).astype(np.float32))
+    np.save(tmp_path / "l.npy", np.arange(6) % 2)
+    rc = fc.main(["--data", str(tmp_path / "c.npy"), "--labels", str(tmp_path / "l.npy"),
+                  "--weights", str(tmp_path / "odd.pt"), "--width", "4", "--device", "cpu",
+                  "--quiet", "--output_dir", str(tmp_path / "o")])
+    one_error_line(capsys, rc, str(tmp_path / "odd.pt"), "state_dict key 3")

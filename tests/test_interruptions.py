@@ -237,6 +237,7 @@ def test_prepare_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path)
         pd.main({base + ["--output_dir", str(killed)]!r})
     """)
     assert len(json.loads((killed / "manifest.json").read_text())["volumes"]) == 2
+    (killed / "train").mkdir(exist_ok=True)
     (killed / "train" / ".phantom_009.npy.ab12cd34.tmp.npy").write_bytes(b"partial")
     assert pd.main(base + ["--output_dir", str(killed)]) == 0
     assert pd.main(base + ["--output_dir", str(whole)]) == 0
