@@ -24,7 +24,7 @@ __all__ = ["REPO_ROOT", "ArgumentParser", "HelpFormatter", "positive_int", "nonn
            "resolve_device", "full_device", "seed_everything", "write_run_config",
            "early_stopping_update", "check_finite_training", "InputError",
            "call_reporting_errors", "one_line", "check_real_array",
-           "make_output_dir", "LOCK_NAME", "add_overwrite_flag", "output_session",
+           "make_output_dir", "check_output_outside", "LOCK_NAME", "add_overwrite_flag", "output_session",
            "remove_stale_temporaries", "summary_writer", "middle_slice_grid", "save_png"]
 
 #: The repository root; CLI defaults are relative to the working directory, as in the reference.
@@ -173,6 +173,19 @@ def call_reporting_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> 
         fix = "check that the path exists, is writable and the disk has free space"
         print(f"error: {one_line(f'{where}: {why}; {fix}')}", file=sys.stderr)
         return False, None
+
+
+def check_output_outside(output: str | os.PathLike, inputs: Iterable[str | os.PathLike],
+                         out_flag: str, in_flag: str, both_ways: bool = False) -> None:
+    """Refuse an output folder inside (or equal to) a folder the run reads: its files would be
+    read as input by the next run. ``both_ways``: also an input inside the output folder."""
+    o = Path(output).resolve()
+    for item in inputs:
+        r = Path(item).resolve()
+        if o == r or r in o.parents or (both_ways and o in r.parents):
+            raise InputError(f"{out_flag} {output} and {in_flag} {item} overlap: the outputs "
+                             "would be read as input by the next run; choose an output folder "
+                             "outside the input folders")
 
 
 #: Lock file of a folder some run is writing into (holds the writer's process id).

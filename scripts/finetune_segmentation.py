@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from models.targets import bce_dice_loss, binary_dice_iou, build_segmentation_model, dice_coef_loss
 from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
-                            call_reporting_errors, check_finite_training,
+                            call_reporting_errors, check_finite_training, check_output_outside,
                             check_real_array, device_name, fraction, make_output_dir,
                             nonneg_int, positive_int, probability, resolve_device, save_json_atomic,
                             save_npy_atomic, seed_everything, seed_int, summary_writer,
@@ -452,6 +452,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune as configured by ``args`` (see :func:`build_parser`); return the metrics dict
     that is also written to ``output_dir/metrics.json``."""
     _check_args(args)
+    folders = [p for flag in ("images", "masks", "val_images", "val_masks", "test_images",
+                              "test_masks") for p in getattr(args, flag) or [] if Path(p).is_dir()]
+    check_output_outside(args.output_dir, folders, "--output_dir", "--images/--masks")
     with finetune_session(args):
         return _run(args)
 

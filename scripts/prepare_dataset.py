@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pytorch.common import (ArgumentParser, HelpFormatter, InputError, atomic_path,
-                            call_reporting_errors, finite_float, fraction, output_session,
+                            call_reporting_errors, check_output_outside, finite_float, fraction, output_session,
                             positive_float, positive_int, save_json_atomic, save_npy_atomic,
                             seed_int)
 from scripts.ct_io import (CTReadError, find_ct_inputs, normalize_hu, read_ct, resample,
@@ -158,18 +158,6 @@ def _split_rank(key: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "big")
 
 
-def _check_not_nested(inputs: list[Path], out: Path) -> None:
-    """Refuse an output folder inside an input folder (it would be read as input on every
-    re-run) or an input inside the output folder."""
-    o = out.resolve()
-    for root in inputs:
-        r = root.resolve()
-        if o == r or r in o.parents or o in r.parents:
-            raise InputError(f"--output_dir {out} and --input_dir {root} overlap: the prepared "
-                             "volumes would be read as input on the next run; choose an output "
-                             "folder outside the input folders")
-
-
 def _check_volume(path: Path, vol: np.ndarray, args: argparse.Namespace) -> None:
     """Skip (``CTReadError``) volumes that are too small or hold NaN/inf, whatever the flags."""
     if min(vol.shape) < args.min_size:
@@ -274,7 +262,7 @@ def prepare_dataset(args: argparse.Namespace) -> dict[str, Any]:
         if not root.exists():
             raise InputError(f"{root}: --input_dir not found; give a folder of CT scans "
                              "(or run scripts/fetch_sample_ct.py for sample data)")
-    _check_not_nested(roots, out)
+    check_output_outside(out, roots, "--output_dir", "--input_dir", both_ways=True)
     with output_session(out, "--output_dir"):
         return _prepare(args, roots, out)
 

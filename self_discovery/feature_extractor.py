@@ -46,9 +46,9 @@ from models.checkpoint import (DECODER_PREFIXES, checked_model_config, infer_mod
                                load_state_dict_checked)
 from models.ynet3d import UNet3D, set_batchnorm
 from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
-                            call_reporting_errors, device_name, nonneg_int, output_session,
-                            positive_int, resolve_device, save_json_atomic, save_npy_atomic,
-                            write_run_config)
+                            call_reporting_errors, check_output_outside, device_name,
+                            nonneg_int, output_session, positive_int, resolve_device,
+                            save_json_atomic, save_npy_atomic, write_run_config)
 from pytorch.distributed import (DistInfo, all_gather_objects, barrier, distributed_session,
                                  is_main, shard_indices)
 from pytorch.engine import autocast, resolve_amp
@@ -190,6 +190,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.batch_size <= 0 or args.num_workers < 0:
         raise InputError("--batch_size must be positive and --num_workers >= 0")
     save = Path(args.save_dir)
+    check_output_outside(save, [Path(args.data_dir) / sp for sp in SPLITS], "--save_dir",
+                         "--data_dir")
     with distributed_session(resolve_device(args.device)) as (info, device), \
             output_session(save, "--save_dir", [save / n for n in (TRAIN_NAME, VAL_NAME, INDEX_NAME)],
                            args.overwrite, continue_flag=None, enabled=info.is_main):

@@ -71,7 +71,8 @@ from sklearn.neighbors import NearestNeighbors
 from tqdm import tqdm
 
 from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
-                            atomic_path, call_reporting_errors, finite_float, middle_slice_grid,
+                            atomic_path, call_reporting_errors, check_output_outside,
+                            finite_float, middle_slice_grid,
                             nonneg_float, nonneg_int, output_session, positive_int, probability,
                             save_npy_atomic, save_png, seed_int, write_run_config)
 from pytorch.data import (  # the reader's names: one contract
@@ -505,6 +506,8 @@ def generate_patterns(args: argparse.Namespace) -> list[ClassPlan]:
     a = args
     _check_args(a)
     save = Path(a.save)
+    check_output_outside(save, [Path(a.data_dir) / sp for sp in SPLIT_DIRS.values()], "--save",
+                         "--data_dir")
     earlier = [save / "coordinates.csv", save / FOLD_INDEX] + sorted(
         p for p in save.glob("*_vwGen_ex_ref_fold*.npy") if not p.name.startswith("."))
     resuming = bool(a.prev_coordinates) and Path(a.prev_coordinates).resolve().parent == save.resolve()

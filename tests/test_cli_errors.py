@@ -561,3 +561,21 @@ def test_state_dict_with_a_non_string_key(tmp_path, capsys):
                   "--weights", str(tmp_path / "odd.pt"), "--width", "4", "--device", "cpu",
                   "--quiet", "--output_dir", str(tmp_path / "o")])
     one_error_line(capsys, rc, str(tmp_path / "odd.pt"), "state_dict key 3")
+
+
+def test_outputs_inside_the_folders_a_stage_reads_are_refused(volumes, tmp_path, capsys):
+    """Features or fold files written into train/ would be read as patients by the next run;
+    predictions inside --images as images."""
+    from scripts import finetune_segmentation as fs
+    from self_discovery import feature_extractor as fe
+    from self_discovery import pattern_generator_3D as pg
+    rc = fe.main(["--data_dir", str(volumes), "--weights", "w.pt",
+                  "--save_dir", str(volumes / "train")])
+    one_error_line(capsys, rc, "--save_dir", "overlap")
+    rc = pg.main(["--data_dir", str(volumes), "--save", str(volumes / "validation" / "x")])
+    one_error_line(capsys, rc, "--save", "overlap")
+    img, msk = _seg_folders(tmp_path, ["a", "b"], ["a_mask", "b_mask"])
+    rc = fs.main(["--images", str(img), "--masks", str(msk), "--output_dir", str(img / "run"),
+                  "--device", "cpu"])
+    one_error_line(capsys, rc, "--output_dir", "overlap")
+    assert not (img / "run").exists()
