@@ -179,6 +179,8 @@ def count_classes(labels: np.ndarray, num_classes: int | None = None) -> int:
     shown = ", ".join(str(int(v)) for v in found[:10]) + (
         f", ... ({found.size - 10} more)" if found.size > 10 else "")
     if num_classes is not None:
+        if num_classes < 2:
+            raise InputError(f"--num_classes {num_classes}: a classifier needs at least 2 classes")
         outside = found[(found < 0) | (found >= num_classes)]
         if outside.size:
             raise InputError(f"labels {shown} do not all lie in [0, --num_classes {num_classes}); "

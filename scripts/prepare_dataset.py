@@ -213,10 +213,12 @@ def _read_item(item: dict[str, Any], args: argparse.Namespace
 
 
 def _write_manifest(out: Path, records: dict[str, dict[str, Any]], settings: dict[str, Any],
-                    skipped: list[dict[str, str]]) -> None:
+                    skipped: list[dict[str, str]], complete: bool = True) -> None:
+    """Both manifests, atomically; ``complete`` is false while a run is still writing volumes
+    (the later stages refuse such a dataset)."""
     rows = [records[k] for k in sorted(records)]
     save_json_atomic(out / MANIFEST_JSON, {"settings": settings, "volumes": rows,
-                                           "skipped": skipped})
+                                           "skipped": skipped, "complete": complete})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
@@ -339,6 +341,8 @@ def _prepare(args: argparse.Namespace, roots: list[Path], out: Path) -> dict[str
         for other in SPLITS:  # a leftover of an interrupted run in the other split
             if other != split:
                 (out / other / f"{name}.npy").unlink(missing_ok=True)
+        if not written:   # from the first write on, the dataset is incomplete until the end
+            _write_manifest(out, records, settings, skipped, complete=False)
         save_npy_atomic(target, vol)
         records[name] = {"patient": name, "split": split, "status": "written",
                          "source": str(item["path"]), "source_key": key,
@@ -346,7 +350,7 @@ def _prepare(args: argparse.Namespace, roots: list[Path], out: Path) -> dict[str
                          "output": str(target), "output_shape": list(vol.shape),
                          "hu_min": args.hu_min, "hu_max": args.hu_max, **facts}
         taken.add(name)
-        _write_manifest(out, records, settings, skipped)   # after every patient, atomically
+        _write_manifest(out, records, settings, skipped, complete=False)  # every patient
         written.append(name)
         tqdm.write(f"{split}/{name}.npy  {tuple(facts['original_shape'])} -> {vol.shape}  "
                    f"({time.time() - t0:.1f}s)")

@@ -6,6 +6,7 @@ memory-mapped so that a crop reads only its region.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -17,7 +18,8 @@ from torch.utils.data import Dataset
 
 from pytorch.common import InputError, check_real_array
 
-__all__ = ["SPLITS", "list_volumes", "open_volume", "UNIT_TOLERANCE", "HU_DETECT_MAX",
+__all__ = ["SPLITS", "check_dataset_complete", "list_volumes", "open_volume", "UNIT_TOLERANCE",
+           "HU_DETECT_MAX",
            "within_unit_range", "is_unit_range", "to_unit_range", "GAUSS_TRUNCATE",
            "resize_matrix", "resize_volume", "load_resized", "ResizedVolumeDataset"]
 
@@ -31,6 +33,20 @@ SPLITS = ("train", "validation")
 GAUSS_TRUNCATE = 4.0
 
 
+def check_dataset_complete(data_dir: str | os.PathLike) -> None:
+    """Refuse a dataset whose ``manifest.json`` says ``scripts/prepare_dataset.py`` has not
+    finished writing it (killed, or still running); datasets without a manifest are read."""
+    manifest = Path(data_dir) / "manifest.json"
+    try:
+        complete = json.loads(manifest.read_text()).get("complete", True)
+    except (OSError, ValueError, AttributeError):
+        return
+    if complete is False:
+        raise InputError(f"{manifest}: scripts/prepare_dataset.py has not finished this dataset "
+                         "(interrupted or still running); run it again with the same flags to "
+                         "complete it")
+
+
 def list_volumes(folder: str | os.PathLike, flag: str = "--data_dir") -> list[Path]:
     """The ``.npy`` volumes of ``folder`` in sorted file-name order (the order features use)."""
     folder = Path(folder)
@@ -38,6 +54,7 @@ def list_volumes(folder: str | os.PathLike, flag: str = "--data_dir") -> list[Pa
         raise InputError(f"{folder}: folder not found; set {flag} to a folder holding train/ and "
                          "validation/ with one .npy volume per patient "
                          "(scripts/prepare_dataset.py makes them)")
+    check_dataset_complete(folder.parent)
     files = sorted(p for p in folder.iterdir() if p.suffix == ".npy" and p.is_file()
                    and not p.name.startswith("."))  # ".name.*.tmp.npy": a killed atomic write
     if not files:

@@ -228,15 +228,18 @@ def test_prepare_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path)
         import os, signal
         from scripts import prepare_dataset as pd
         real, calls = pd._write_manifest, []
-        def write_then_die(*a):
-            real(*a)
+        def write_then_die(*a, **k):
+            real(*a, **k)
             calls.append(1)
-            if len(calls) == 2:            # two patients recorded, three to go
+            if len(calls) == 3:            # marked incomplete, two patients recorded, three to go
                 os.kill(os.getpid(), signal.SIGKILL)
         pd._write_manifest = write_then_die
         pd.main({base + ["--output_dir", str(killed)]!r})
     """)
     assert len(json.loads((killed / "manifest.json").read_text())["volumes"]) == 2
+    from self_discovery.volumes import list_volumes
+    with pytest.raises(InputError, match="has not finished this dataset"):   # stages 1-3 refuse
+        list_volumes(killed / "validation")
     (killed / "train").mkdir(exist_ok=True)
     (killed / "train" / ".phantom_009.npy.ab12cd34.tmp.npy").write_bytes(b"partial")
     assert pd.main(base + ["--output_dir", str(killed)]) == 0
@@ -248,6 +251,7 @@ def test_prepare_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path)
     assert layout(killed) == layout(whole) and len(layout(whole)) == 5
     recs = json.loads((killed / "manifest.json").read_text())["volumes"]
     assert len(recs) == 5 and all(r["original_shape"] == [24, 24, 10] for r in recs)
+    assert list_volumes(killed / "validation")
 
 
 def test_second_pattern_generator_into_one_folder_is_refused_while_the_first_runs(tmp_path,
