@@ -219,7 +219,7 @@ def _take_lock(folder: Path, flag: str) -> Path:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                pid = int(lock.read_text().split()[0])
+                pid = int(lock.read_text(encoding="utf-8").split()[0])
             except (OSError, ValueError, IndexError):
                 pid = None
             if pid is not None and _pid_alive(pid):
@@ -230,7 +230,7 @@ def _take_lock(folder: Path, flag: str) -> Path:
                   file=sys.stderr)
             lock.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(f"{os.getpid()}\n")
         return lock
     raise InputError(f"{lock}: cannot take this lock; remove it if no run is writing into {folder}")

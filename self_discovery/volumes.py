@@ -38,7 +38,7 @@ def check_dataset_complete(data_dir: str | os.PathLike) -> None:
     finished writing it (killed, or still running); datasets without a manifest are read."""
     manifest = Path(data_dir) / "manifest.json"
     try:
-        complete = json.loads(manifest.read_text()).get("complete", True)
+        complete = json.loads(manifest.read_text(encoding="utf-8")).get("complete", True)
     except (OSError, ValueError, AttributeError):
         return
     if complete is False:
