@@ -38,13 +38,13 @@ RANGE_TOLERANCE = 1e-3
 _CHUNK = 256  # cubes copied per chunk while loading
 #: Written last by the pattern generator: the fold files of a finished run and their sizes.
 FOLD_INDEX = "fold_index.json"
-_FOLD_GLOB = "*_vwGen_ex_ref_fold*.0.npy"
 
 
-def write_fold_index(folder: Path, nb_classes: int) -> None:
-    """Record the fold files now in ``folder`` (name -> size in bytes), atomically; call it
-    when every block is complete."""
-    files = {p.name: p.stat().st_size for p in sorted(Path(folder).glob(_FOLD_GLOB))}
+def write_fold_index(folder: Path, nb_classes: int, names: list[str]) -> None:
+    """Record the fold files ``names`` of a finished run (name -> size in bytes), atomically;
+    call it when every block is complete. Fold files of an earlier run left in ``folder``
+    (more blocks) are not listed, so the reader refuses them."""
+    files = {n: (Path(folder) / n).stat().st_size for n in sorted(names)}
     save_json_atomic(Path(folder) / FOLD_INDEX, {"nb_classes": int(nb_classes), "files": files})
 
 

@@ -611,7 +611,9 @@ def _generate(a: argparse.Namespace) -> list[ClassPlan]:
                 bar.update(1)
         _write_csv(save / "coordinates.csv", plans[:last], per_file, counts)
     bar.close()
-    write_fold_index(save, a.nb_classes)
+    write_fold_index(save, a.nb_classes, [name for k in range(1, n_blocks + 1)
+                                           for _, prefix, res in keys
+                                           for name in fold_file_names(prefix, res, k)])
     return plans
 
 

@@ -289,3 +289,21 @@ def test_second_pattern_generator_into_one_folder_is_refused_while_the_first_run
     assert pg.main(argv) == 0                        # lock taken over, temporaries removed
     assert not [p for p in save.iterdir() if p.name.startswith(".")]
     assert (save / "fold_index.json").is_file()
+
+
+def test_fold_files_of_an_earlier_larger_run_are_not_read_with_the_new_ones(tmp_path):
+    from pytorch.data import check_fold_index
+    from self_discovery import pattern_generator_3D as pg
+    from tests.test_patterns import _args, make_dataset
+    root = make_dataset(tmp_path, n_train=6, n_val=3)
+    save = root / "out"
+    assert pg.main(_args(root, "out", "--classes_per_file", "1", classes=2, inst=3,
+                         inst_val=2)) == 0                       # blocks 1 and 2
+    assert pg.main(_args(root, "out", "--classes_per_file", "1", "--overwrite", "--seed", "9",
+                         classes=1, inst=3, inst_val=2)) == 0     # block 1 only; block 2 stale
+    assert (save / "train_data1_vwGen_ex_ref_fold2.0.npy").is_file()
+    # what pytorch/train.py reads of this folder for one class is block 1: listed, accepted ...
+    check_fold_index(save, ["train_data1_vwGen_ex_ref_fold1.0.npy"])
+    # ... and the stale block 2 is refused
+    with pytest.raises(InputError, match="fold2.0.npy: not the file the pattern generator"):
+        check_fold_index(save, ["train_data1_vwGen_ex_ref_fold2.0.npy"])
