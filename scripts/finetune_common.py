@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,12 +65,18 @@ class FinetuneState:
     best_val: dict[str, Any] = field(default_factory=dict)
 
 
-def finetune_session(args: argparse.Namespace):
+@contextmanager
+def finetune_session(args: argparse.Namespace) -> Iterator[Path]:
     """``output_session`` of a fine-tuning run: ``--output_dir`` locked, an earlier run's
-    ``metrics.json``/``best.pt``/``last.pt`` kept unless ``--overwrite`` or ``--resume``."""
+    ``metrics.json``/``best.pt``/``last.pt`` kept unless ``--overwrite`` or ``--resume``. A new
+    run removes the old ``metrics.json`` first (it is written last), so a run killed half-way
+    never leaves the old metrics beside new checkpoints."""
     out = Path(args.output_dir)
-    return output_session(out, "--output_dir", [out / n for n in RESULT_NAMES], args.overwrite,
-                          continuing=bool(args.resume))
+    with output_session(out, "--output_dir", [out / n for n in RESULT_NAMES], args.overwrite,
+                        continuing=bool(args.resume)) as folder:
+        if not args.resume:
+            (folder / "metrics.json").unlink(missing_ok=True)
+        yield folder
 
 
 def restore_state(resume: str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
