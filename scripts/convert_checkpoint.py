@@ -35,7 +35,8 @@ from models.checkpoint import (IGNORED_PREFIXES, STRIP_PREFIXES, CheckpointError
                                clean_state_dict, infer_model_config, load_state_dict_checked,
                                read_checkpoint_file, save_checkpoint, strip_prefixes)
 from models.ynet3d import ClassificationNet3D, UNet3D, YNet3D
-from pytorch.common import HelpFormatter, call_reporting_errors
+from pytorch.common import (ArgumentParser, HelpFormatter, add_overwrite_flag, call_reporting_errors,
+                            output_session)
 
 __all__ = ["ARCHS", "PUBLISHED_NORM", "convert_checkpoint", "describe", "build_parser", "main"]
 
@@ -131,14 +132,15 @@ def describe(report: Mapping[str, Any], src: str, dst: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=HelpFormatter)
+    ap = ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0],
+                        formatter_class=HelpFormatter)
     ap.add_argument("input", metavar="IN",
                     help="checkpoint to convert (published format, bare state dict, or Models "
                          "Genesis-style); it is read weights-only, never executed")
     ap.add_argument("output", metavar="OUT",
                     help="where to write the converted checkpoint (written atomically; e.g. "
                          "Checkpoints/en_de/semantic_genesis_chest_ct.pt)")
+    add_overwrite_flag(ap, "an existing OUT file")
     return ap
 
 
@@ -146,7 +148,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if Path(args.input).resolve() == Path(args.output).resolve():
         raise CheckpointError(f"{args.output}: same file as the input; give another OUT path so "
                               "the original stays as downloaded")
-    report = convert_checkpoint(args.input, args.output)
+    out = Path(args.output)
+    with output_session(out.parent, "OUT", [out], args.overwrite, continue_flag=None):
+        report = convert_checkpoint(args.input, args.output)
     print("\n".join(describe(report, str(args.input), str(args.output))))
     return report
 

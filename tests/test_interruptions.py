@@ -307,3 +307,16 @@ def test_fold_files_of_an_earlier_larger_run_are_not_read_with_the_new_ones(tmp_
     # ... and the stale block 2 is refused
     with pytest.raises(InputError, match="fold2.0.npy: not the file the pattern generator"):
         check_fold_index(save, ["train_data1_vwGen_ex_ref_fold2.0.npy"])
+
+
+def test_convert_checkpoint_keeps_an_existing_output(tmp_path, capsys):
+    from scripts import convert_checkpoint as cc
+    from models.ynet3d import YNet3D
+    src = tmp_path / "published.pt"
+    torch.save({"state_dict": YNet3D(cls_classes=2, width=4).state_dict()}, src)
+    out = tmp_path / "en_de" / "semantic_genesis_chest_ct.pt"
+    out.parent.mkdir()
+    out.write_bytes(b"my trained model")
+    one_error_line(capsys, cc.main([str(src), str(out)]), str(out), "--overwrite")
+    assert out.read_bytes() == b"my trained model"
+    assert cc.main([str(src), str(out), "--overwrite"]) == 0
