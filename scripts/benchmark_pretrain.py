@@ -13,7 +13,7 @@ Measures in one run, on one device (cubes/s = batch * timed steps / wall time, a
   CUDA, ``perturb_batch`` on the device, bf16 autocast on CUDA, channels_last_3d, fused Adam).
 
 Prints a table (path | cubes/s | ratio vs published | peak memory) naming the machine, then
-issue 6's goals (``goal_checks``: >= 450 cubes/s end to end, >= 90 % of model_only, >= 4x
+the throughput goals (``goal_checks``: >= 450 cubes/s end to end, >= 90 % of model_only, >= 4x
 published, peak memory <= the published fp32 path) with met / NOT met, and writes the same as
 JSON with ``--json``. Peak memory: ``torch.cuda.max_memory_allocated`` per path
 on CUDA; the process's peak RSS (``ru_maxrss``, cumulative over the run) on CPU.
@@ -43,7 +43,7 @@ from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, re
                             save_json_atomic)
 
 PATHS = ("published_loader", "published", "ours_perturb", "model_only", "ours")
-#: Context (issue 6): cubes/s of the published code on an H200, batch 64, 64 x 64 x 32, width 32.
+#: Context: cubes/s of the published code on an H200, batch 64, 64 x 64 x 32, width 32.
 PUBLISHED_H200 = {"published_loop": 85, "numpy_loader_4_workers": 95,
                   "numpy_loader_16_workers": 394, "model_step_fp32": 148, "model_step_bf16": 238,
                   "model_step_bf16_channels_last_3d": 387,
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exp", choices=("en", "en_de"), default="en_de",
                    help="en_de: full Y-Net (published pretraining); en: encoder + head")
     g.add_argument("--input", default="64x64x32",
-                   help="cube size XxYxZ (each divisible by 8; SPEC: 64x64x32)")
+                   help="cube size XxYxZ (each divisible by 8; paper: 64x64x32)")
     g.add_argument("--amp", choices=("auto", "bf16", "fp32"), default="auto",
                    help="precision of ours and model_only (auto: bf16 on CUDA, fp32 on CPU); "
                         "the published path is always fp32")
@@ -296,14 +296,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-#: Issue 6's goal for one H100/H200 at batch 64 (64 x 64 x 32 cubes, width 32).
+#: Throughput goal for one H100/H200 at batch 64 (64 x 64 x 32 cubes, width 32).
 GOAL_CUBES_PER_S = 450.0
 GOAL_FRACTION_OF_MODEL_ONLY = 0.90
 GOAL_SPEEDUP_VS_PUBLISHED = 4.0
 
 
 def goal_checks(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 6's four goals, each ``{"goal", "value", "target", "met"}``, for the paths present.
+    """The four throughput goals, each ``{"goal", "value", "target", "met"}``, for the paths present.
 
     End to end >= 450 cubes/s; ours >= 90 % of model_only; ours >= 4x published; ours' peak
     memory <= the published fp32 path's (CUDA only; ours also holds its cube pool). The absolute

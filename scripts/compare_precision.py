@@ -1,4 +1,4 @@
-"""Numerics check: does bf16 autocast pretraining track fp32 within noise? (issue 6, item 2)
+"""Numerics check: does bf16 autocast pretraining track fp32 within noise?
 
 Trains the same Y-Net 3D twice, from the same initial weights, on the same seeded batches and the
 same seeded perturbations (computed in fp32 before the forward pass, so both runs see
@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exp", choices=("en", "en_de"), default="en_de",
                    help="en_de: full Y-Net (published pretraining); en: encoder + head")
     g.add_argument("--input", default="64x64x32",
-                   help="cube size XxYxZ (each divisible by 8; SPEC: 64x64x32)")
+                   help="cube size XxYxZ (each divisible by 8; paper: 64x64x32)")
     g.add_argument("--batch_size", type=int, default=64, help="cubes per step (published: 64)")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (SPEC: 1e-3)")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
     g.add_argument("--no-augment", dest="augment", action="store_false",
                    help="skip the elastic deformation before each perturbation (the default shown "
                         "is whether it is applied)")

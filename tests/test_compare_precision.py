@@ -1,4 +1,4 @@
-"""scripts/compare_precision.py: fp32 vs bf16 autocast pretraining curves (issue 6, numerics)."""
+"""scripts/compare_precision.py: fp32 vs bf16 autocast pretraining curves (numerics)."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
 """The training hot paths never wait for the device, checked on CPU.
 
 On a GPU, ``.item()``, ``bool(t)``, ``nonzero`` and boolean indexing stall the host until the
-device catches up; the issue asks for none between log intervals. A CPU run cannot see the
+device catches up; the training loop must do none between log intervals. A CPU run cannot see the
 stall, but it can see the operators that cause it: ``RecordOps`` records every aten call, and
 the tests count the host-reading ones. (A ``.cpu()`` of a CPU tensor dispatches nothing, so
 device-to-host copies are left to the CUDA test with ``torch.cuda.set_sync_debug_mode`` in

@@ -1,4 +1,4 @@
-"""Statistics of the batched perturbations against their definitions (SPEC stage 4)."""
+"""Statistics of the batched perturbations against their definitions (stage 4, pretraining)."""
 import numpy as np
 import pytest
 import torch
@@ -115,7 +115,7 @@ def test_intensity_monotone_and_inverted_share():
 
 
 def _reference_bezier(v, a, b, c, d, flip, n=100000):
-    """SPEC's definition with the reference's conventions, straight NumPy."""
+    """The Bezier intensity curve with the reference's conventions, straight NumPy."""
     t = np.linspace(0.0, 1.0, n)
     pts = np.array([[0, 0], [a, b], [c, d], [1, 1]], dtype=np.float64)
     coef = np.array([1, 3, 3, 1])
