@@ -19,7 +19,7 @@ Keys (the first five are the published ones; every writer here fills all of them
 ``model_config``                 dict of constructor arguments (``width``, ``cls_classes`` ...)
 ``config``                       the resolved run configuration (plain types)
 ``schema_version``               int, ``SCHEMA_VERSION``
-``extra``                        dict, free-form plain data (e.g. RNG states as tensors)
+``extra``                        dict, free-form plain data (e.g. losses, learning rate)
 ================================ ==========================================================
 
 Files are written atomically (temporary file in the same folder, then ``os.replace``), so a

@@ -120,7 +120,6 @@ class DownTransition(nn.Module):
                  norm: NormMode = "batch_stats") -> None:
         super().__init__()
         self.ops = nn.Sequential(LUConv(in_ch, mid_ch, norm), LUConv(mid_ch, out_ch, norm))
-        self.pool = pool
         self.maxpool = nn.MaxPool3d(2) if pool else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

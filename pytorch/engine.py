@@ -45,7 +45,6 @@ __all__ = ["EXPERIMENTS", "LossConfig", "build_model", "resolve_amp", "autocast"
            "SyncContBatchNorm3d", "convert_sync_batchnorm"]
 
 EXPERIMENTS = ("en", "en_de")
-STAT_NAMES = ("loss", "cls", "rec", "correct", "n")
 
 
 @dataclass(frozen=True)
@@ -117,12 +116,8 @@ def make_optimizer(model: nn.Module, lr: float = 1e-3,
     """
     if device is None:
         device = next(model.parameters()).device
-    if torch.device(device).type in ("cuda", "cpu"):
-        try:
-            return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-        except RuntimeError:  # torch < 2.4 has no fused CPU kernel
-            pass
-    return torch.optim.Adam(model.parameters(), lr=lr)
+    fused = torch.device(device).type in ("cuda", "cpu")
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, step_size: int = 40,

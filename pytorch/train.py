@@ -240,7 +240,7 @@ def _choose_storage(args, device: torch.device) -> tuple[torch.dtype, torch.devi
 
 
 @torch.no_grad()
-def _fixed_val_inputs(val: CubeSet, args, device: torch.device, amp_dtype) -> CubeSet:
+def _fixed_val_inputs(val: CubeSet, args, device: torch.device) -> CubeSet:
     """Validation cubes with their perturbed inputs stacked on channel 1: (N, 2, X, Y, Z).
 
     Perturbations are drawn once, chunk c of ``_VAL_CHUNK`` cubes from a generator seeded by
@@ -310,7 +310,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
         args.data_dir, args.cls_classes, args.nb_instances, args.nb_val_instances,
         args.nb_multires_patch, cube_shape, dtype=dtype, device=data_device,
         pin_memory=device.type == "cuda")
-    val_set = _fixed_val_inputs(val_set, args, device, amp_dtype)
+    val_set = _fixed_val_inputs(val_set, args, device)
 
     # ---- model, optimiser, state -----------------------------------------------------------
     model = build_model(args.exp, args.cls_classes, args.width, args.norm)
@@ -411,8 +411,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
         epochs_run += 1
         seconds = time.time() - t_epoch
         if main_rank:
-            extra = {"torch_rng_state": torch.get_rng_state(), "world_size": ws,
-                     "train": tr, "val": va, "lr": lr}
+            extra = {"world_size": ws, "train": tr, "val": va, "lr": lr}
             kw = dict(optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
                       best_loss=best_loss, num_epoch_no_improvement=no_improve,
                       arch=type(model).__name__, model_config=model_config, config=config,

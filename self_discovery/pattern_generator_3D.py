@@ -96,7 +96,6 @@ MULTI_RES_REDRAWS = 1000
 #: crop start and size_* its size before resizing; ``fold``/``row`` locate the cube in the files.
 CSV_COLUMNS = ("class", "split", "resolution", "file", "x", "y", "z", "size_x", "size_y", "size_z",
                "reference", "fold", "row")
-SPLIT_DIRS = {"train": "train", "validation": "validation"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +267,7 @@ def read_coordinates(path: str | os.PathLike) -> dict[int, list[dict]]:
             raise InputError(f"--prev_coordinates {path}: line {line}: expected integers in "
                              f"columns {', '.join(ints)}; the file is damaged") from None
         rec["split"], rec["file"], rec["reference"] = row["split"], row["file"], row["reference"]
-        if rec["split"] not in SPLIT_DIRS:
+        if rec["split"] not in ("train", "validation"):
             raise InputError(f"--prev_coordinates {path}: line {line}: split {rec['split']!r} is "
                              "not train/validation; the file is damaged")
         out.setdefault(rec["class"], []).append(rec)

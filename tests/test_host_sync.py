@@ -58,13 +58,6 @@ class RecordOps(TorchDispatchMode):
         return {name: n for name, n in self.ops.items() if name in HOST_READS}
 
 
-def _require_fused(optimizer: torch.optim.Optimizer) -> None:
-    """Plain Adam reads each step counter back; only the fused kernel (CPU: torch >= 2.4)
-    keeps them on the device."""
-    if not optimizer.defaults.get("fused"):
-        pytest.skip(f"torch {torch.__version__} has no fused Adam on CPU")
-
-
 @pytest.mark.parametrize("exp", ["en_de", "en"])
 def test_one_pretraining_step_reads_nothing_back(exp):
     """Batch gather, perturbations, forward, backward, fused Adam and eval: no host reads."""
@@ -73,7 +66,7 @@ def test_one_pretraining_step_reads_nothing_back(exp):
     feeder = BatchFeeder(data, torch.device("cpu"), max_batch=6)
     model = prepare_model_for_speed(build_model(exp, 3, width=4), "cpu")
     optimizer = make_optimizer(model)
-    _require_fused(optimizer)
+    assert optimizer.defaults["fused"]  # plain Adam would read each step counter back
     gen = torch.Generator().manual_seed(0)
     cfg = LossConfig(exp)
     idx = torch.randperm(12)
@@ -100,7 +93,6 @@ def _pretrain_reads(root, instances: int) -> dict[str, int]:
 
 def test_pretraining_epoch_host_reads_do_not_grow_with_steps(tmp_path):
     """pytorch/train.py: the same host reads for 2 and for 4 steps per epoch (per-epoch only)."""
-    _require_fused(make_optimizer(torch.nn.Linear(1, 1)))
     assert _pretrain_reads(tmp_path, 4) == _pretrain_reads(tmp_path, 8)
 
 
@@ -119,7 +111,6 @@ def _autoencoder_reads(root, n_train: int, monkeypatch) -> dict[str, int]:
 
 def test_autoencoder_epoch_host_reads_do_not_grow_with_steps(tmp_path, monkeypatch):
     """Stage 1 likewise: 2 and 4 training steps per epoch read the same."""
-    _require_fused(make_optimizer(torch.nn.Linear(1, 1)))
     assert (_autoencoder_reads(tmp_path, 4, monkeypatch)
             == _autoencoder_reads(tmp_path, 8, monkeypatch))
 
@@ -136,18 +127,3 @@ def test_networks_compile_to_one_graph(net):
     explanation = torch._dynamo.explain(model)(torch.rand(2, 1, 16, 16, 8))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
-
-
-def test_make_optimizer_falls_back_to_plain_adam_without_fused_kernel(monkeypatch):
-    """Old torch (< 2.4) rejects fused=True on CPU: plain Adam then, same hyperparameters."""
-    real_adam = torch.optim.Adam
-
-    def adam(params, lr, fused=None):
-        if fused:
-            raise RuntimeError("`fused=True` requires all the params to be CUDA tensors")
-        return real_adam(params, lr=lr)
-
-    monkeypatch.setattr(torch.optim, "Adam", adam)
-    optimizer = make_optimizer(torch.nn.Linear(2, 1), lr=3e-4)
-    assert not optimizer.defaults.get("fused") and optimizer.defaults["lr"] == 3e-4
-    assert len(optimizer.param_groups[0]["params"]) == 2

@@ -45,6 +45,22 @@ def test_published_names_and_shapes_meta():
     assert set(unet.state_dict()) == {k for k in sd if not k.startswith("clc_out")}
 
 
+def test_state_dict_keys_are_exactly_the_published_ones():
+    """Every key of the published Y-Net 3D, nothing more: modules without weights (max-pool,
+    identity, ReLU, upsampling) and plain attributes add no key."""
+    luconv = ("conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias", "bn1.running_mean",
+              "bn1.running_var", "bn1.num_batches_tracked")
+    levels = ("down_tr64", "down_tr128", "down_tr256", "down_tr512", "up_tr256", "up_tr128",
+              "up_tr64")
+    published = {f"{lv}.ops.{i}.{k}" for lv in levels for i in (0, 1) for k in luconv}
+    published |= {f"up_tr{n}.up_conv.{k}" for n in (256, 128, 64) for k in ("weight", "bias")}
+    published |= {"out_tr.final_conv.weight", "out_tr.final_conv.bias"}
+    published |= {f"clc_out.{k}" for k in luconv + ("fc1.weight", "fc1.bias")}
+    with torch.device("meta"):
+        keys = list(YNet3D().state_dict())
+    assert len(keys) == len(published) == 115 and set(keys) == published
+
+
 @pytest.mark.parametrize("width", [4, 8])
 def test_forward_shapes(width):
     x = torch.rand(2, 1, 64, 64, 32)
