@@ -185,7 +185,8 @@ class ClassificationHead(nn.Module):
 
 
 class _Encoder(nn.Module):
-    """The four encoder levels shared by every network here. Sets ``out512`` on forward."""
+    """The four encoder levels shared by every network here. Sets ``out512`` on forward
+    (the bottleneck, read by the README's fine-tuning snippet); every other activation is local."""
 
     def __init__(self, in_channels: int, width: int, norm: NormMode) -> None:
         super().__init__()
@@ -200,13 +201,17 @@ class _Encoder(nn.Module):
     def bottleneck_channels(self) -> int:
         return 16 * self.width
 
+    def encode_with_skips(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(N, C, X, Y, Z) -> (bottleneck (N, 16w, X/8, Y/8, Z/8), skips for ``decode``)."""
+        out64, skip64 = self.down_tr64(x)         # (N, 2w, X/2, ...), (N, 2w, X, ...)
+        out128, skip128 = self.down_tr128(out64)  # (N, 4w, X/4, ...), (N, 4w, X/2, ...)
+        out256, skip256 = self.down_tr256(out128)  # (N, 8w, X/8, ...), (N, 8w, X/4, ...)
+        self.out512 = self.down_tr512(out256)[0]  # (N, 16w, X/8, ...)
+        return self.out512, (skip64, skip128, skip256)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, X, Y, Z) -> bottleneck (N, 16w, X/8, Y/8, Z/8); skips kept on ``self``."""
-        self.out64, self.skip_out64 = self.down_tr64(x)            # (N, 2w, X/2, ...), (N, 2w, X, ...)
-        self.out128, self.skip_out128 = self.down_tr128(self.out64)  # (N, 4w, X/4, ...)
-        self.out256, self.skip_out256 = self.down_tr256(self.out128)  # (N, 8w, X/8, ...)
-        self.out512, self.skip_out512 = self.down_tr512(self.out256)  # (N, 16w, X/8, ...)
-        return self.out512
+        """(N, C, X, Y, Z) -> bottleneck (N, 16w, X/8, Y/8, Z/8)."""
+        return self.encode_with_skips(x)[0]
 
 
 def _check_input(x: torch.Tensor) -> None:
@@ -243,17 +248,18 @@ class UNet3D(_Encoder):
         self.up_tr64 = UpTransition(4 * w, 2 * w, 2 * w, decoder, norm)
         self.out_tr = OutputTransition(2 * w, n_class)
 
-    def decode(self, bottleneck: torch.Tensor) -> torch.Tensor:
-        """Bottleneck (N, 16w, X/8, Y/8, Z/8) -> (N, n_class, X, Y, Z), using the stored skips."""
-        self.out_up_256 = self.up_tr256(bottleneck, self.skip_out256)    # (N, 8w, X/4, ...)
-        self.out_up_128 = self.up_tr128(self.out_up_256, self.skip_out128)  # (N, 4w, X/2, ...)
-        self.out_up_64 = self.up_tr64(self.out_up_128, self.skip_out64)  # (N, 2w, X, ...)
-        self.out = self.out_tr(self.out_up_64)                           # (N, n_class, X, ...)
-        return self.out
+    def decode(self, bottleneck: torch.Tensor, skips: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Bottleneck (N, 16w, X/8, Y/8, Z/8) and the skips of ``encode_with_skips`` ->
+        (N, n_class, X, Y, Z)."""
+        skip64, skip128, skip256 = skips
+        up256 = self.up_tr256(bottleneck, skip256)  # (N, 8w, X/4, ...)
+        up128 = self.up_tr128(up256, skip128)       # (N, 4w, X/2, ...)
+        up64 = self.up_tr64(up128, skip64)          # (N, 2w, X, ...)
+        return self.out_tr(up64)                    # (N, n_class, X, ...)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x)
-        return self.decode(self.encode(x))
+        return self.decode(*self.encode_with_skips(x))
 
 
 class YNet3D(UNet3D):
@@ -269,8 +275,8 @@ class YNet3D(UNet3D):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x)
-        bottleneck = self.encode(x)                  # (N, 16w, X/8, Y/8, Z/8)
-        return self.decode(bottleneck), self.clc_out(bottleneck)
+        bottleneck, skips = self.encode_with_skips(x)  # (N, 16w, X/8, Y/8, Z/8)
+        return self.decode(bottleneck, skips), self.clc_out(bottleneck)
 
 
 class ClassificationNet3D(_Encoder):

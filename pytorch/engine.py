@@ -10,6 +10,8 @@ same functions to time "ours", so the two cannot drift apart. Stable API (keep s
     ``"auto"`` -> bfloat16 on CUDA, None (fp32) on CPU; ``"bf16"``/``"fp32"`` explicit.
 ``prepare_model_for_speed(model, device, channels_last=None, compile=False) -> nn.Module``
     Moves to ``device``; channels_last_3d on CUDA (``None`` = auto); optional ``torch.compile``.
+``enable_fast_math(device, tf32=True)``
+    Process-wide CUDA flags (cuDNN autotuning, TF32), a separate call for the CLIs that want them.
 ``make_optimizer(model, lr=1e-3, device=None) -> torch.optim.Adam`` (fused on CUDA and CPU)
 ``make_scheduler(optimizer, step_size=40, gamma=0.5) -> StepLR``
 ``perturb_inputs(original, generator, augment=True, config=None) -> (N,1,X,Y,Z)``
@@ -42,7 +44,7 @@ from pytorch.perturbations import PerturbationConfig, perturb_batch
 __all__ = ["EXPERIMENTS", "LossConfig", "build_model", "resolve_amp", "autocast",
            "prepare_model_for_speed", "make_optimizer", "make_scheduler", "perturb_inputs",
            "compute_losses", "train_step", "eval_step", "summarize_stats",
-           "SyncContBatchNorm3d", "convert_sync_batchnorm"]
+           "SyncContBatchNorm3d", "convert_sync_batchnorm", "enable_fast_math", "is_channels_last"]
 
 EXPERIMENTS = ("en", "en_de")
 
@@ -88,7 +90,7 @@ def prepare_model_for_speed(model: nn.Module, device: torch.device | str,
     """Move ``model`` to ``device``; channels_last_3d (default: on CUDA only); optional compile.
 
     Returns the model to call (the compiled wrapper when ``compile``); the weights are shared
-    with ``models.checkpoint.unwrap_model(result)``. Also enables cuDNN autotuning on CUDA.
+    with ``models.checkpoint.unwrap_model(result)``. Sets no global flag: see ``enable_fast_math``.
     """
     device = torch.device(device)
     if channels_last is None:
@@ -96,14 +98,18 @@ def prepare_model_for_speed(model: nn.Module, device: torch.device | str,
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    model._channels_last_3d = bool(channels_last)  # read by train_step / eval_step
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     if compile:
         model = torch.compile(model)
     return model
+
+
+def enable_fast_math(device: torch.device | str, tf32: bool = True) -> None:
+    """On CUDA, turn on cuDNN autotuning and (with ``tf32``) TF32 matmuls and convolutions;
+    nothing elsewhere. These are process-wide flags, so a CLI sets them once, explicitly."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def make_optimizer(model: nn.Module, lr: float = 1e-3,
@@ -165,9 +171,18 @@ def _batch_stats(total, cls, rec, logits, labels) -> torch.Tensor:
     return torch.stack([total.detach() * n, cls.detach() * n, rec.detach() * n, correct, n])
 
 
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's 3D convolution weights are laid out channels_last_3d (read from the
+    first weight whose two layouts differ: more than one input channel and a kernel > 1)."""
+    for p in unwrap_model(model).parameters():
+        if p.dim() == 5 and p.shape[1] > 1 and p.shape[2:].numel() > 1:
+            return p.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
 def _as_input(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """The input in the model's memory format (channels_last_3d after prepare_model_for_speed)."""
-    if getattr(unwrap_model(model), "_channels_last_3d", False):
+    if is_channels_last(model):
         return x.contiguous(memory_format=torch.channels_last_3d)
     return x
 

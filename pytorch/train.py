@@ -43,7 +43,7 @@ from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overw
 from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation, fold_blocks,
                           load_pretraining_data, validation_order)
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
-                            make_optimizer, make_scheduler, perturb_inputs,
+                            enable_fast_math, make_optimizer, make_scheduler, perturb_inputs,
                             prepare_model_for_speed, resolve_amp, summarize_stats, train_step)
 
 CHECKPOINT_NAME = "semantic_genesis_chest_ct"
@@ -328,6 +328,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
     if args.sync_bn and info.enabled:
         model = convert_sync_batchnorm(model)
     model = prepare_model_for_speed(model, device, args.channels_last, compile=False)
+    enable_fast_math(device)
     optimizer = make_optimizer(model, args.lr, device)
     scheduler = make_scheduler(optimizer, args.lr_step, args.lr_gamma)
     if ckpt is not None:

@@ -163,14 +163,15 @@ def time_path(step: Callable[[], Any], device: torch.device, warmup: int, steps:
 
 def _model(args, device: torch.device, ours: bool):
     """(model, optimiser, amp dtype, loss config): ours = engine's fast setup, else published."""
-    from pytorch.engine import (LossConfig, build_model, make_optimizer, prepare_model_for_speed,
-                                resolve_amp)
+    from pytorch.engine import (LossConfig, build_model, enable_fast_math, make_optimizer,
+                                prepare_model_for_speed, resolve_amp)
 
     torch.manual_seed(args.seed)
     model = build_model(args.exp, args.cls_classes, args.width)
     loss_cfg = LossConfig(args.exp)
     if ours:
         model = prepare_model_for_speed(model, device, args.channels_last, compile=args.compile)
+        enable_fast_math(device)
         return model, make_optimizer(model, 1e-3, device), resolve_amp(args.amp, device), loss_cfg
     if device.type == "cuda":  # torch defaults, as the reference ran
         torch.backends.cudnn.benchmark = False

@@ -163,15 +163,13 @@ def train_run(init_state: dict[str, torch.Tensor], args: argparse.Namespace,
     from tqdm import tqdm
 
     from pytorch.data import derive_seed, epoch_permutation
-    from pytorch.engine import (LossConfig, build_model, make_optimizer, perturb_inputs,
-                                prepare_model_for_speed, train_step)
+    from pytorch.engine import (LossConfig, build_model, enable_fast_math, make_optimizer,
+                                perturb_inputs, prepare_model_for_speed, train_step)
 
     model = build_model(args.exp, args.cls_classes, args.width)
     model.load_state_dict(init_state)
     model = prepare_model_for_speed(model, device, args.channels_last)
-    if device.type == "cuda":  # prepare_model_for_speed turns TF32 on; the reference is fp32
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        torch.backends.cudnn.allow_tf32 = args.tf32
+    enable_fast_math(device, tf32=args.tf32)  # without --tf32 the reference is true fp32
     model.train()
     optimizer = make_optimizer(model, args.lr, device)
     loss_cfg = LossConfig(exp=args.exp)

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from models.ynet3d import ClassificationNet3D, ContBatchNorm3d, UNet3D, YNet3D
+from pytorch.engine import (LossConfig, build_model, eval_step, is_channels_last,
+                            prepare_model_for_speed)
 
 # Published parameter shapes at width 32 (every conv weight of the U-Net and the head).
 PUBLISHED_SHAPES = {
@@ -74,6 +76,34 @@ def test_forward_shapes(width):
     clf = ClassificationNet3D(cls_classes=3, width=width)
     assert clf(x).shape == (2, 3)
     assert set(clf.state_dict()) <= set(y.state_dict())
+
+
+def test_forward_keeps_only_the_bottleneck():
+    """Forward stores ``out512`` (the README snippet reads it) and no other activation."""
+    x = torch.rand(2, 1, 16, 16, 8)
+    for model in (YNet3D(cls_classes=3, width=4), UNet3D(width=4),
+                  ClassificationNet3D(cls_classes=3, width=4)):
+        before = set(vars(model))
+        model(x)
+        assert set(vars(model)) - before == {"out512"}, type(model).__name__
+
+
+def test_prepare_model_for_speed_sets_the_layout_and_no_global_flag():
+    """The memory format is read from the weights; cuDNN/TF32 flags are left alone."""
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
+    fast = prepare_model_for_speed(build_model("en_de", 3, width=4), "cpu", channels_last=True)
+    plain = prepare_model_for_speed(build_model("en_de", 3, width=4), "cpu")
+    assert is_channels_last(fast) and not is_channels_last(plain)
+    assert not hasattr(fast, "_channels_last_3d")
+    assert flags == (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                     torch.backends.cudnn.allow_tf32)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.rand(2, 1, 16, 16, 8)
+    fast.eval(), plain.eval()
+    a = eval_step(fast, x, x, torch.zeros(2, dtype=torch.long), LossConfig("en_de"))[0]
+    b = eval_step(plain, x, x, torch.zeros(2, dtype=torch.long), LossConfig("en_de"))[0]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_autoencoder_decoder_has_no_up_conv_weights():
