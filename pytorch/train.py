@@ -12,6 +12,10 @@ are perturbed once and visited in one class-mixing order drawn from ``--seed``.
 Outputs: ``Checkpoints/<exp>/semantic_genesis_chest_ct.pt`` (best validation loss; the file the
 fine-tuning snippet loads), ``..._last.pt`` (after every epoch; ``--resume`` it), the resolved
 configuration ``..._config.json`` beside them, TensorBoard logs under ``runs/``.
+
+The data flags (cube size, classes, instances, resolutions) default to the pattern generator's
+``config.json`` in ``--data_dir`` (``pytorch.manifest``), else to the paper's values; flags given
+override both. The values used and where each came from are logged and kept in the configuration.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation, 
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
                             enable_fast_math, make_optimizer, make_scheduler, perturb_inputs,
                             prepare_model_for_speed, resolve_amp, summarize_stats, train_step)
+from pytorch.manifest import resolve_data_flags
 
 CHECKPOINT_NAME = "semantic_genesis_chest_ct"
 _VAL_CHUNK = 64  # validation perturbations are drawn per chunk of this many cubes
@@ -63,18 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with the fold files train_data{r}_vwGen_ex_ref_fold{k}.0.npy, "
                         "train_label{r}_..., val_data1_..., val_label1_... (written by "
                         "self_discovery/pattern_generator_3D.py)")
-    g.add_argument("--input_rows", type=positive_int, default=64, help="cube size x (divisible by 8)")
-    g.add_argument("--input_cols", type=positive_int, default=64, help="cube size y (divisible by 8)")
-    g.add_argument("--input_deps", type=positive_int, default=32, help="cube size z (divisible by 8)")
-    g.add_argument("--cls_classes", type=positive_int, default=44,
+    # Data flags: None = from the data folder's config.json, else the paper's value (manifest.py)
+    g.add_argument("--input_rows", type=positive_int, default=None,
+                   help="cube size x (divisible by 8) [default: config.json in --data_dir, "
+                        "else 64]")
+    g.add_argument("--input_cols", type=positive_int, default=None,
+                   help="cube size y (divisible by 8) [default: config.json, else 64]")
+    g.add_argument("--input_deps", type=positive_int, default=None,
+                   help="cube size z (divisible by 8) [default: config.json, else 32]")
+    g.add_argument("--cls_classes", type=positive_int, default=None,
                    help="number of anatomical-pattern classes C used (the paper: 44); the "
-                        "first C classes of the fold files, which may hold more")
-    g.add_argument("--nb_instances", type=positive_int, default=200,
-                   help="training cubes per class and resolution in the fold files")
-    g.add_argument("--nb_val_instances", type=positive_int, default=30,
-                   help="validation cubes per class in the fold files")
-    g.add_argument("--nb_multires_patch", type=positive_int, default=3,
-                   help="resolutions used: train_data1..N (1 = single resolution)")
+                        "first C classes of the fold files, which may hold more [default: "
+                        "nb_classes of config.json, else 44]")
+    g.add_argument("--nb_instances", type=positive_int, default=None,
+                   help="training cubes per class and resolution in the fold files [default: "
+                        "config.json, else 200]")
+    g.add_argument("--nb_val_instances", type=positive_int, default=None,
+                   help="validation cubes per class in the fold files [default: "
+                        "nb_instances_val of config.json, else 30]")
+    g.add_argument("--nb_multires_patch", type=positive_int, default=None,
+                   help="resolutions used: train_data1..N (1 = single resolution) [default: 3 "
+                        "or 1 by multi_res of config.json, else 3]")
     g.add_argument("--num_workers", type=nonneg_int, default=4,
                    help="accepted for compatibility with the reference; unused: the cubes are "
                         "held in memory and batches are gathered on the device, no loader "
@@ -270,6 +284,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     Raises InputError / CheckpointError on bad input (``main`` prints them).
     """
+    args.data_flags_from = resolve_data_flags(args)  # also kept in the run's configuration
     _check_args(args)
     device = resolve_device(args.device)
     if args.multi_gpu and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -356,6 +371,8 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
              f"({str(dtype)[6:]} on {data_device}, {time.time() - t0:.1f} s); "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
              f"{ws} process(es) x batch {per_rank_batch}; amp {config['amp_resolved']}", 2)
+    log.line("data flags: " + ", ".join(f"--{k} {getattr(args, k)} ({src})"
+                                        for k, src in args.data_flags_from.items()))
     if ckpt is not None:
         log.line(f"resumed {args.resume}: {start_epoch} epochs done, best val loss "
                  f"{best_loss:.5f}, {no_improve} epoch(s) without improvement")

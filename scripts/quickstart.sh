@@ -146,10 +146,9 @@ run patterns "$PY" self_discovery/pattern_generator_3D.py --data_dir "$DS" --sav
     --len_border "$BORDER" --len_border_z "$BORDER_Z" --seed 0 --overwrite
 
 # ---- 5. pretraining: self-classification + self-restoration (Y-Net 3D) ----------------------
+# cube size, classes, instances and resolutions: from the pattern generator's $PAT/config.json
 run pretrain "$PY" pytorch/train.py --data_dir "$PAT" \
-    --input_rows "${CUBE[0]}" --input_cols "${CUBE[1]}" --input_deps "${CUBE[2]}" \
-    --cls_classes "$CLASSES" --nb_instances "$INSTANCES" --nb_val_instances "$INSTANCES_VAL" \
-    --nb_multires_patch 3 --width "$WIDTH" --batch_size "$BATCH" "${PT_EPOCH[@]}" \
+    --width "$WIDTH" --batch_size "$BATCH" "${PT_EPOCH[@]}" \
     --device "$DEVICE" --checkpoint_dir "$PRE" --log_dir "$RUNS" --notes quickstart --overwrite
 
 # ---- 6. fine-tune the pretrained encoder: nodule / no-nodule cubes -------------------------

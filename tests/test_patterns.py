@@ -7,6 +7,7 @@ as feature_extractor.py writes it.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 from pathlib import Path
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 
 from pytorch.common import InputError
+from pytorch.data import load_pretraining_data
+from pytorch.manifest import DATA_FLAGS, resolve_data_flags
 from scripts.benchmark_patterns import naive_weight_sum  # the reference's per-voxel loop
 from self_discovery import pattern_generator_3D as pg
 from self_discovery.feature_extractor import save_features
@@ -163,10 +166,14 @@ def test_partial_block_default_file_size(dataset):
     assert d.shape == (3 * 6, 64, 64, 32)
     assert not (save / "train_data2_vwGen_ex_ref_fold1.0.npy").exists()  # no --multi_res
     assert np.load(save / "val_data1_vwGen_ex_ref_fold1.0.npy", mmap_mode="r").shape[0] == 9
-    # the training loader reads these files as they are
-    data = pytest.importorskip("pytorch.data")
-    train, val = data.load_pretraining_data(save, 3, 6, 3, 1, (64, 64, 32))
+    # the training loader reads these files as they are, its data flags from config.json
+    train, val = load_pretraining_data(save, 3, 6, 3, 1, (64, 64, 32))
     assert len(train) == 18 and len(val) == 9
+    flags = argparse.Namespace(data_dir=str(save), **dict.fromkeys(DATA_FLAGS))
+    assert set(resolve_data_flags(flags).values()) == {"manifest"}
+    assert vars(flags) == {"data_dir": str(save), "input_rows": 64, "input_cols": 64,
+                           "input_deps": 32, "cls_classes": 3, "nb_instances": 6,
+                           "nb_val_instances": 3, "nb_multires_patch": 1}
     assert train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
 
 

@@ -79,14 +79,13 @@ def test_pipeline_end_to_end_on_tiny_phantoms(tmp_path):
     labels = np.load(out / "patterns" / "train_label1_vwGen_ex_ref_fold1.0.npy")
     assert cubes.shape == (8, 16, 16, 8) and labels.reshape(-1).tolist() == [0] * 4 + [1] * 4
     assert 0.0 <= cubes.min() and cubes.max() <= 1.0
-    # 5. pretraining (Y-Net 3D)
-    assert pretrain.main(["--data_dir", str(out / "patterns"), "--input_rows", "16", "--input_cols", "16",
-                          "--input_deps", "8", "--cls_classes", "2", "--nb_instances", "4",
-                          "--nb_val_instances", "2", "--nb_multires_patch", "3", "--width", "4",
+    # 5. pretraining (Y-Net 3D); cube size, classes, instances, resolutions from config.json
+    assert pretrain.main(["--data_dir", str(out / "patterns"), "--width", "4",
                           "--batch_size", "4", "--nb_epoch", "1", "--checkpoint_dir", str(out / "pretrain"),
                           "--log_dir", str(out / "runs"), "--verbose", "0", *dev]) == 0
     ckpt = out / "pretrain" / "semantic_genesis_chest_ct.pt"
     state = load_checkpoint(ckpt)
+    assert (state["config"]["cls_classes"], state["config"]["nb_multires_patch"]) == (2, 3)
     assert "state_dict" in state and "down_tr64.ops.0.conv1.weight" in state["state_dict"]
     # 6. fine-tune the pretrained encoder on nodule / no-nodule cubes
     assert phantoms.main(["--output_dir", str(out / "nodules"), "--nodule_cubes", "16",
