@@ -72,6 +72,8 @@ def test_help_explains_every_flag_without_none_defaults(name):
         assert action.help and len(action.help.strip()) > 5, (name, action.option_strings)
     text = parser.format_help()
     assert "(default: None)" not in text
+    for action in parser._actions:
+        assert all(flag in text for flag in action.option_strings), (name, action.dest)
 
 
 @pytest.mark.parametrize("name", ["scripts.phantoms", "scripts.fetch_sample_ct"])

@@ -138,6 +138,7 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two processes under torchrun
 def test_two_process_ddp_matches_one_process(setup, tmp_path):
     _, data, _ = setup
     ckpt_dir = tmp_path / "ckpt"

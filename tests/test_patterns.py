@@ -301,19 +301,9 @@ def test_no_coordinate_passes(tmp_path, capsys):
     assert not list((root / "out").glob(".*tmp*"))
 
 
-def test_help_explains_every_flag():
-    parser = pg.build_parser()
-    for action in parser._actions:
-        assert action.help, action.option_strings
-    text = parser.format_help()
-    for flag in ("--data_dir", "--save", "--input_rows", "--input_cols", "--input_deps",
-                 "--crop_rows", "--crop_cols", "--is_normalized", "--nb_classes", "--nb_instances",
-                 "--nb_instances_val", "--minPatchSize", "--maxPatchSize", "--multi_res",
-                 "--distance_threshold", "--prev_coordinates", "--train_features",
-                 "--val_features", "--seed", "--len_border", "--len_border_z", "--max_tries",
-                 "--hu_min", "--hu_max", "--lung_threshold"):
-        assert flag in text
-    d = parser.parse_args([])
+def test_reference_flag_names_and_defaults():
+    """The published flags keep their names and defaults (--help: tests/test_cli_errors.py)."""
+    d = pg.build_parser().parse_args([])
     assert (d.data_dir, d.save, d.nb_classes, d.nb_instances, d.nb_instances_val) == \
         ("dataset/", "self_discovery/Semantic_Genesis_data", 200, 200, 30)
     assert (d.len_border, d.len_border_z, d.max_tries, d.minPatchSize, d.maxPatchSize) == \
@@ -329,3 +319,46 @@ def test_too_close_is_the_published_strict_rule():
     assert pg.too_close(earlier, (300, 300, 90), 5)       # the same coordinate
     assert not pg.too_close(np.zeros((0, 3)), (0, 0, 0), 5)
     assert not pg.too_close(earlier, (100, 100, 40), 0)   # threshold 0: nothing is too close
+
+
+def test_class_instances_are_the_k_nearest_patients_in_feature_space(dataset, run3):
+    """Per class: the reference first, then the train patients nearest to it (L2 on the stage-2
+    features) up to --nb_instances; validation: the --nb_instances_val nearest val patients."""
+    train_f = np.load(dataset / "features" / "train_features.npy").astype(np.float64)
+    val_f = np.load(dataset / "features" / "validation_features.npy").astype(np.float64)
+    rows = _rows(run3)
+    for cls in sorted({r["class"] for r in rows}):
+        mine = [r for r in rows if r["class"] == cls and r["resolution"] == "1"]
+        ref = int(Path(mine[0]["reference"]).stem[1:])   # train/p007.npy -> 7
+        train = [int(Path(r["file"]).stem[1:]) for r in mine if r["split"] == "train"]
+        val = [int(Path(r["file"]).stem[1:]) for r in mine if r["split"] == "validation"]
+        by_distance = np.argsort(np.linalg.norm(train_f - train_f[ref], axis=1), kind="stable")
+        assert train == [ref] + [int(i) for i in by_distance if i != ref][:5]
+        assert val == [int(i) for i in np.argsort(np.linalg.norm(val_f - train_f[ref], axis=1),
+                                                  kind="stable")[:3]]
+        assert len(set(train)) == 6 < len(train_f) and len(set(val)) == 3 < len(val_f)
+
+
+def test_multi_resolution_crops_shift_within_the_range(dataset, run3):
+    """Resolutions 2 and 3 crop around the resolution-1 corner of the same patient, shifted by
+    dx, dy in [-MULTI_RES_SHIFT, MULTI_RES_SHIFT), side in [minPatchSize, maxPatchSize), same z,
+    inside the volume; over many draws every shift and side occurs."""
+    rows = _rows(run3)
+    base = {(r["class"], r["file"]): r for r in rows
+            if r["split"] == "train" and r["resolution"] == "1"}
+    multi = [r for r in rows if r["resolution"] in ("2", "3")]
+    assert len(multi) == 2 * len(base)
+    for r in multi:
+        b = base[(r["class"], r["file"])]
+        dx, dy = int(r["x"]) - int(b["x"]), int(r["y"]) - int(b["y"])
+        side = int(r["size_x"])
+        assert -pg.MULTI_RES_SHIFT <= min(dx, dy) and max(dx, dy) < pg.MULTI_RES_SHIFT
+        assert r["z"] == b["z"] and int(r["size_y"]) == side and 50 <= side < 80
+        assert 0 <= int(r["x"]) and int(r["x"]) + side <= SHAPE[0]
+    rng = np.random.default_rng(0)
+    draws = np.array([pg._multi_res_crop(rng, 100, 120, (400, 400, 40), 50, 80)
+                      for _ in range(4000)])
+    assert set(draws[:, 0] - 100) == set(draws[:, 1] - 120) == set(range(-10, 10))
+    assert set(draws[:, 2]) == set(range(50, 80))
+    # a volume too small for any draw: the smallest side, clamped into the volume
+    assert pg._multi_res_crop(rng, 30, 30, (60, 60, 40), 50, 80) == (10, 10, 50)

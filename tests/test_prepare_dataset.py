@@ -211,15 +211,6 @@ def test_npy_inputs_and_dicom_series_discovery(tmp_path, capsys):
                                   np.load(src / "npy" / "phantom_000.npy"))
 
 
-def test_help_documents_every_flag(capsys):
-    with pytest.raises(SystemExit):
-        pd.main(["--help"])
-    text = capsys.readouterr().out
-    for flag in ("--input_dir", "--output_dir", "--val_fraction", "--spacing", "--hu_min",
-                 "--hu_max", "--seed", "--overwrite"):
-        assert flag in text
-
-
 # ------------------------------------------------------------------------------- identity
 def test_same_file_name_in_two_folders_are_two_patients(tmp_path, capsys):
     src, out = tmp_path / "in", tmp_path / "out"

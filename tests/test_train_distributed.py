@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from models.checkpoint import load_state_dict_checked
@@ -16,6 +17,8 @@ from tests.fold_fixtures import make_fold_files, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 CKPT = "semantic_genesis_chest_ct"
+
+pytestmark = pytest.mark.slow  # two processes under torchrun
 
 
 def test_two_processes_then_resume_with_one(tmp_path):
