@@ -375,11 +375,14 @@ def early_stopping_update(val_loss: float, best_loss: float, no_improve: int,
     return False, best_loss, no_improve + 1, no_improve + 1 >= patience
 
 
-def middle_slice_grid(rows: list[list[np.ndarray | torch.Tensor]], pad: int = 2) -> np.ndarray:
+def middle_slice_grid(rows: list[list[np.ndarray | torch.Tensor]], pad: int = 2,
+                      min_tile: int = 0) -> np.ndarray:
     """Tile middle z-slices of cubes into one grayscale image.
 
     ``rows[r][c]`` is a cube (X, Y, Z) or (1, X, Y, Z) with values in [0, 1]; each tile is its
-    slice at Z // 2, so a row can show original | perturbed | restored.
+    slice at Z // 2, so a row can show original | perturbed | restored. With ``min_tile``, the
+    slices are enlarged by the smallest integer factor (nearest neighbour: every voxel a square)
+    that makes each tile at least ``min_tile`` pixels on a side.
     Returns a float32 image (H, W) in [0, 1] (use ``dataformats="HW"`` for TensorBoard).
     """
     tiles = [[np.asarray(c.detach().float().cpu() if isinstance(c, torch.Tensor) else c,
@@ -387,10 +390,12 @@ def middle_slice_grid(rows: list[list[np.ndarray | torch.Tensor]], pad: int = 2)
     h = max(t.shape[0] for row in tiles for t in row)
     w = max(t.shape[1] for row in tiles for t in row)
     ncols = max(len(row) for row in tiles)
+    k = max(1, -(-min_tile // min(h, w)))  # ceil(min_tile / smallest side)
+    h, w = h * k, w * k
     img = np.ones(((h + pad) * len(tiles) + pad, (w + pad) * ncols + pad), np.float32)
     for r, row in enumerate(tiles):
         for c, cube in enumerate(row):
-            sl = cube[:, :, cube.shape[2] // 2]
+            sl = cube[:, :, cube.shape[2] // 2].repeat(k, axis=0).repeat(k, axis=1)
             y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
             img[y0:y0 + sl.shape[0], x0:x0 + sl.shape[1]] = np.clip(sl, 0, 1)
     return img

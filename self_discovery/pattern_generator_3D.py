@@ -92,6 +92,8 @@ CLASSES_PER_FILE = CLASSES_PER_BLOCK
 MULTI_RES_SHIFT = 10
 #: Redraws of a multi-resolution crop before it is clamped into the volume instead.
 MULTI_RES_REDRAWS = 1000
+#: Montage tiles are enlarged (nearest neighbour) to at least this many pixels a side.
+MONTAGE_TILE = 96
 #: Columns of coordinates.csv. ``file`` and ``reference`` are relative to --data_dir; x, y, z is the
 #: crop start and size_* its size before resizing; ``fold``/``row`` locate the cube in the files.
 CSV_COLUMNS = ("class", "split", "resolution", "file", "x", "y", "z", "size_x", "size_y", "size_z",
@@ -606,7 +608,8 @@ def _generate(a: argparse.Namespace) -> list[ClassPlan]:
                 row0 = {(s, r): (c - first) * counts[s] for s, _, r in keys}
                 rows = _write_class(ctx, plan, files, row0, a.montage_instances)
                 if a.montage_instances > 0:
-                    save_png(save / "montage" / f"class_{c:03d}.png", middle_slice_grid(rows))
+                    save_png(save / "montage" / f"class_{c:03d}.png",
+                             middle_slice_grid(rows, min_tile=MONTAGE_TILE))
                 bar.update(1)
         _write_csv(save / "coordinates.csv", plans[:last], per_file, counts)
     bar.close()

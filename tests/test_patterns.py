@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pytorch.common import InputError
+from pytorch.common import InputError, middle_slice_grid
 from pytorch.data import load_pretraining_data
 from pytorch.manifest import DATA_FLAGS, resolve_data_flags
 from scripts.benchmark_patterns import naive_weight_sum  # the reference's per-voxel loop
@@ -155,6 +156,9 @@ def test_files_counts_and_cubes_match_coordinates(dataset, run3):
     # a montage per class and the run config
     assert sorted(p.name for p in (save / "montage").glob("*.png")) == \
         ["class_000.png", "class_001.png", "class_002.png"]
+    # 4 rows (resolutions 1-3, validation) x 3 cubes; 64-pixel slices shown at 128 (2 px gaps)
+    png = (save / "montage" / "class_000.png").read_bytes()
+    assert png[12:16] == b"IHDR" and struct.unpack(">II", png[16:24]) == (3 * 130 + 2, 4 * 130 + 2)
     assert json.loads((save / "config.json").read_text())["nb_classes"] == 3
 
 
@@ -362,3 +366,12 @@ def test_multi_resolution_crops_shift_within_the_range(dataset, run3):
     assert set(draws[:, 2]) == set(range(50, 80))
     # a volume too small for any draw: the smallest side, clamped into the volume
     assert pg._multi_res_crop(rng, 30, 30, (60, 60, 40), 50, 80) == (10, 10, 50)
+
+
+def test_montage_tiles_are_enlarged_voxel_by_voxel():
+    cube = np.random.default_rng(0).random((32, 24, 8)).astype(np.float32)
+    img = middle_slice_grid([[cube, cube]], pad=2, min_tile=pg.MONTAGE_TILE)
+    assert img.shape == (2 + 4 * 32 + 2, 2 + 2 * (4 * 24 + 2))  # x4: the 24-voxel side -> 96
+    tile = img[2:2 + 128, 2:2 + 96]
+    np.testing.assert_array_equal(tile, np.kron(cube[:, :, 4], np.ones((4, 4), np.float32)))
+    assert middle_slice_grid([[cube]]).shape == (36, 28)  # no min_tile: one pixel per voxel
