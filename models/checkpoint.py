@@ -372,8 +372,8 @@ def checked_model_config(ckpt: Mapping[str, Any], source: str = "checkpoint",
 def load_training_state(ckpt: Mapping[str, Any], optimizer: torch.optim.Optimizer | None = None,
                         scheduler: Any = None, source: str = "checkpoint") -> None:
     """Restore the optimiser and lr-scheduler states of a checkpoint read by ``load_checkpoint``
-    (for ``--resume``); empty or absent states are skipped. The torch RNG state in
-    ``extra["torch_rng_state"]``, when present, is restored too.
+    (for ``--resume``); empty or absent states are skipped. No RNG state is restored: every
+    random draw of the training loops derives from the run's seed and the epoch.
 
     Raises CheckpointError naming ``source`` when a state does not fit (other parameters or
     settings than the run that wrote it).
@@ -386,14 +386,6 @@ def load_training_state(ckpt: Mapping[str, Any], optimizer: torch.optim.Optimize
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
         raise CheckpointError(f"{source}: optimiser/scheduler state does not fit this model "
                               f"({e}); resume with the run's own settings") from e
-    extra = ckpt.get("extra") or {}
-    rng = extra.get("torch_rng_state") if isinstance(extra, Mapping) else None
-    if rng is not None:
-        try:
-            torch.set_rng_state(rng)
-        except (RuntimeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{source}: extra['torch_rng_state'] is not a torch RNG state "
-                                  f"({str(e).splitlines()[0][:80]}); the file is damaged") from e
 
 
 def clean_state_dict(state_dict: Mapping[str, torch.Tensor],

@@ -507,7 +507,7 @@ def generate_patterns(args: argparse.Namespace) -> list[ClassPlan]:
     a = args
     _check_args(a)
     save = Path(a.save)
-    check_output_outside(save, [Path(a.data_dir) / sp for sp in SPLIT_DIRS.values()], "--save",
+    check_output_outside(save, [Path(a.data_dir) / sp for sp in ("train", "validation")], "--save",
                          "--data_dir")
     earlier = [save / "coordinates.csv", save / FOLD_INDEX] + sorted(
         p for p in save.glob("*_vwGen_ex_ref_fold*.npy") if not p.name.startswith("."))
