@@ -8,8 +8,9 @@ command line wins; without a manifest (e.g. the published data) the paper's valu
 
 ``resolve_data_flags(args) -> {flag: source}`` fills the data flags left at ``None`` in place;
 each source is ``"flag"``, ``"manifest"`` or ``"default"``. When a value comes from the
-manifest, the fold files are checked against it first: a folder whose files do not match its
-manifest (files of another run) is a one-line ``InputError``.
+manifest of a finished run (``fold_index.json`` present), the fold files are checked against it
+first: files that do not match their manifest (another run's) are a one-line ``InputError``.
+An unfinished run is left to the loader, which refuses it and says how to resume.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pytorch.common import InputError
-from pytorch.data import CLASSES_PER_BLOCK, fold_blocks, fold_file_names
+from pytorch.data import CLASSES_PER_BLOCK, FOLD_INDEX, fold_blocks, fold_file_names
 
 __all__ = ["MANIFEST_NAME", "DATA_FLAGS", "read_manifest", "resolve_data_flags"]
 
@@ -52,12 +53,7 @@ def read_manifest(data_dir: str | Path) -> tuple[Path, dict[str, Any] | None]:
                          "self_discovery/pattern_generator_3D.py or remove the file") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a JSON object of the pattern generator's flags")
-    per_file = raw.get("classes_per_file", CLASSES_PER_BLOCK)
-    if per_file != CLASSES_PER_BLOCK:
-        raise InputError(f"{path}: the fold files hold {per_file} classes per file, but "
-                         f"pytorch/train.py reads groups of {CLASSES_PER_BLOCK}; re-create them "
-                         f"with --classes_per_file {CLASSES_PER_BLOCK}")
-    values = {}
+    values = {"classes_per_file": raw.get("classes_per_file", CLASSES_PER_BLOCK)}
     for flag, (key, _) in DATA_FLAGS.items():
         if key not in raw:
             continue
@@ -75,6 +71,10 @@ def read_manifest(data_dir: str | Path) -> tuple[Path, dict[str, Any] | None]:
 def _check_folds(path: Path, m: dict[str, Any]) -> None:
     """Every fold file the manifest ``m`` (as train.py flags) describes exists with its rows and
     cube size; unreadable files are left to the loader, which names them."""
+    if m["classes_per_file"] != CLASSES_PER_BLOCK:
+        raise InputError(f"{path}: the fold files hold {m['classes_per_file']} classes per file, "
+                         f"but pytorch/train.py reads groups of {CLASSES_PER_BLOCK}; re-create "
+                         f"them with --classes_per_file {CLASSES_PER_BLOCK}")
     cube = tuple(m.get(k) for k in ("input_rows", "input_cols", "input_deps"))
     classes = m.get("cls_classes")
     for k, c_k in fold_blocks(classes) if classes else [(1, None)]:
@@ -104,6 +104,8 @@ def _check_folds(path: Path, m: dict[str, Any]) -> None:
 def resolve_data_flags(args: argparse.Namespace) -> dict[str, str]:
     """Fill the data flags that are ``None`` in ``args`` from ``<data_dir>/config.json``, else
     from the paper's values; returns where each value came from."""
+    if all(getattr(args, flag) is not None for flag in DATA_FLAGS):
+        return dict.fromkeys(DATA_FLAGS, "flag")   # the manifest is not consulted
     path, manifest = read_manifest(args.data_dir)
     sources = {}
     for flag, (_, paper) in DATA_FLAGS.items():
@@ -115,6 +117,6 @@ def resolve_data_flags(args: argparse.Namespace) -> dict[str, str]:
         else:
             setattr(args, flag, paper)
             sources[flag] = "default"
-    if "manifest" in sources.values():
+    if "manifest" in sources.values() and (path.parent / FOLD_INDEX).is_file():
         _check_folds(path, manifest)
     return sources

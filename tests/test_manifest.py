@@ -12,7 +12,7 @@ import pytest
 
 from pytorch import train as train_cli
 from pytorch.common import InputError
-from pytorch.data import write_fold_index
+from pytorch.data import FOLD_INDEX, load_pretraining_data, write_fold_index
 from pytorch.manifest import DATA_FLAGS, MANIFEST_NAME, resolve_data_flags
 from tests.fold_fixtures import SHAPE, make_fold_files
 
@@ -77,6 +77,25 @@ def test_manifest_inconsistent_with_the_fold_files_is_an_error(folds, changes, w
     with pytest.raises(InputError, match=words) as e:
         resolve_data_flags(_args(_manifest(folds, **changes)))
     assert "\n" not in str(e.value) and MANIFEST_NAME in str(e.value)
+
+
+def test_unfinished_run_is_left_to_the_loader(folds):
+    """Without fold_index.json the generator has not finished: no manifest check, the loader
+    refuses the folder and says how to resume."""
+    _manifest(folds, nb_instances=5)
+    (folds / FOLD_INDEX).unlink()
+    args = _args(folds)
+    assert resolve_data_flags(args)["nb_instances"] == "manifest" and args.nb_instances == 5
+    with pytest.raises(InputError, match="not finished"):
+        load_pretraining_data(folds, 3, 5, 2, 1, SHAPE)
+
+
+def test_all_flags_given_the_manifest_is_not_read(folds):
+    (folds / MANIFEST_NAME).write_text("not json", encoding="utf-8")
+    args = _args(folds, **PAPER)
+    assert resolve_data_flags(args) == dict.fromkeys(DATA_FLAGS, "flag")
+    with pytest.raises(InputError, match="cannot be read as JSON"):
+        resolve_data_flags(_args(folds))
 
 
 def test_cli_logs_and_records_where_each_value_came_from(folds, tmp_path, capsys):
