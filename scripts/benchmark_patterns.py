@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from pytorch.common import HelpFormatter, atomic_path, save_json_atomic, save_npy_atomic
 from self_discovery.feature_extractor import INDEX_NAME, save_features
-from self_discovery.pattern_generator_3D import lung_test_weight_sum, normalize_crop
+from self_discovery.lung_test import lung_test_weight_sum
+from self_discovery.volumes import normalize_crop
 
 __all__ = ["naive_weight_sum", "synthetic_volume", "write_dataset", "bench_lung_test",
            "build_parser", "main"]

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +23,8 @@ from pytorch.common import InputError, check_real_array
 __all__ = ["SPLITS", "check_dataset_complete", "list_volumes", "open_volume", "UNIT_TOLERANCE",
            "HU_DETECT_MAX",
            "within_unit_range", "is_unit_range", "to_unit_range", "GAUSS_TRUNCATE",
-           "resize_matrix", "resize_volume", "load_resized", "ResizedVolumeDataset"]
+           "resize_matrix", "resize_volume", "load_resized", "ResizedVolumeDataset",
+           "normalize_crop", "VolumeCrops"]
 
 #: Normalised volumes hold [0, 1]; values this far outside still count (interpolation rounding).
 UNIT_TOLERANCE = 0.01
@@ -275,3 +278,74 @@ class ResizedVolumeDataset(Dataset):
         if self._memory is not None:
             return self._memory[i], i
         return load_resized(self.files[i], self.size), i          # (1, X, Y, Z)
+
+
+def normalize_crop(crop: np.ndarray, is_normalized: bool, hu_min: float = -1000.0,
+                   hu_max: float = 1000.0) -> np.ndarray:
+    """float32 copy of ``crop`` in [0, 1]: as is when normalised, else HU clipped and scaled."""
+    out = np.array(crop, dtype=np.float32)  # copy: reads only this region of a memory map
+    if not is_normalized:
+        np.clip(out, hu_min, hu_max, out=out)
+        out -= np.float32(hu_min)
+        out /= np.float32(hu_max - hu_min)
+    return out
+
+
+class VolumeCrops:
+    """Normalised crops of the volumes of ``data_dir``, with per-volume intensity detection.
+
+    A volume is opened for each crop (a header read) so no mapping stays alive; a crop reads only
+    its region. Whether a volume is HU or already in [0, 1] is decided once per volume from all
+    its values (read slab by slab), which must be finite.
+    """
+
+    def __init__(self, data_dir: Path, is_normalized: bool, hu_min: float, hu_max: float) -> None:
+        self.data_dir = data_dir
+        self.is_normalized = is_normalized
+        self.hu_min, self.hu_max = hu_min, hu_max
+        self._unit: dict[str, bool] = {}
+        self.detected: list[str] = []   # volumes found in [0, 1] without --is_normalized
+
+    def path(self, rel: str) -> Path:
+        return self.data_dir / rel
+
+    def _is_unit(self, rel: str, vol: np.ndarray) -> bool:
+        if rel in self._unit:
+            return self._unit[rel]
+        lo, hi = math.inf, -math.inf
+        step = max(1, (1 << 24) // max(1, vol[0].size))     # whole volume, ~64 MB slabs in x
+        for x0 in range(0, vol.shape[0], step):
+            slab = np.asarray(vol[x0:x0 + step], dtype=np.float32)
+            if not np.isfinite(slab).all():
+                raise InputError(f"{self.path(rel)}: volume contains NaN or inf values (first in "
+                                 f"x >= {x0}); re-create it with scripts/prepare_dataset.py")
+            lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+        if self.is_normalized:
+            if not within_unit_range(lo, hi):
+                raise InputError(
+                    f"{self.path(rel)}: --is_normalized is set but the volume holds values in "
+                    f"[{lo:.4g}, {hi:.4g}], not [0, 1]; drop --is_normalized to window HU volumes "
+                    "to [--hu_min, --hu_max], or re-create the volume with "
+                    "scripts/prepare_dataset.py")
+            unit = True
+        else:
+            unit = is_unit_range(lo, hi, self.path(rel))  # the rule of stages 1 and 2
+            if unit:
+                self.detected.append(rel)
+                if len(self.detected) == 1:
+                    print(f"note: {self.path(rel)} holds values in [{lo:.3g}, {hi:.3g}]: "
+                          "treating volumes already in [0, 1] as normalised (pass "
+                          "--is_normalized to say so)", file=sys.stderr)
+        self._unit[rel] = unit
+        return unit
+
+    def crop(self, rel: str, x: int, y: int, z: int, size: Sequence[int]) -> np.ndarray:
+        """Normalised float32 crop [x:x+sx, y:y+sy, z:z+sz] of volume ``rel``."""
+        vol = open_volume(self.path(rel))
+        sx, sy, sz = size
+        if x < 0 or y < 0 or z < 0 or x + sx > vol.shape[0] or y + sy > vol.shape[1] \
+                or z + sz > vol.shape[2]:
+            raise InputError(f"{self.path(rel)}: crop at ({x}, {y}, {z}) of size {tuple(size)} "
+                             f"does not fit the volume {vol.shape}")
+        unit = self._is_unit(rel, vol)
+        return normalize_crop(vol[x:x + sx, y:y + sy, z:z + sz], unit, self.hu_min, self.hu_max)

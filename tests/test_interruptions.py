@@ -196,11 +196,11 @@ def test_pattern_generator_killed_after_one_block_is_refused_then_resumed(tmp_pa
     killed_child(f"""
         import os, signal
         from self_discovery import pattern_generator_3D as pg
-        real = pg._write_csv
+        real = pg.write_coordinates
         def write_then_die(path, plans, *a):
             real(path, plans, *a)
             os.kill(os.getpid(), signal.SIGKILL)     # block 1 complete, block 2 never started
-        pg._write_csv = write_then_die
+        pg.write_coordinates = write_then_die
         pg.main({argv!r})
     """)
     targs = train_args(save, tmp_path, classes=1, instances=3, val_instances=2, resolutions=1,

@@ -21,8 +21,10 @@ from pytorch.data import load_pretraining_data
 from pytorch.manifest import DATA_FLAGS, resolve_data_flags
 from scripts.benchmark_patterns import naive_weight_sum  # the reference's per-voxel loop
 from self_discovery import pattern_generator_3D as pg
+from self_discovery.discovery import MULTI_RES_SHIFT, multi_res_crop, too_close
 from self_discovery.feature_extractor import save_features
-from self_discovery.volumes import is_unit_range, load_resized
+from self_discovery.lung_test import lung_test_weight_sum, lung_threshold_unit, passes_lung_test
+from self_discovery.volumes import is_unit_range, load_resized, resize_volume
 
 SHAPE = (80, 80, 44)
 SMALL = ["--len_border", "4", "--len_border_z", "2", "--montage_instances", "3"]
@@ -99,17 +101,17 @@ def test_lung_test_equals_slow_loop():
         window = rng.random((int(rng.integers(1, 9)), int(rng.integers(1, 9)), deps + 3))
         window = window.astype(np.float32)
         window[rng.random(window.shape) < 0.1] = 0.425  # ties count as dense
-        assert pg.lung_test_weight_sum(window, deps) == naive_weight_sum(window, deps, 0.425)
-        fast = pg.passes_lung_test(window, deps, 0.3)
+        assert lung_test_weight_sum(window, deps) == naive_weight_sum(window, deps, 0.425)
+        fast = passes_lung_test(window, deps, 0.3)
         assert fast == (naive_weight_sum(window, deps, 0.425)
                         <= 0.3 * window.shape[0] * window.shape[1] * deps)
     lung = np.full((64, 64, 35), 0.1, np.float32)
     body = np.full((64, 64, 35), 0.55, np.float32)
-    assert pg.lung_test_weight_sum(lung) == 0.0 and pg.passes_lung_test(lung)
-    assert pg.lung_test_weight_sum(body) == 64 * 64 * 32 and not pg.passes_lung_test(body)
-    assert pg.lung_threshold_unit() == pytest.approx(0.425)
+    assert lung_test_weight_sum(lung) == 0.0 and passes_lung_test(lung)
+    assert lung_test_weight_sum(body) == 64 * 64 * 32 and not passes_lung_test(body)
+    assert lung_threshold_unit() == pytest.approx(0.425)
     with pytest.raises(ValueError):
-        pg.lung_test_weight_sum(np.zeros((4, 4, 33)), 32)
+        lung_test_weight_sum(np.zeros((4, 4, 33)), 32)
 
 
 def test_files_counts_and_cubes_match_coordinates(dataset, run3):
@@ -143,11 +145,11 @@ def test_files_counts_and_cubes_match_coordinates(dataset, run3):
             assert np.array_equal(got, crop)
         else:
             assert 50 <= sx < 80 and sx == sy and sz == 32
-            assert np.array_equal(got, pg.resize_cube(crop, cube))
+            assert np.array_equal(got, resize_volume(crop, cube))
         if r["split"] == "train" and r["resolution"] == "1" and r["file"] == r["reference"]:
             coords.append((x, y, z))
             assert 4 <= x <= 80 - 64 - 1 - 4 and 2 <= z <= 44 - 32 - 3 - 1 - 2
-            assert pg.passes_lung_test(vol[x:x + 64, y:y + 64, z:z + 35])
+            assert passes_lung_test(vol[x:x + 64, y:y + 64, z:z + 35])
     assert len(coords) == 3  # the reference is each class's first train cube
     refs = {r["reference"] for r in rows}
     assert len(refs) == 3
@@ -317,12 +319,12 @@ def test_reference_flag_names_and_defaults():
 
 def test_too_close_is_the_published_strict_rule():
     earlier = np.array([[100, 100, 40], [300, 300, 90]])
-    assert not pg.too_close(earlier, (103, 104, 40), 5)   # exactly 5 away: far enough
-    assert pg.too_close(earlier, (102, 104, 40), 5)       # 4.47 away: rejected
-    assert not pg.too_close(earlier, (103, 103, 43), 5)   # 5.2 away
-    assert pg.too_close(earlier, (300, 300, 90), 5)       # the same coordinate
-    assert not pg.too_close(np.zeros((0, 3)), (0, 0, 0), 5)
-    assert not pg.too_close(earlier, (100, 100, 40), 0)   # threshold 0: nothing is too close
+    assert not too_close(earlier, (103, 104, 40), 5)   # exactly 5 away: far enough
+    assert too_close(earlier, (102, 104, 40), 5)       # 4.47 away: rejected
+    assert not too_close(earlier, (103, 103, 43), 5)   # 5.2 away
+    assert too_close(earlier, (300, 300, 90), 5)       # the same coordinate
+    assert not too_close(np.zeros((0, 3)), (0, 0, 0), 5)
+    assert not too_close(earlier, (100, 100, 40), 0)   # threshold 0: nothing is too close
 
 
 def test_class_instances_are_the_k_nearest_patients_in_feature_space(dataset, run3):
@@ -356,16 +358,16 @@ def test_multi_resolution_crops_shift_within_the_range(dataset, run3):
         b = base[(r["class"], r["file"])]
         dx, dy = int(r["x"]) - int(b["x"]), int(r["y"]) - int(b["y"])
         side = int(r["size_x"])
-        assert -pg.MULTI_RES_SHIFT <= min(dx, dy) and max(dx, dy) < pg.MULTI_RES_SHIFT
+        assert -MULTI_RES_SHIFT <= min(dx, dy) and max(dx, dy) < MULTI_RES_SHIFT
         assert r["z"] == b["z"] and int(r["size_y"]) == side and 50 <= side < 80
         assert 0 <= int(r["x"]) and int(r["x"]) + side <= SHAPE[0]
     rng = np.random.default_rng(0)
-    draws = np.array([pg._multi_res_crop(rng, 100, 120, (400, 400, 40), 50, 80)
+    draws = np.array([multi_res_crop(rng, 100, 120, (400, 400, 40), 50, 80)
                       for _ in range(4000)])
     assert set(draws[:, 0] - 100) == set(draws[:, 1] - 120) == set(range(-10, 10))
     assert set(draws[:, 2]) == set(range(50, 80))
     # a volume too small for any draw: the smallest side, clamped into the volume
-    assert pg._multi_res_crop(rng, 30, 30, (60, 60, 40), 50, 80) == (10, 10, 50)
+    assert multi_res_crop(rng, 30, 30, (60, 60, 40), 50, 80) == (10, 10, 50)
 
 
 def test_montage_tiles_are_enlarged_voxel_by_voxel():

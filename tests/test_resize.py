@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from self_discovery import pattern_generator_3D as pg
 from self_discovery import volumes
 from self_discovery.volumes import load_resized, resize_matrix, resize_volume
 
@@ -67,7 +66,7 @@ def test_odd_factors_upsizing_and_tiny_axes_match_skimage(shape, size):
 def test_multi_resolution_crops_match_skimage(side):
     crop = _phantom((side + 4 - side % 4, side + 4 - side % 4, 32), seed=side)[:side, :side]
     ref = _published(crop, (64, 64, 32))
-    got = pg.resize_cube(crop, (64, 64, 32))
+    got = resize_volume(crop, (64, 64, 32))
     assert got.dtype == np.float32 and got.shape == (64, 64, 32)
     mean, mx = _diff(got, ref)
     assert mean < MEAN_BOUND and mx < MAX_BOUND, (side, mean, mx)

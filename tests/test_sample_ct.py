@@ -23,7 +23,7 @@ from scripts.ct_io import normalize_hu, read_ct
 from scripts import fetch_sample_ct as fsc
 from scripts.fetch_sample_ct import (SAMPLE_FILES, DownloadError, FetchError, fetch_sample_ct,
                                      link_images, verify_sample_ct)
-from self_discovery.pattern_generator_3D import passes_lung_test
+from self_discovery.lung_test import passes_lung_test
 
 # Windows [x:x+64, y:y+64, z:z+35] found by looking at the scans (no resampling):
 # inside the lung (about 90% of the window between -950 and -500 HU) and in the mediastinum
