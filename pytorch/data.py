@@ -1,14 +1,7 @@
-"""Fold files of self-discovered anatomical patterns: naming, validation, resident loading.
+"""Fold files of self-discovered anatomical patterns: validation and resident loading.
 
-The pattern generator (stage 3) writes, for every block of 50 classes k = 1, 2, ...::
-
-    train_data{r}_vwGen_ex_ref_fold{k}.0.npy   (nb_instances * classes_in_block, X, Y, Z)
-    train_label{r}_vwGen_ex_ref_fold{k}.0.npy  (same N, 1) integer class index
-    val_data1_vwGen_ex_ref_fold{k}.0.npy       (nb_val_instances * classes_in_block, X, Y, Z)
-    val_label1_vwGen_ex_ref_fold{k}.0.npy
-
-for resolutions r = 1..``nb_multires_patch`` (validation: resolution 1 only). Cubes of one class
-are contiguous, classes in ascending order, so "the first C classes" are the first rows.
+The file names, layout and ``fold_index.json`` are the contract of
+``self_discovery/fold_files.py``, shared with the pattern generator that writes them.
 
 ``load_pretraining_data`` opens every file memory-mapped, validates shapes, labels and values,
 and copies only the rows it needs, chunk by chunk, into one resident tensor (pinned host memory
@@ -16,8 +9,6 @@ or the GPU, float16 or float32). Peak extra memory is one chunk, never a float64
 """
 from __future__ import annotations
 
-import json
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,69 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pytorch.common import InputError, full_device, save_json_atomic
+from pytorch.common import InputError, full_device
+from self_discovery.fold_files import (CLASSES_PER_BLOCK, check_fold_index, file_keys,
+                                       fold_blocks, fold_file_names)
 
-__all__ = ["CLASSES_PER_BLOCK", "FOLD_INDEX", "write_fold_index", "check_fold_index", "fold_blocks",
-           "fold_file_names", "CubeSet", "load_cubes", "load_pretraining_data", "BatchFeeder",
+__all__ = ["CubeSet", "load_cubes", "load_pretraining_data", "BatchFeeder",
            "epoch_permutation", "validation_order", "derive_seed"]
 
-#: The pattern generator writes one group of fold files per block of this many classes.
-CLASSES_PER_BLOCK = 50
 #: Cubes must be normalised intensities; values this far outside [0, 1] are an error.
 RANGE_TOLERANCE = 1e-3
 _CHUNK = 256  # cubes copied per chunk while loading
-#: Written last by the pattern generator: the fold files of a finished run and their sizes.
-FOLD_INDEX = "fold_index.json"
-
-
-def write_fold_index(folder: Path, nb_classes: int, names: list[str]) -> None:
-    """Record the fold files ``names`` of a finished run (name -> size in bytes), atomically;
-    call it when every block is complete. Fold files of an earlier run left in ``folder``
-    (more blocks) are not listed, so the reader refuses them."""
-    files = {n: (Path(folder) / n).stat().st_size for n in sorted(names)}
-    save_json_atomic(Path(folder) / FOLD_INDEX, {"nb_classes": int(nb_classes), "files": files})
-
-
-def check_fold_index(folder: Path, names: list[str]) -> None:
-    """Refuse fold files of an interrupted or mixed pattern-generator run.
-
-    With ``fold_index.json``, every file of ``names`` must be listed there with its size. Without
-    it, a folder the pattern generator wrote into (``coordinates.csv`` or ``config.json`` there)
-    is incomplete; folders without either (the published data, hand-made files) are read as is.
-    """
-    folder = Path(folder)
-    index_path = folder / FOLD_INDEX
-    fix = ("resume it with self_discovery/pattern_generator_3D.py --save "
-           f"{folder} --prev_coordinates {folder / 'coordinates.csv'}, or re-run it with --overwrite")
-    if not index_path.is_file():
-        if (folder / "coordinates.csv").is_file() or (folder / "config.json").is_file():
-            raise InputError(f"{folder}: the pattern generator has not finished writing here (no "
-                             f"{FOLD_INDEX}: the run was interrupted or is still running); {fix}")
-        return
-    try:
-        files = dict(json.loads(index_path.read_text(encoding="utf-8"))["files"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{index_path}: unreadable ({e}); {fix}") from e
-    for name in names:
-        path = folder / name
-        if name not in files or not path.is_file() or path.stat().st_size != files[name]:
-            raise InputError(f"{path}: not the file the pattern generator finished with (see "
-                             f"{index_path}); {fix}")
-
-
-def fold_blocks(cls_classes: int) -> list[tuple[int, int]]:
-    """``[(k, classes used from block k), ...]`` for C = ``cls_classes``; k starts at 1."""
-    if cls_classes < 1:
-        raise InputError(f"--cls_classes must be >= 1, got {cls_classes}")
-    nb = math.ceil(cls_classes / CLASSES_PER_BLOCK)
-    return [(k, min(CLASSES_PER_BLOCK, cls_classes - (k - 1) * CLASSES_PER_BLOCK))
-            for k in range(1, nb + 1)]
-
-
-def fold_file_names(split: str, resolution: int, k: int) -> tuple[str, str]:
-    """(data file, label file) names, e.g. ``train_data2_vwGen_ex_ref_fold1.0.npy``."""
-    return (f"{split}_data{resolution}_vwGen_ex_ref_fold{k}.0.npy",
-            f"{split}_label{resolution}_vwGen_ex_ref_fold{k}.0.npy")
 
 
 @dataclass
@@ -229,14 +167,14 @@ def load_pretraining_data(data_dir: str | Path, cls_classes: int, nb_instances: 
     data_dir = Path(data_dir)
     if nb_multires_patch < 1:
         raise InputError(f"--nb_multires_patch must be >= 1, got {nb_multires_patch}")
-    train, val = [], []
+    pairs: dict[str, list] = {"train": [], "validation": []}
+    per_class = {"train": nb_instances, "validation": nb_val_instances}
     for k, c_k in fold_blocks(cls_classes):
         classes = range((k - 1) * CLASSES_PER_BLOCK, (k - 1) * CLASSES_PER_BLOCK + c_k)
-        for r in range(1, nb_multires_patch + 1):
-            d, lab = fold_file_names("train", r, k)
-            train.append((data_dir / d, data_dir / lab, classes, nb_instances))
-        d, lab = fold_file_names("val", 1, k)
-        val.append((data_dir / d, data_dir / lab, classes, nb_val_instances))
+        for split, prefix, r in file_keys(nb_multires_patch):
+            d, lab = fold_file_names(prefix, r, k)
+            pairs[split].append((data_dir / d, data_dir / lab, classes, per_class[split]))
+    train, val = pairs["train"], pairs["validation"]
     missing = [p.name for d, lab, _, _ in train + val for p in (d, lab) if not p.is_file()]
     if missing:
         raise InputError(

@@ -44,12 +44,13 @@ from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overw
                             nonneg_int, output_session, positive_float, positive_int,
                             resolve_device, seed_everything, seed_int, summary_writer,
                             write_run_config)
-from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation, fold_blocks,
+from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation,
                           load_pretraining_data, validation_order)
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
                             enable_fast_math, make_optimizer, make_scheduler, perturb_inputs,
                             prepare_model_for_speed, resolve_amp, summarize_stats, train_step)
 from pytorch.manifest import resolve_data_flags
+from self_discovery.fold_files import fold_blocks
 
 CHECKPOINT_NAME = "semantic_genesis_chest_ct"
 _VAL_CHUNK = 64  # validation perturbations are drawn per chunk of this many cubes

@@ -1,13 +1,27 @@
-"""Writing the fold files of stage 3, one block of classes at a time, and resuming in place.
+"""The fold files: the one contract between stage 3 (writer) and pretraining (reader).
 
-A block's ``.npy`` data files are created with ``np.lib.format.open_memmap`` (header, full size)
-under temporary names and filled cube by cube with ``os.pwrite`` at the cube's row offset (no
-mapping stays alive, ~6x faster than page-faulting a fresh mapping). When the block is complete
-the label files are written and the data files renamed onto their final names; on any error
-the temporaries are removed, so a crash never leaves a partial fold file.
+For every block of ``CLASSES_PER_BLOCK`` classes k = 1, 2, ... (the last block may hold fewer)::
+
+    train_data{r}_vwGen_ex_ref_fold{k}.0.npy   float32 (nb_instances * classes_in_block, X, Y, Z)
+    train_label{r}_vwGen_ex_ref_fold{k}.0.npy  int64 (same N, 1): class index 0..C-1
+    val_data1_vwGen_ex_ref_fold{k}.0.npy       float32 (nb_instances_val * classes_in_block, X, Y, Z)
+    val_label1_vwGen_ex_ref_fold{k}.0.npy      int64 (same N, 1)
+
+for train resolutions r = 1..n (validation: resolution 1 only). Cubes of one class are
+contiguous, classes ascending, so "the first C classes" are the first rows. ``fold_index.json``
+is written last, listing the files of the finished run with their sizes; the reader refuses
+files it does not list.
+
+Writing (stage 3): a block's data files are created with ``np.lib.format.open_memmap``
+(header, full size) under temporary names and filled cube by cube with ``os.pwrite`` at the
+cube's row offset (no mapping stays alive, ~6x faster than page-faulting a fresh mapping).
+When the block is complete the label files are written and the data files renamed onto their
+final names; on any error the temporaries are removed, so a crash never leaves a partial file.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -15,25 +29,85 @@ from pathlib import Path
 
 import numpy as np
 
-from pytorch.common import atomic_path, save_npy_atomic
-from pytorch.data import fold_file_names
+from pytorch.common import InputError, atomic_path, save_json_atomic, save_npy_atomic
 
-__all__ = ["file_keys", "block_labels", "block_complete", "BlockFiles", "open_block"]
+__all__ = ["CLASSES_PER_BLOCK", "FOLD_INDEX", "FOLD_GLOB", "CUBE_DTYPE", "LABEL_DTYPE",
+           "fold_file_names", "fold_blocks", "file_keys", "block_labels", "write_fold_index",
+           "check_fold_index", "block_complete", "BlockFiles", "open_block"]
+
+#: Classes per group of fold files (the published block of 50).
+CLASSES_PER_BLOCK = 50
+#: Written last by the pattern generator: the fold files of a finished run and their sizes.
+FOLD_INDEX = "fold_index.json"
+#: Matches every fold file (data and labels) of a folder.
+FOLD_GLOB = "*_vwGen_ex_ref_fold*.npy"
+#: What the pattern generator writes: cubes (N, X, Y, Z) and labels (N, 1).
+CUBE_DTYPE, LABEL_DTYPE = np.float32, np.int64
 
 #: (split as in a CubeSpec, file prefix, resolution) of one data file of a block.
 FileKey = tuple[str, str, int]
 
 
-def file_keys(multi_res: bool) -> list[FileKey]:
-    """The data files of a block: train resolutions 1 (and 2, 3 with ``multi_res``), then val 1."""
-    keys = [("train", "train", r) for r in ((1, 2, 3) if multi_res else (1,))]
-    return keys + [("validation", "val", 1)]
+def fold_file_names(prefix: str, resolution: int, k: int) -> tuple[str, str]:
+    """(data file, label file) names of ``prefix`` "train" or "val", e.g.
+    ``train_data2_vwGen_ex_ref_fold1.0.npy``."""
+    return (f"{prefix}_data{resolution}_vwGen_ex_ref_fold{k}.0.npy",
+            f"{prefix}_label{resolution}_vwGen_ex_ref_fold{k}.0.npy")
+
+
+def fold_blocks(nb_classes: int, per_block: int = CLASSES_PER_BLOCK) -> list[tuple[int, int]]:
+    """``[(k, classes of block k), ...]`` for ``nb_classes`` classes; k starts at 1 and block k
+    holds classes ``(k - 1) * per_block`` onwards."""
+    if nb_classes < 1:
+        raise InputError(f"the number of classes must be >= 1, got {nb_classes}")
+    nb = math.ceil(nb_classes / per_block)
+    return [(k, min(per_block, nb_classes - (k - 1) * per_block)) for k in range(1, nb + 1)]
+
+
+def write_fold_index(folder: Path, nb_classes: int, names: list[str]) -> None:
+    """Record the fold files ``names`` of a finished run (name -> size in bytes), atomically;
+    call it when every block is complete. Fold files of an earlier run left in ``folder``
+    (more blocks) are not listed, so the reader refuses them."""
+    files = {n: (Path(folder) / n).stat().st_size for n in sorted(names)}
+    save_json_atomic(Path(folder) / FOLD_INDEX, {"nb_classes": int(nb_classes), "files": files})
+
+
+def check_fold_index(folder: Path, names: list[str]) -> None:
+    """Refuse fold files of an interrupted or mixed pattern-generator run.
+
+    With ``fold_index.json``, every file of ``names`` must be listed there with its size. Without
+    it, a folder the pattern generator wrote into (``coordinates.csv`` or ``config.json`` there)
+    is incomplete; folders without either (the published data, hand-made files) are read as is.
+    """
+    folder = Path(folder)
+    index_path = folder / FOLD_INDEX
+    fix = ("resume it with self_discovery/pattern_generator_3D.py --save "
+           f"{folder} --prev_coordinates {folder / 'coordinates.csv'}, or re-run it with --overwrite")
+    if not index_path.is_file():
+        if (folder / "coordinates.csv").is_file() or (folder / "config.json").is_file():
+            raise InputError(f"{folder}: the pattern generator has not finished writing here (no "
+                             f"{FOLD_INDEX}: the run was interrupted or is still running); {fix}")
+        return
+    try:
+        files = dict(json.loads(index_path.read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{index_path}: unreadable ({e}); {fix}") from e
+    for name in names:
+        path = folder / name
+        if name not in files or not path.is_file() or path.stat().st_size != files[name]:
+            raise InputError(f"{path}: not the file the pattern generator finished with (see "
+                             f"{index_path}); {fix}")
+
+
+def file_keys(resolutions: int) -> list[FileKey]:
+    """The data files of a block: train resolutions 1..``resolutions``, then validation 1."""
+    return [("train", "train", r) for r in range(1, resolutions + 1)] + [("validation", "val", 1)]
 
 
 def block_labels(first: int, n_cls: int, per_class: int) -> np.ndarray:
     """Class indices of a block's rows: ``first`` .. ``first + n_cls - 1``, each ``per_class``
     times (cubes of one class are contiguous), int64 (n_cls * per_class,)."""
-    return np.repeat(np.arange(first, first + n_cls, dtype=np.int64), per_class)
+    return np.repeat(np.arange(first, first + n_cls, dtype=LABEL_DTYPE), per_class)
 
 
 def block_complete(save: Path, k: int, keys: list[FileKey], counts: dict[str, int],
@@ -49,8 +123,8 @@ def block_complete(save: Path, k: int, keys: list[FileKey], counts: dict[str, in
         except (OSError, ValueError):
             return False
         want = block_labels(first, n_cls, counts[split])
-        if data.shape != (n, *cube) or data.dtype != np.float32 or labels.shape != (n, 1) \
-                or not np.array_equal(labels[:, 0], want):
+        if data.shape != (n, *cube) or data.dtype != CUBE_DTYPE or labels.shape != (n, 1) \
+                or labels.dtype != LABEL_DTYPE or not np.array_equal(labels[:, 0], want):
             return False
     return True
 
@@ -61,11 +135,11 @@ class BlockFiles:
 
     def __init__(self, files: dict[tuple[str, int], tuple[int, int]], cube: tuple[int, int, int]):
         self._files = files                       # (split, res) -> (fd, offset of row 0)
-        self._nbytes = 4 * cube[0] * cube[1] * cube[2]
+        self._nbytes = np.dtype(CUBE_DTYPE).itemsize * cube[0] * cube[1] * cube[2]
 
     def write(self, key: tuple[str, int], row: int, cube: np.ndarray) -> None:
         fd, offset = self._files[key]
-        data, at = memoryview(np.ascontiguousarray(cube, np.float32)).cast("B"), \
+        data, at = memoryview(np.ascontiguousarray(cube, CUBE_DTYPE)).cast("B"), \
             offset + row * self._nbytes
         while len(data):
             n = os.pwrite(fd, data, at)
@@ -84,7 +158,7 @@ def open_block(save: Path, k: int, keys: list[FileKey], counts: dict[str, int], 
             for split, prefix, res in keys:
                 data_name, _ = fold_file_names(prefix, res, k)
                 tmp = temporaries.enter_context(atomic_path(save / data_name, suffix=".npy"))
-                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=CUBE_DTYPE,
                                                shape=(counts[split] * n_cls, *cube))
                 offset = int(mm.offset)
                 del mm

@@ -62,7 +62,6 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import math
 
 import numpy as np
 from tqdm import tqdm
@@ -71,12 +70,13 @@ from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overw
                             call_reporting_errors, check_output_outside, finite_float,
                             middle_slice_grid, nonneg_float, nonneg_int, output_session,
                             positive_int, probability, save_png, seed_int, write_run_config)
-from pytorch.data import CLASSES_PER_BLOCK, FOLD_INDEX, fold_file_names, write_fold_index
 from self_discovery.coordinates import (SPLITS, plans_from_csv, read_coordinates,
                                         same_cube_config, write_coordinates)
 from self_discovery.discovery import ClassPlan, CoordinateBounds, DiscoveryContext, new_plan
 from self_discovery.feature_extractor import load_features
-from self_discovery.fold_files import BlockFiles, block_complete, file_keys, open_block
+from self_discovery.fold_files import (CLASSES_PER_BLOCK, FOLD_GLOB, FOLD_INDEX, BlockFiles,
+                                       block_complete, file_keys, fold_blocks, fold_file_names,
+                                       open_block, write_fold_index)
 from self_discovery.lung_test import lung_threshold_unit
 from self_discovery.volumes import VolumeCrops, open_volume, resize_volume
 
@@ -113,18 +113,18 @@ def _write_blocks(ctx: DiscoveryContext, plans: list[ClassPlan], same_run: bool)
     ``fold_index.json`` last."""
     a, save, per_file = ctx.args, Path(ctx.args.save), ctx.args.classes_per_file
     counts = {"train": a.nb_instances, "validation": a.nb_instances_val}
-    keys = file_keys(a.multi_res)
+    keys = file_keys(3 if a.multi_res else 1)
     ref_index = {r: i for i, r in enumerate(ctx.train_rel)}
     used = {ref_index[p.reference] for p in plans}
     coords = [p.coord for p in plans]
-    n_blocks = math.ceil(a.nb_classes / per_file)
+    blocks = fold_blocks(a.nb_classes, per_file)
     cube_size = (a.input_rows, a.input_cols, a.input_deps)
     bar = tqdm(total=a.nb_classes, desc="classes", disable=None)
-    for k in range(1, n_blocks + 1):
-        first, last = (k - 1) * per_file, min(k * per_file, a.nb_classes)
-        block = (save, k, keys, counts, first, last - first, cube_size)
+    for k, n_cls in blocks:
+        first, last = (k - 1) * per_file, (k - 1) * per_file + n_cls
+        block = (save, k, keys, counts, first, n_cls, cube_size)
         if same_run and last <= len(plans) and block_complete(*block):
-            bar.update(last - first)   # resumed in place: these files already hold these classes
+            bar.update(n_cls)   # resumed in place: these files already hold these classes
             continue
         with open_block(*block) as files:
             for c in range(first, last):
@@ -141,7 +141,7 @@ def _write_blocks(ctx: DiscoveryContext, plans: list[ClassPlan], same_run: bool)
                 bar.update(1)
         write_coordinates(save / "coordinates.csv", plans[:last], per_file, counts)
     bar.close()
-    write_fold_index(save, a.nb_classes, [name for k in range(1, n_blocks + 1)
+    write_fold_index(save, a.nb_classes, [name for k, _ in blocks
                                            for _, prefix, res in keys
                                            for name in fold_file_names(prefix, res, k)])
 
@@ -153,7 +153,7 @@ def generate_patterns(args: argparse.Namespace) -> list[ClassPlan]:
     save = Path(a.save)
     check_output_outside(save, [Path(a.data_dir) / sp for sp in SPLITS], "--save", "--data_dir")
     earlier = [save / "coordinates.csv", save / FOLD_INDEX] + sorted(
-        p for p in save.glob("*_vwGen_ex_ref_fold*.npy") if not p.name.startswith("."))
+        p for p in save.glob(FOLD_GLOB) if not p.name.startswith("."))
     resuming = bool(a.prev_coordinates) and Path(a.prev_coordinates).resolve().parent == save.resolve()
     with output_session(save, "--save", earlier, a.overwrite, "--prev_coordinates", resuming):
         return _generate(a)

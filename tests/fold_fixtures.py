@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from pytorch.data import CLASSES_PER_BLOCK, fold_file_names
+from self_discovery.fold_files import CLASSES_PER_BLOCK, fold_file_names
 
 SHAPE = (16, 16, 8)  # divisible by 8 (the network pools three times); fast on CPU
 

@@ -292,7 +292,7 @@ def test_second_pattern_generator_into_one_folder_is_refused_while_the_first_run
 
 
 def test_fold_files_of_an_earlier_larger_run_are_not_read_with_the_new_ones(tmp_path):
-    from pytorch.data import check_fold_index
+    from self_discovery.fold_files import check_fold_index
     from self_discovery import pattern_generator_3D as pg
     from tests.test_patterns import _args, make_dataset
     root = make_dataset(tmp_path, n_train=6, n_val=3)

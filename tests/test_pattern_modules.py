@@ -64,7 +64,7 @@ def test_coordinates_csv_round_trip(tmp_path):
 
 
 def test_a_block_is_renamed_with_its_labels_only_when_complete(tmp_path: Path):
-    keys, counts, cube = file_keys(False), {"train": 2, "validation": 1}, (4, 3, 2)
+    keys, counts, cube = file_keys(1), {"train": 2, "validation": 1}, (4, 3, 2)
     block = (tmp_path, 1, keys, counts, 5, 2, cube)     # classes 5 and 6
     with pytest.raises(RuntimeError), open_block(*block) as files:
         files.write(("train", 1), 0, np.ones(cube, np.float32))
@@ -82,3 +82,31 @@ def test_a_block_is_renamed_with_its_labels_only_when_complete(tmp_path: Path):
     labels = np.load(tmp_path / "val_label1_vwGen_ex_ref_fold1.0.npy")
     assert labels.dtype == np.int64 and labels.tolist() == [[5], [6]]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_fold_contract_round_trip_written_by_stage_3_read_by_pretraining(tmp_path: Path):
+    """Blocks written through the contract (two blocks of 2 and 1 classes), indexed, then loaded
+    by the pretraining reader: classes and cubes come back in file order."""
+    from pytorch.data import load_pretraining_data
+    from self_discovery.fold_files import (CLASSES_PER_BLOCK, check_fold_index, fold_blocks,
+                                           fold_file_names, write_fold_index)
+    keys, counts, cube = file_keys(2), {"train": 2, "validation": 1}, (8, 8, 8)
+    assert fold_blocks(3, 2) == [(1, 2), (2, 1)]
+    assert fold_blocks(CLASSES_PER_BLOCK + 1) == [(1, CLASSES_PER_BLOCK), (2, 1)]
+    names = []
+    for k, n_cls in fold_blocks(3, 2):
+        first = (k - 1) * 2
+        with open_block(tmp_path, k, keys, counts, first, n_cls, cube) as files:
+            for c in range(first, first + n_cls):
+                for (split, _, res) in keys:
+                    for j in range(counts[split]):
+                        row = (c - first) * counts[split] + j
+                        files.write((split, res), row, np.full(cube, c / 10 + j / 100, np.float32))
+        names += [n for _, prefix, res in keys for n in fold_file_names(prefix, res, k)]
+    write_fold_index(tmp_path, 3, names)
+    check_fold_index(tmp_path, names)
+    # the reader's blocks are of CLASSES_PER_BLOCK classes: read back block 1 (classes 0, 1)
+    train, val = load_pretraining_data(tmp_path, 2, 2, 1, 2, cube)
+    assert train.labels.tolist() == [0, 0, 1, 1] * 2 and val.labels.tolist() == [0, 1]
+    assert train.cubes[:4, 0, 0, 0, 0].tolist() == pytest.approx([0.0, 0.01, 0.1, 0.11])
+    assert val.cubes[:, 0, 0, 0, 0].tolist() == pytest.approx([0.0, 0.1])

@@ -15,11 +15,11 @@ import torch
 from models.checkpoint import load_state_dict_checked, save_checkpoint
 from models.ynet3d import ContBatchNorm3d, YNet3D
 from pytorch import train as train_cli
-from pytorch.data import (epoch_permutation, fold_file_names, load_pretraining_data,
-                          validation_order)
+from pytorch.data import epoch_permutation, load_pretraining_data, validation_order
 from pytorch.engine import (LossConfig, SyncContBatchNorm3d, build_model, convert_sync_batchnorm,
                             eval_step, make_optimizer, perturb_inputs, summarize_stats,
                             train_step)
+from self_discovery.fold_files import fold_file_names
 from tests.fold_fixtures import SHAPE, make_fold_files, train_args
 
 CKPT = "semantic_genesis_chest_ct"
