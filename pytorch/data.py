@@ -17,14 +17,13 @@ import numpy as np
 import torch
 
 from pytorch.common import InputError, full_device
+from pytorch.intensity import within_unit_range
 from self_discovery.fold_files import (CLASSES_PER_BLOCK, check_fold_index, file_keys,
                                        fold_blocks, fold_file_names)
 
 __all__ = ["CubeSet", "load_cubes", "load_pretraining_data", "BatchFeeder",
            "epoch_permutation", "validation_order", "derive_seed"]
 
-#: Cubes must be normalised intensities; values this far outside [0, 1] are an error.
-RANGE_TOLERANCE = 1e-3
 _CHUNK = 256  # cubes copied per chunk while loading
 
 
@@ -139,7 +138,7 @@ def load_cubes(pairs: list[tuple[Path, Path, range, int]], cube_shape: tuple[int
                 raise InputError(f"{data_path}: NaN or inf in cube {first} (row index); "
                                  "re-create the file")
             lo, hi = float(chunk.min()), float(chunk.max())
-            if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+            if not within_unit_range(lo, hi):   # then clipped to [0, 1] exactly
                 raise InputError(
                     f"{data_path}: values in [{lo:g}, {hi:g}], expected normalised intensities in "
                     "[0, 1] (HU clipped to [-1000, 1000] and scaled); re-create the cubes with "

@@ -1,4 +1,4 @@
-"""Reading CT volumes in any format SimpleITK reads, resampling and HU normalisation.
+"""Reading CT volumes in any format SimpleITK reads, and resampling them.
 
 Arrays are (x, y, z), z last. SimpleITK's ``GetArrayFromImage`` returns (z, y, x); every
 function here transposes once, on the way in. Volumes are reoriented to SimpleITK's identity
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["IMAGE_SUFFIXES", "IGNORED_SUFFIXES", "CTReadError", "read_ct", "read_sitk",
-           "resample", "resampled_shape", "normalize_hu", "find_ct_inputs", "dicom_series",
+           "resample", "resampled_shape", "find_ct_inputs", "dicom_series",
            "split_by_subject",
            "volume_suffix", "volume_stem"]
 
@@ -265,13 +265,3 @@ def resample(hu: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[flo
             a0[tuple(idx)] = pad_value
         out = a0
     return np.ascontiguousarray(out, dtype=np.float32)
-
-
-def normalize_hu(hu: np.ndarray, hu_min: float = -1000.0, hu_max: float = 1000.0) -> np.ndarray:
-    """Clip to [hu_min, hu_max] and scale linearly to [0, 1] (float32, same shape)."""
-    if not hu_max > hu_min:
-        raise ValueError(f"hu_max ({hu_max}) must be greater than hu_min ({hu_min})")
-    out = np.clip(np.asarray(hu, dtype=np.float32), hu_min, hu_max)
-    out -= np.float32(hu_min)
-    out *= np.float32(1.0 / (hu_max - hu_min))
-    return out

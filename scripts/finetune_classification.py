@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overw
                             check_real_array, device_name, fraction, make_output_dir,
                             nonneg_int, positive_int, resolve_device, save_json_atomic,
                             seed_everything, seed_int, summary_writer, write_run_config)
+from pytorch.intensity import within_unit_range
 from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_session,
                                      load_best, make_optimizer, restore_state, save_epoch)
 
@@ -130,16 +132,20 @@ def _open_cubes(path: Path) -> np.ndarray:
     if any(s % 8 for s in arr.shape[1:]):
         raise InputError(f"{path}: cube sides {arr.shape[1:]} must be divisible by 8 (the encoder "
                          "pools three times); crop or pad the cubes, e.g. to 64 x 64 x 32")
-    finite = np.array([np.isfinite(cube).all() for cube in arr])  # every cube, one at a time
-    if not finite.all():
-        raise InputError(f"{path}: NaN or inf in {int((~finite).sum())} cube(s), the first at "
-                         f"index {int(np.argmin(finite))}; re-create the cubes or drop those rows")
-    step = max(1, arr.shape[0] // 8)
-    probe = np.asarray(arr[::step])
-    lo, hi = float(probe.min()), float(probe.max())
-    if lo < -0.05 or hi > 1.05:  # NaN / inf were rejected above
+    finite, lo, hi = [], math.inf, -math.inf
+    for cube in arr:                         # every cube, one at a time (memory-mapped file)
+        cube = np.asarray(cube, dtype=np.float32)
+        finite.append(bool(np.isfinite(cube).all()))
+        if finite[-1]:
+            lo, hi = min(lo, float(cube.min())), max(hi, float(cube.max()))
+    if not all(finite):
+        raise InputError(f"{path}: NaN or inf in {finite.count(False)} cube(s), the first at "
+                         f"index {finite.index(False)}; re-create the cubes or drop those rows")
+    # The shared rule (one tolerance): fine-tuning cubes come from the same [0, 1]
+    # preparation as the pretraining cubes.
+    if not within_unit_range(lo, hi):
         raise InputError(f"{path}: values in [{lo:.4g}, {hi:.4g}], expected [0, 1]; clip CT to "
-                         "[-1000, 1000] HU and scale to [0, 1] (scripts/ct_io.normalize_hu)")
+                         "[-1000, 1000] HU and scale to [0, 1] (pytorch.intensity.normalize_hu)")
     return arr
 
 

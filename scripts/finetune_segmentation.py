@@ -55,7 +55,8 @@ from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overw
                             nonneg_int, positive_int, probability, resolve_device, save_json_atomic,
                             save_npy_atomic, seed_everything, seed_int, summary_writer,
                             write_run_config)
-from scripts.ct_io import CTReadError, find_ct_inputs, normalize_hu, read_ct, volume_stem
+from pytorch.intensity import normalize_hu, within_unit_range
+from scripts.ct_io import CTReadError, find_ct_inputs, read_ct, volume_stem
 from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_session,
                                      load_best, make_optimizer, restore_state, save_epoch)
 
@@ -122,7 +123,9 @@ def _read(item: dict[str, Any], is_mask: bool) -> tuple[np.ndarray, dict[str, An
         if not is_mask:
             arr = arr.astype(np.float32, copy=False)
             lo, hi = float(arr.min()), float(arr.max())
-            if lo < -0.05 or hi > 1.05:  # NaN / inf were rejected above
+            # NaN / inf were rejected above. The shared rule (one tolerance): fine-tuning images
+            # come from the same [0, 1] preparation as the pretraining cubes.
+            if not within_unit_range(lo, hi):
                 raise InputError(f"{path}: .npy image values in [{lo:.4g}, {hi:.4g}], expected [0, 1]; "
                                  "clip HU to [-1000, 1000] and scale to [0, 1], or give the HU volume "
                                  "in a SimpleITK format (.nii.gz, .nrrd, .mhd)")

@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from scripts.ct_io import normalize_hu
+from pytorch.intensity import normalize_hu
 
 __all__ = ["HU_AIR", "HU_LUNG", "HU_FAT", "HU_SOFT", "HU_BONE", "DEFAULT_SPACING",
            "make_chest_phantom", "phantom_lung_mask", "write_volume", "write_phantom_dataset",

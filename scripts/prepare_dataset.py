@@ -46,7 +46,8 @@ from pytorch.common import (ArgumentParser, HelpFormatter, InputError, atomic_pa
                             call_reporting_errors, check_output_outside, finite_float, fraction, output_session,
                             positive_float, positive_int, save_json_atomic, save_npy_atomic,
                             seed_int)
-from scripts.ct_io import (CTReadError, find_ct_inputs, normalize_hu, read_ct, resample,
+from pytorch.intensity import normalize_hu, within_unit_range
+from scripts.ct_io import (CTReadError, find_ct_inputs, read_ct, resample,
                            volume_stem, volume_suffix)
 
 __all__ = ["build_parser", "prepare_dataset", "check_ct_range", "patient_name", "source_identity",
@@ -184,11 +185,11 @@ def _read_item(item: dict[str, Any], args: argparse.Namespace
         facts = {"format": "npy", "original_shape": list(vol.shape), "original_spacing": None,
                  "orientation": "as stored", "source_hu_min": float(vol.min()) if vol.size else None,
                  "source_hu_max": float(vol.max()) if vol.size else None}
-        if vol.size and vol.min() >= 0.0 and vol.max() <= 1.0:
+        if vol.size and within_unit_range(float(vol.min()), float(vol.max())):
             if vol.max() - vol.min() < 1e-6:
                 raise CTReadError(f"{path}: constant volume")
             facts["note"] = "already in [0, 1]: copied (no resampling, spacing unknown)"
-            return vol, facts
+            return np.clip(vol, 0.0, 1.0), facts   # the tolerance's rounding clipped off
         if not args.no_hu_check and (why := check_ct_range(vol)):
             raise CTReadError(f"{path}: {why}")
         facts["note"] = "HU .npy: spacing unknown, not resampled"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pytorch.intensity import HU_MAX, HU_MIN, normalize_hu
+
 __all__ = ["LUNG_HU", "lung_test_weight_sum", "passes_lung_test", "lung_threshold_unit"]
 
 #: The lung test counts voxels at or above this HU value (soft tissue); -150 HU = 0.425 in [0, 1].
@@ -48,6 +50,6 @@ def passes_lung_test(window: np.ndarray, deps: int = 32, max_fraction: float = 0
     return lung_test_weight_sum(w, deps, threshold) <= limit
 
 
-def lung_threshold_unit(hu_min: float = -1000.0, hu_max: float = 1000.0) -> float:
+def lung_threshold_unit(hu_min: float = HU_MIN, hu_max: float = HU_MAX) -> float:
     """-150 HU on the normalised scale of the window [hu_min, hu_max] (0.425 by default)."""
-    return (LUNG_HU - hu_min) / (hu_max - hu_min)
+    return normalize_hu(LUNG_HU, hu_min, hu_max)

@@ -9,22 +9,17 @@ features, scikit-learn) each give a cube cropped at that coordinate. With ``--mu
 train patient also gives two cubes of random side [minPatchSize, maxPatchSize) around it, resized
 to the cube size (resolutions 2 and 3).
 
-Output in ``--save``, one group per block of 50 classes k = 1, 2, ... (the last block may hold
-fewer classes)::
+Output in ``--save``::
 
-    train_data{1,2,3}_vwGen_ex_ref_fold{k}.0.npy  float32 (nb_instances * classes_in_block,
-                                                          X, Y, Z)
-    train_label{1,2,3}_vwGen_ex_ref_fold{k}.0.npy int64 (same N, 1): class index 0..C-1
-    val_data1_vwGen_ex_ref_fold{k}.0.npy          float32 (nb_instances_val * classes_in_block,
-                                                          X, Y, Z)
-    val_label1_vwGen_ex_ref_fold{k}.0.npy         int64 (same N, 1)
+    *_vwGen_ex_ref_fold{k}.0.npy   the fold files: cubes (N, X, Y, Z) float32 and labels (N, 1)
+                                   int64 per block of 50 classes (``fold_files.py``)
     coordinates.csv     provenance of every cube (``--prev_coordinates`` resumes from it)
     config.json         the resolved flags
+    fold_index.json     written last: the fold files of the finished run
     montage/class_NNN.png   middle slices of a few cubes per class (rows: res 1, 2, 3, val)
 
-The files of a block are filled class by class and renamed when the block is complete
-(``self_discovery/fold_files.py``), so memory stays at one class whatever C and a crash never
-leaves a partial file; ``fold_index.json`` is written last.
+The files of a block are filled class by class and renamed when the block is complete, so
+memory stays at one class whatever C and a crash never leaves a partial file.
 
 This module is the command line and the orchestration; the parts live beside it:
 ``lung_test.py`` (the lung test), ``discovery.py`` (references, coordinates, nearest patients),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 import warnings
@@ -19,17 +18,13 @@ import torch
 from torch.utils.data import Dataset
 
 from pytorch.common import InputError, check_real_array
+from pytorch.intensity import (HU_MAX, HU_MIN, finite_range, is_unit_range, normalize_hu,
+                               within_unit_range)
 
-__all__ = ["SPLITS", "check_dataset_complete", "list_volumes", "open_volume", "UNIT_TOLERANCE",
-           "HU_DETECT_MAX",
-           "within_unit_range", "is_unit_range", "to_unit_range", "GAUSS_TRUNCATE",
+__all__ = ["SPLITS", "check_dataset_complete", "list_volumes", "open_volume",
+           "to_unit_range", "GAUSS_TRUNCATE",
            "resize_matrix", "resize_volume", "load_resized", "ResizedVolumeDataset",
            "normalize_crop", "VolumeCrops"]
-
-#: Normalised volumes hold [0, 1]; values this far outside still count (interpolation rounding).
-UNIT_TOLERANCE = 0.01
-#: A volume whose maximum exceeds this is taken to be in Hounsfield units, not [0, 1].
-HU_DETECT_MAX = 1.5
 
 SPLITS = ("train", "validation")
 #: The anti-aliasing Gaussian is cut at this many standard deviations (radius int(4 sigma + 0.5)).
@@ -79,39 +74,17 @@ def open_volume(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
     return check_real_array(vol, path, "re-create it with scripts/prepare_dataset.py")
 
 
-def within_unit_range(lo: float, hi: float) -> bool:
-    """Values in [lo, hi] lie in [0, 1] give or take ``UNIT_TOLERANCE``."""
-    return lo >= -UNIT_TOLERANCE and hi <= 1.0 + UNIT_TOLERANCE
-
-
-def is_unit_range(lo: float, hi: float, path: str | os.PathLike = "volume") -> bool:
-    """The one rule every stage uses to tell a volume's intensities from its value range.
-
-    True: normalised, within [0, 1] give or take ``UNIT_TOLERANCE``. False: Hounsfield units
-    (maximum above ``HU_DETECT_MAX``). Anything else (e.g. values up to 1.3, or down to -0.5)
-    is neither, and an ``InputError`` naming ``path``: guessing would give the autoencoder and
-    the pattern generator different views of the same file.
-    """
-    if within_unit_range(lo, hi):
-        return True
-    if hi > HU_DETECT_MAX:
-        return False
-    raise InputError(f"{path}: values in [{lo:.4g}, {hi:.4g}] are neither normalised [0, 1] "
-                     f"intensities nor Hounsfield units; re-create the volume with "
-                     "scripts/prepare_dataset.py")
-
-
-def to_unit_range(vol: np.ndarray | torch.Tensor, path: str | os.PathLike = "volume"
-                  ) -> np.ndarray | torch.Tensor:
+def to_unit_range(vol: np.ndarray | torch.Tensor, path: str | os.PathLike = "volume",
+                  hu_min: float = HU_MIN, hu_max: float = HU_MAX) -> np.ndarray | torch.Tensor:
     """Return ``vol`` unchanged when it is normalised (``is_unit_range``); otherwise treat it as
-    HU: clip to [-1000, 1000], scale to [0, 1] and warn naming ``path``."""
+    HU: ``normalize_hu`` (float32) and warn naming ``path``."""
     hi = float(vol.max())
     if is_unit_range(float(vol.min()), hi, path):
         return vol
     warnings.warn(f"{path}: values up to {hi:.0f} look like Hounsfield units; "
-                  "clipping to [-1000, 1000] and scaling to [0, 1] (prepare volumes with "
-                  "scripts/prepare_dataset.py to avoid this)", stacklevel=2)
-    return (vol.clip(-1000.0, 1000.0) + 1000.0) / 2000.0
+                  f"clipping to [{hu_min:g}, {hu_max:g}] and scaling to [0, 1] (prepare volumes "
+                  "with scripts/prepare_dataset.py to avoid this)", stacklevel=2)
+    return normalize_hu(vol, hu_min, hu_max)
 
 
 def _mirror(c: np.ndarray, n: int) -> np.ndarray:
@@ -280,15 +253,13 @@ class ResizedVolumeDataset(Dataset):
         return load_resized(self.files[i], self.size), i          # (1, X, Y, Z)
 
 
-def normalize_crop(crop: np.ndarray, is_normalized: bool, hu_min: float = -1000.0,
-                   hu_max: float = 1000.0) -> np.ndarray:
-    """float32 copy of ``crop`` in [0, 1]: as is when normalised, else HU clipped and scaled."""
-    out = np.array(crop, dtype=np.float32)  # copy: reads only this region of a memory map
-    if not is_normalized:
-        np.clip(out, hu_min, hu_max, out=out)
-        out -= np.float32(hu_min)
-        out /= np.float32(hu_max - hu_min)
-    return out
+def normalize_crop(crop: np.ndarray, is_normalized: bool, hu_min: float = HU_MIN,
+                   hu_max: float = HU_MAX) -> np.ndarray:
+    """float32 copy of ``crop`` (X, Y, Z) in [0, 1]: as is when normalised, else
+    ``normalize_hu``. Either reads only this region of a memory map."""
+    if is_normalized:
+        return np.array(crop, dtype=np.float32)
+    return normalize_hu(crop, hu_min, hu_max)
 
 
 class VolumeCrops:
@@ -312,14 +283,7 @@ class VolumeCrops:
     def _is_unit(self, rel: str, vol: np.ndarray) -> bool:
         if rel in self._unit:
             return self._unit[rel]
-        lo, hi = math.inf, -math.inf
-        step = max(1, (1 << 24) // max(1, vol[0].size))     # whole volume, ~64 MB slabs in x
-        for x0 in range(0, vol.shape[0], step):
-            slab = np.asarray(vol[x0:x0 + step], dtype=np.float32)
-            if not np.isfinite(slab).all():
-                raise InputError(f"{self.path(rel)}: volume contains NaN or inf values (first in "
-                                 f"x >= {x0}); re-create it with scripts/prepare_dataset.py")
-            lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+        lo, hi = finite_range(vol, self.path(rel))      # the whole volume, slab by slab
         if self.is_normalized:
             if not within_unit_range(lo, hi):
                 raise InputError(

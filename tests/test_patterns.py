@@ -18,13 +18,14 @@ import pytest
 
 from pytorch.common import InputError, middle_slice_grid
 from pytorch.data import load_pretraining_data
+from pytorch.intensity import is_unit_range
 from pytorch.manifest import DATA_FLAGS, resolve_data_flags
 from scripts.benchmark_patterns import naive_weight_sum  # the reference's per-voxel loop
 from self_discovery import pattern_generator_3D as pg
 from self_discovery.discovery import MULTI_RES_SHIFT, multi_res_crop, too_close
 from self_discovery.feature_extractor import save_features
 from self_discovery.lung_test import lung_test_weight_sum, lung_threshold_unit, passes_lung_test
-from self_discovery.volumes import is_unit_range, load_resized, resize_volume
+from self_discovery.volumes import load_resized, resize_volume
 
 SHAPE = (80, 80, 44)
 SMALL = ["--len_border", "4", "--len_border_z", "2", "--montage_instances", "3"]

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from pytorch.intensity import normalize_hu
 from scripts import prepare_dataset as pd
-from scripts.ct_io import find_ct_inputs, normalize_hu, read_ct, resample, resampled_shape
+from scripts.ct_io import find_ct_inputs, read_ct, resample, resampled_shape
 from scripts.phantoms import (make_chest_phantom, make_nodule_cubes, phantom_lung_mask,
                               write_phantom_dataset, write_volume)
 

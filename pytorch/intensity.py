@@ -1,0 +1,88 @@
+"""CT intensities, one rule for every stage: the HU window and "already in [0, 1]".
+
+* ``normalize_hu``: Hounsfield units clipped to [hu_min, hu_max] (default [-1000, 1000]) and
+  scaled linearly to [0, 1]; preparation, the pattern generator's crops and lung-test threshold,
+  stages 1-2 on HU volumes and fine-tuning on HU images all use it.
+* ``within_unit_range`` / ``is_unit_range``: values within [0, 1] give or take
+  ``UNIT_TOLERANCE`` are normalised intensities; a maximum above ``HU_DETECT_MAX`` means HU;
+  anything else is neither (an error naming the file).
+* ``finite_range``: (min, max) of a whole volume, read slab by slab (memory stays small even
+  for a memory-mapped volume), refusing NaN or inf.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+from pytorch.common import InputError
+
+__all__ = ["HU_MIN", "HU_MAX", "UNIT_TOLERANCE", "HU_DETECT_MAX", "normalize_hu",
+           "within_unit_range", "is_unit_range", "finite_range"]
+
+#: The default HU window mapped to [0, 1] (air to dense bone).
+HU_MIN, HU_MAX = -1000.0, 1000.0
+#: Normalised values this far outside [0, 1] still count as [0, 1] (resampling and
+#: interpolation round a little past the ends).
+UNIT_TOLERANCE = 0.01
+#: A volume whose maximum exceeds this is taken to be in Hounsfield units, not [0, 1].
+HU_DETECT_MAX = 1.5
+_SLAB_VALUES = 1 << 24   # values read at once by finite_range (64 MB of float32)
+
+
+def normalize_hu(hu: np.ndarray | torch.Tensor | float, hu_min: float = HU_MIN,
+                 hu_max: float = HU_MAX) -> np.ndarray | torch.Tensor | float:
+    """Clip to [hu_min, hu_max] and scale linearly to [0, 1].
+
+    An array (any shape) gives a new float32 array of its shape, a tensor a float32 tensor on
+    its device, a number a float.
+    """
+    if not hu_max > hu_min:
+        raise ValueError(f"hu_max ({hu_max}) must be greater than hu_min ({hu_min})")
+    if isinstance(hu, torch.Tensor):
+        return (hu.float().clamp(hu_min, hu_max) - hu_min) / (hu_max - hu_min)
+    if isinstance(hu, (int, float)):
+        return (min(max(float(hu), hu_min), hu_max) - hu_min) / (hu_max - hu_min)
+    out = np.clip(np.asarray(hu, dtype=np.float32), hu_min, hu_max)   # a new array
+    out -= np.float32(hu_min)
+    out *= np.float32(1.0 / (hu_max - hu_min))
+    return out
+
+
+def within_unit_range(lo: float, hi: float) -> bool:
+    """Values in [lo, hi] lie in [0, 1] give or take ``UNIT_TOLERANCE``."""
+    return lo >= -UNIT_TOLERANCE and hi <= 1.0 + UNIT_TOLERANCE
+
+
+def is_unit_range(lo: float, hi: float, path: str | os.PathLike = "volume") -> bool:
+    """Tell a volume's intensities from its value range [lo, hi].
+
+    True: normalised, within [0, 1] give or take ``UNIT_TOLERANCE``. False: Hounsfield units
+    (maximum above ``HU_DETECT_MAX``). Anything else (e.g. values up to 1.3, or down to -0.5)
+    is neither, and an ``InputError`` naming ``path``: guessing would give the autoencoder and
+    the pattern generator different views of the same file.
+    """
+    if within_unit_range(lo, hi):
+        return True
+    if hi > HU_DETECT_MAX:
+        return False
+    raise InputError(f"{path}: values in [{lo:.4g}, {hi:.4g}] are neither normalised [0, 1] "
+                     f"intensities nor Hounsfield units; re-create the volume with "
+                     "scripts/prepare_dataset.py")
+
+
+def finite_range(vol: np.ndarray, path: str | os.PathLike = "volume",
+                 fix: str = "re-create it with scripts/prepare_dataset.py") -> tuple[float, float]:
+    """(min, max) of all values of ``vol`` (N, ...), read in slabs along axis 0 so a
+    memory-mapped volume is never loaded whole; an ``InputError`` naming ``path`` and the first
+    slab with NaN or inf (``fix`` says what to do)."""
+    lo, hi = math.inf, -math.inf
+    step = max(1, _SLAB_VALUES // max(1, vol[0].size)) if len(vol) else 1
+    for x0 in range(0, vol.shape[0], step):
+        slab = np.asarray(vol[x0:x0 + step], dtype=np.float32)
+        if not np.isfinite(slab).all():
+            raise InputError(f"{path}: NaN or inf values (first in rows/x >= {x0}); {fix}")
+        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+    return lo, hi
