@@ -139,8 +139,8 @@ class BlockFiles:
 
     def write(self, key: tuple[str, int], row: int, cube: np.ndarray) -> None:
         fd, offset = self._files[key]
-        data, at = memoryview(np.ascontiguousarray(cube, CUBE_DTYPE)).cast("B"), \
-            offset + row * self._nbytes
+        data = memoryview(np.ascontiguousarray(cube, CUBE_DTYPE)).cast("B")
+        at = offset + row * self._nbytes
         while len(data):
             n = os.pwrite(fd, data, at)
             data, at = data[n:], at + n
