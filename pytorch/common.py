@@ -24,7 +24,8 @@ __all__ = ["REPO_ROOT", "ArgumentParser", "HelpFormatter", "positive_int", "nonn
            "resolve_device", "full_device", "seed_everything", "write_run_config",
            "early_stopping_update", "check_finite_training", "InputError",
            "call_reporting_errors", "one_line", "check_real_array",
-           "make_output_dir", "check_output_outside", "LOCK_NAME", "add_overwrite_flag", "output_session",
+           "make_output_dir", "check_output_outside", "LOCK_NAME", "add_overwrite_flag", "AMP_CHOICES", "add_amp_flag",
+           "add_resume_flag", "resume_path", "output_session",
            "remove_stale_temporaries", "summary_writer", "middle_slice_grid", "save_png"]
 
 #: The repository root; CLI defaults are relative to the working directory, as in the reference.
@@ -199,6 +200,36 @@ def add_overwrite_flag(group: Any, what: str) -> None:
     group.add_argument("--overwrite", action="store_true",
                        help=f"replace {what} of an earlier run in the output folder (without it "
                             "a finished result is kept and the run stops with an error)")
+
+
+#: ``--amp`` values of every CLI: auto = bf16 autocast on CUDA and fp32 on CPU.
+AMP_CHOICES = ("auto", "bf16", "fp32")
+
+
+def add_amp_flag(group: Any, default: str = "auto", note: str = "") -> None:
+    """``--amp {auto,bf16,fp32}``, the same in every CLI. The earlier switch form stays valid:
+    ``--amp`` alone means auto (bf16 on CUDA, no effect on CPU, as the switch did) and
+    ``--no-amp`` means fp32."""
+    group.add_argument("--amp", nargs="?", const="auto", choices=AMP_CHOICES, default=default,
+                       help="mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16; "
+                            f"fp32 (--amp alone: auto){note}")
+    group.add_argument("--no-amp", dest="amp", action="store_const", const="fp32",
+                       default=argparse.SUPPRESS, help="alias of --amp fp32")
+
+
+def add_resume_flag(group: Any, last: str, what: str) -> None:
+    """``--resume [PATH]``, the same in every CLI: continue an interrupted run from PATH, or
+    without a value (or ``auto``) from the run's own last checkpoint ``last``."""
+    group.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                       help=f"continue an interrupted run ({what}) from the checkpoint PATH; "
+                            f"without a value (or 'auto') from {last}")
+
+
+def resume_path(resume: str | None, last: str | os.PathLike) -> Path | None:
+    """The checkpoint ``--resume`` names: None without it, ``last`` for ``auto``."""
+    if not resume:
+        return None
+    return Path(last) if resume == "auto" else Path(resume)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -75,7 +75,7 @@ def _class_rows(data_path: Path, label_path: Path, lab: np.ndarray, classes: ran
             f"{data_path} ({label_path.name}): class {c} has {len(idx)} cube(s) but {per_class} "
             f"are needed (cubes per label found: {listing}"
             + (f", ... {len(found) - 12} more labels" if len(found) > 12 else "") + "); lower "
-            "--nb_instances / --nb_val_instances / --cls_classes or re-create the data")
+            "--nb_instances / --nb_instances_val / --cls_classes or re-create the data")
     return np.concatenate(rows) if rows else np.zeros(0, np.int64)
 
 

@@ -1,7 +1,7 @@
 """The pattern generator's manifest as the defaults of pretraining's data flags.
 
 ``self_discovery/pattern_generator_3D.py`` writes its resolved flags to ``config.json`` in its
-``--save`` folder, next to the fold files. ``pytorch/train.py`` reads that folder (``--data_dir``)
+``--output_dir`` folder, next to the fold files. ``pytorch/train.py`` reads that folder (``--data_dir``)
 and takes from the manifest what describes the fold files: cube size, number of classes,
 instances per class (train and validation) and number of resolutions. A flag given on the
 command line wins; without a manifest (e.g. the published data) the paper's values apply.
@@ -36,7 +36,7 @@ DATA_FLAGS = {
     "input_deps": ("input_deps", 32),
     "cls_classes": ("nb_classes", 44),
     "nb_instances": ("nb_instances", 200),
-    "nb_val_instances": ("nb_instances_val", 30),
+    "nb_instances_val": ("nb_instances_val", 30),
     "nb_multires_patch": ("multi_res", 3),
 }
 
@@ -80,7 +80,7 @@ def _check_folds(path: Path, m: dict[str, Any]) -> None:
     for k, c_k in fold_blocks(classes) if classes else [(1, None)]:
         res = range(1, m.get("nb_multires_patch", 1) + 1)
         for split, r, per_class in ([("train", r, "nb_instances") for r in res]
-                                    + [("val", 1, "nb_val_instances")]):
+                                    + [("val", 1, "nb_instances_val")]):
             name = fold_file_names(split, r, k)[0]
             if not (path.parent / name).is_file():
                 raise InputError(f"{path}: describes {classes} classes and {len(res)} "

@@ -38,7 +38,8 @@ from models.checkpoint import (DECODER_PREFIXES, load_checkpoint, load_pretraine
                                load_state_dict_checked, load_training_state, save_checkpoint,
                                training_counters, unwrap_model)
 from pytorch import distributed as D
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_amp_flag,
+                            add_overwrite_flag, add_resume_flag, resume_path,
                             call_reporting_errors, check_finite_training, device_name,
                             early_stopping_update, full_device, middle_slice_grid, nonneg_float,
                             nonneg_int, output_session, positive_float, positive_int,
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nb_instances", type=positive_int, default=None,
                    help="training cubes per class and resolution in the fold files [default: "
                         "config.json, else 200]")
-    g.add_argument("--nb_val_instances", type=positive_int, default=None,
+    g.add_argument("--nb_instances_val", "--nb_val_instances", dest="nb_instances_val",
+                   type=positive_int, default=None,
                    help="validation cubes per class in the fold files [default: "
                         "nb_instances_val of config.json, else 30]")
     g.add_argument("--nb_multires_patch", type=positive_int, default=None,
@@ -136,14 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="maximum number of epochs (early stopping usually ends sooner)")
     g.add_argument("--patience", type=positive_int, default=50,
                    help="stop after this many epochs without a lower validation loss")
-    g.add_argument("--seed", type=seed_int, default=1,
+    g.add_argument("--seed", type=seed_int, default=0,
                    help="seed of initialisation, shuffling and perturbations; the same seed "
                         "gives the same run (on the same device and process count)")
 
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", type=device_name, default="auto", help="auto (CUDA if available), cpu or cuda")
-    g.add_argument("--amp", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU")
+    add_amp_flag(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last_3d memory format (default: on CUDA only)")
@@ -160,13 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "eval (local batch statistics). CUDA only")
 
     g = p.add_argument_group("outputs and logging")
-    g.add_argument("--checkpoint_dir", default=None,
+    g.add_argument("--output_dir", "--checkpoint_dir", dest="output_dir", default=None,
                    help="folder of the checkpoints [default: Checkpoints/<exp>]; best-by-val "
                         f"is {CHECKPOINT_NAME}.pt, the last epoch {CHECKPOINT_NAME}_last.pt, "
                         f"the configuration {CHECKPOINT_NAME}_config.json")
-    g.add_argument("--resume", default=None,
-                   help="continue a run from its checkpoint (usually ..._last.pt): weights, "
-                        "optimiser, scheduler, epoch, early-stopping state; never implicit")
+    add_resume_flag(g, f"<output_dir>/{CHECKPOINT_NAME}_last.pt",
+                    "weights, optimiser, scheduler, epoch, early-stopping state")
     add_overwrite_flag(g, f"the checkpoints {CHECKPOINT_NAME}.pt / _last.pt (e.g. the "
                           "published file placed in Checkpoints/en_de/)")
     g.add_argument("--log_dir", default="runs",
@@ -190,7 +190,7 @@ def _check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v < 8 or v % 8:
             raise InputError(f"--{name} {v}: the network needs a multiple of 8")
-    for name in ("cls_classes", "nb_instances", "nb_val_instances", "batch_size", "width",
+    for name in ("cls_classes", "nb_instances", "nb_instances_val", "batch_size", "width",
                  "nb_epoch", "patience", "lr_step"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -247,7 +247,7 @@ def _choose_storage(args, device: torch.device) -> tuple[torch.dtype, torch.devi
     if args.data_device == "cuda":
         return dtype, device
     voxels = args.input_rows * args.input_cols * args.input_deps
-    cubes = sum(c * (args.nb_instances * args.nb_multires_patch + 2 * args.nb_val_instances)
+    cubes = sum(c * (args.nb_instances * args.nb_multires_patch + 2 * args.nb_instances_val)
                 for _, c in fold_blocks(args.cls_classes))
     need = cubes * voxels * torch.finfo(dtype).bits // 8
     free, _ = torch.cuda.mem_get_info(device)
@@ -275,7 +275,7 @@ def _fixed_val_inputs(val: CubeSet, args, device: torch.device) -> CubeSet:
 
 
 def _checkpoint_paths(args) -> tuple[Path, Path, Path]:
-    folder = Path(args.checkpoint_dir) if args.checkpoint_dir else Path("Checkpoints") / args.exp
+    folder = Path(args.output_dir) if args.output_dir else Path("Checkpoints") / args.exp
     return (folder / f"{CHECKPOINT_NAME}.pt", folder / f"{CHECKPOINT_NAME}_last.pt",
             folder / f"{CHECKPOINT_NAME}_config.json")
 
@@ -296,7 +296,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     device = full_device(device)
     best_path, last_path, _ = _checkpoint_paths(args)
     try:
-        with output_session(best_path.parent, "--checkpoint_dir", [best_path, last_path],
+        with output_session(best_path.parent, "--output_dir", [best_path, last_path],
                             args.overwrite, continuing=bool(args.resume), enabled=info.is_main):
             return _train(args, info, device)
     finally:
@@ -323,7 +323,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
     dtype, data_device = _choose_storage(args, device)
     t0 = time.time()
     train_set, val_set = load_pretraining_data(
-        args.data_dir, args.cls_classes, args.nb_instances, args.nb_val_instances,
+        args.data_dir, args.cls_classes, args.nb_instances, args.nb_instances_val,
         args.nb_multires_patch, cube_shape, dtype=dtype, device=data_device,
         pin_memory=device.type == "cuda")
     val_set = _fixed_val_inputs(val_set, args, device)
@@ -333,10 +333,11 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
     model_config = {"cls_classes": args.cls_classes, "width": args.width, "norm": args.norm,
                     "n_class": 1, "in_channels": 1}
     start_epoch, best_loss, no_improve, ckpt = 0, math.inf, 0, None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        load_state_dict_checked(model, ckpt["state_dict"], source=str(args.resume))
-        start_epoch, best_loss, no_improve = training_counters(ckpt, str(args.resume))
+    resume = resume_path(args.resume, _checkpoint_paths(args)[1])
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        load_state_dict_checked(model, ckpt["state_dict"], source=str(resume))
+        start_epoch, best_loss, no_improve = training_counters(ckpt, str(resume))
     elif args.pre_path:
         loaded = load_pretrained(model, args.pre_path, new_keys=DECODER_PREFIXES)
         if main_rank and args.verbose >= 1:
@@ -348,7 +349,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
     optimizer = make_optimizer(model, args.lr, device)
     scheduler = make_scheduler(optimizer, args.lr_step, args.lr_gamma)
     if ckpt is not None:
-        load_training_state(ckpt, optimizer, scheduler, source=str(args.resume))
+        load_training_state(ckpt, optimizer, scheduler, source=str(resume))
     net: torch.nn.Module = model
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -375,7 +376,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
     log.line("data flags: " + ", ".join(f"--{k} {getattr(args, k)} ({src})"
                                         for k, src in args.data_flags_from.items()))
     if ckpt is not None:
-        log.line(f"resumed {args.resume}: {start_epoch} epochs done, best val loss "
+        log.line(f"resumed {resume}: {start_epoch} epochs done, best val loss "
                  f"{best_loss:.5f}, {no_improve} epoch(s) without improvement")
 
     feeder = BatchFeeder(train_set, device, per_rank_batch)

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                                            seed=a.seed))
             save = root / "out"
             cmd = [sys.executable, str(GENERATOR), "--data_dir", str(root / "data"),
-                   "--save", str(save), "--is_normalized",
+                   "--output_dir", str(save), "--is_normalized",
                    "--train_features", str(root / "features" / "train_features.npy"),
                    "--val_features", str(root / "features" / "validation_features.npy"),
                    "--nb_classes", str(a.classes), "--nb_instances", str(a.instances),

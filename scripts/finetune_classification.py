@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from models.targets import build_classifier
 from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
+                            add_resume_flag,
                             call_reporting_errors, check_finite_training,
                             check_real_array, device_name, fraction, make_output_dir,
                             nonneg_int, positive_int, resolve_device, save_json_atomic,
@@ -384,8 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_optimizer_flags(t)
     t.add_argument("--seed", type=seed_int, default=0, help="seed of the split, the shuffling and the head")
     t.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda[:i]")
-    t.add_argument("--resume", default=None,
-                   help="continue an interrupted run from its last.pt (model, optimizer, epoch, history)")
+    add_resume_flag(t, "<output_dir>/last.pt", "model, optimizer, epoch, history")
     add_overwrite_flag(t, "metrics.json, best.pt and last.pt")
 
     o = ap.add_argument_group("outputs")

@@ -14,7 +14,7 @@ from torch import nn
 
 from models.checkpoint import (CheckpointError, load_checkpoint, load_state_dict_checked,
                                load_training_state, save_checkpoint, training_counters)
-from pytorch.common import nonneg_float, output_session, positive_float, positive_int
+from pytorch.common import nonneg_float, output_session, positive_float, positive_int, resume_path
 
 __all__ = ["add_model_flags", "add_optimizer_flags", "make_optimizer", "FinetuneState",
            "finetune_session", "restore_state", "save_epoch", "load_best"]
@@ -79,11 +79,13 @@ def finetune_session(args: argparse.Namespace) -> Iterator[Path]:
         yield folder
 
 
-def restore_state(resume: str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+def restore_state(resume_flag: str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
                   output_dir: Path) -> FinetuneState:
-    """Load ``--resume`` (model, optimizer, epoch, history) or start fresh (an earlier run's
-    results in ``output_dir`` were refused by :func:`finetune_session` unless ``--overwrite``)."""
-    if not resume:
+    """Load ``--resume`` (a path, or ``auto`` for ``output_dir/last.pt``: model, optimizer,
+    epoch, history) or start fresh (an earlier run's results in ``output_dir`` were refused by
+    :func:`finetune_session` unless ``--overwrite``)."""
+    resume = resume_path(resume_flag, output_dir / "last.pt")
+    if resume is None:
         return FinetuneState()
     ckpt = load_checkpoint(resume)
     load_state_dict_checked(model, ckpt["state_dict"], source=str(resume))

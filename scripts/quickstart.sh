@@ -123,13 +123,13 @@ run prepare "$PY" scripts/prepare_dataset.py --input_dir "${SOURCES[@]}" --outpu
 run autoencoder "$PY" self_discovery/train_autoencoder.py --data_dir "$DS" \
     --input_rows "${AE_SIZE[0]}" --input_cols "${AE_SIZE[1]}" --input_deps "${AE_SIZE[2]}" \
     --width "$WIDTH" --batch_size "$AE_BATCH" "${AE_EPOCH[@]}" --num_workers 0 --cache \
-    --device "$DEVICE" --checkpoint_dir "$AE" --log_dir "$RUNS/autoencoder" --overwrite
+    --device "$DEVICE" --output_dir "$AE" --log_dir "$RUNS/autoencoder" --overwrite
 
 # ---- 3. one feature vector per patient -----------------------------------------------------
 run features "$PY" self_discovery/feature_extractor.py --data_dir "$DS" \
     --weights "$AE/Unet_autoencoder.pt" \
-    --input_rows "${AE_SIZE[0]}" --input_cols "${AE_SIZE[1]}" --input_depth "${AE_SIZE[2]}" \
-    --num_workers 0 --device "$DEVICE" --save_dir "$FEAT" --overwrite
+    --input_rows "${AE_SIZE[0]}" --input_cols "${AE_SIZE[1]}" --input_deps "${AE_SIZE[2]}" \
+    --num_workers 0 --device "$DEVICE" --output_dir "$FEAT" --overwrite
 
 # ---- 4. self-discovery of anatomical patterns ----------------------------------------------
 N_TRAIN=$([[ $DRY == 1 ]] && echo 999 || find "$DS/train" -name '*.npy' | wc -l)
@@ -137,7 +137,7 @@ N_VAL=$([[ $DRY == 1 ]] && echo 999 || find "$DS/validation" -name '*.npy' | wc 
 (( INSTANCES > N_TRAIN )) && { echo "note: $N_TRAIN train patients: --nb_instances $N_TRAIN instead of $INSTANCES"; INSTANCES=$N_TRAIN; }
 (( INSTANCES_VAL > N_VAL )) && { echo "note: $N_VAL validation patients: --nb_instances_val $N_VAL"; INSTANCES_VAL=$N_VAL; }
 (( CLASSES > N_TRAIN )) && { echo "note: $N_TRAIN train patients: --nb_classes $N_TRAIN instead of $CLASSES"; CLASSES=$N_TRAIN; }
-run patterns "$PY" self_discovery/pattern_generator_3D.py --data_dir "$DS" --save "$PAT" \
+run patterns "$PY" self_discovery/pattern_generator_3D.py --data_dir "$DS" --output_dir "$PAT" \
     --train_features "$FEAT/train_features.npy" --val_features "$FEAT/validation_features.npy" \
     --is_normalized --input_rows "${CUBE[0]}" --input_cols "${CUBE[1]}" --input_deps "${CUBE[2]}" \
     --crop_rows "${CUBE[0]}" --crop_cols "${CUBE[1]}" --multi_res \
@@ -149,7 +149,7 @@ run patterns "$PY" self_discovery/pattern_generator_3D.py --data_dir "$DS" --sav
 # cube size, classes, instances and resolutions: from the pattern generator's $PAT/config.json
 run pretrain "$PY" pytorch/train.py --data_dir "$PAT" \
     --width "$WIDTH" --batch_size "$BATCH" "${PT_EPOCH[@]}" \
-    --device "$DEVICE" --checkpoint_dir "$PRE" --log_dir "$RUNS" --notes quickstart --overwrite
+    --device "$DEVICE" --output_dir "$PRE" --log_dir "$RUNS" --notes quickstart --overwrite
 
 # ---- 6. fine-tune the pretrained encoder: nodule / no-nodule cubes -------------------------
 run nodule_cubes "$PY" scripts/phantoms.py --output_dir "$NOD" --nodule_cubes "$FT_CUBES" \

@@ -5,8 +5,8 @@ One row per cube, in fold-file order: its class, split, resolution, volume (rela
 cube lies in the fold files (block ``fold``, row ``row``). ``--prev_coordinates`` resumes a run
 from it in one of two ways:
 
-* the file lies in --save and that run used the same cube flags (``same_cube_config``): blocks
-  complete in --save are kept as they are, the others re-cropped from the recorded coordinates;
+* the file lies in --output_dir and that run used the same cube flags (``same_cube_config``): blocks
+  complete in --output_dir are kept as they are, the others re-cropped from the recorded coordinates;
 * anywhere else, or other cube flags: every recorded class is re-cropped from its coordinates.
 
 Either way discovery then continues up to --nb_classes.
@@ -137,14 +137,14 @@ def write_coordinates(path: Path, plans: list[ClassPlan], per_file: int,
         tmp.write_text(buf.getvalue(), encoding="utf-8")
 
 
-#: Flags that must match for the files of an earlier run in --save to be kept when resuming.
+#: Flags that must match for the files of an earlier run in --output_dir to be kept when resuming.
 CUBE_FLAGS = ("data_dir", "is_normalized", "hu_min", "hu_max", "input_rows", "input_cols",
               "input_deps", "crop_rows", "crop_cols", "nb_instances", "nb_instances_val",
               "multi_res", "minPatchSize", "maxPatchSize", "classes_per_file")
 
 
 def same_cube_config(a: argparse.Namespace, save: Path) -> bool:
-    """True when --prev_coordinates lies in --save and that run (its config.json) used the same
+    """True when --prev_coordinates lies in --output_dir and that run (its config.json) used the same
     ``CUBE_FLAGS``: its complete blocks can be kept."""
     prev = Path(a.prev_coordinates)
     cfg_path = save / "config.json"

@@ -5,7 +5,7 @@ resize to 128 x 128 x 64 as stage 1 (anti-aliased linear), run the autoencoder's
 global-average-pool the bottleneck (N, 16w, 16, 16, 8) -> one 16w-d vector (512-d at the
 published width 32).
 
-Outputs in ``--save_dir`` (default ``self_discovery/features/``, where the pattern generator
+Outputs in ``--output_dir`` (default ``self_discovery/features/``, where the pattern generator
 looks), written atomically:
 
 - ``train_features.npy`` (N_train, 16w) and ``validation_features.npy`` (N_val, 16w), float32;
@@ -45,7 +45,8 @@ from models.checkpoint import (DECODER_PREFIXES, checked_model_config, infer_mod
                                load_checkpoint,
                                load_state_dict_checked)
 from models.ynet3d import UNet3D, set_batchnorm
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_amp_flag,
+                            add_overwrite_flag,
                             call_reporting_errors, check_output_outside, device_name,
                             nonneg_int, output_session, positive_int, resolve_device,
                             save_json_atomic, save_npy_atomic, write_run_config)
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the folder the autoencoder was trained on)")
     g.add_argument("--input_rows", type=positive_int, default=128, help="volumes are resized to this x size")
     g.add_argument("--input_cols", type=positive_int, default=128, help="volumes are resized to this y size")
-    g.add_argument("--input_depth", type=positive_int, default=64,
+    g.add_argument("--input_deps", "--input_depth", dest="input_deps", type=positive_int, default=64,
                    help="volumes are resized to this z size (the reference's flag name)")
     g.add_argument("--batch_size", type=positive_int, default=8, help="volumes per forward pass")
     g.add_argument("--num_workers", type=nonneg_int, default=4,
@@ -88,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder", default="upsampling", choices=["upsampling", "transpose"],
                    help="decoder type; ignored when the checkpoint records its model_config")
     g.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda (auto: cuda when present)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="bf16 autocast on CUDA (faster, features then carry bf16 rounding)")
+    add_amp_flag(g, default="fp32", note="; default fp32: bf16 is faster, but the features "
+                 "then carry bf16 rounding")
     g = p.add_argument_group("outputs")
-    g.add_argument("--save_dir", default="self_discovery/features/",
+    g.add_argument("--output_dir", "--save_dir", dest="output_dir", default="self_discovery/features/",
                    help=f"where {TRAIN_NAME}, {VAL_NAME}, {INDEX_NAME} and config.json go")
     add_overwrite_flag(g, f"{TRAIN_NAME}, {VAL_NAME} and {INDEX_NAME}")
     g.add_argument("--verbose", type=int, default=1, choices=[0, 1],
@@ -136,7 +137,7 @@ def load_encoder(weights: str | os.PathLike, width: int = 32, decoder: str = "up
 
 @torch.no_grad()
 def extract_features(model: UNet3D, dataset: ResizedVolumeDataset | Subset, batch_size: int = 8,
-                     device: torch.device | str = "cpu", num_workers: int = 0, amp: bool = False,
+                     device: torch.device | str = "cpu", num_workers: int = 0, amp: str = "fp32",
                      progress: bool = False, desc: str = "features"
                      ) -> tuple[np.ndarray, list[int]]:
     """Global-average-pooled bottleneck of every item of ``dataset``.
@@ -155,7 +156,7 @@ def extract_features(model: UNet3D, dataset: ResizedVolumeDataset | Subset, batc
                         pin_memory=device.type == "cuda")
     feats: list[torch.Tensor] = []
     order: list[int] = []
-    ctx = autocast(device, resolve_amp("auto" if amp else "fp32", device))  # bf16 on CUDA only
+    ctx = autocast(device, resolve_amp(amp, device))
     for x, idx in tqdm(loader, desc=desc, disable=None if progress else True):
         x = x.to(device, non_blocking=True)                       # (B, 1, X, Y, Z)
         with ctx:
@@ -183,17 +184,17 @@ def _gather_in_order(feats: np.ndarray, order: list[int], n: int, dim: int) -> n
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Extract and save the features as configured by ``args``; returns a summary on rank 0."""
-    size = (args.input_rows, args.input_cols, args.input_depth)
+    size = (args.input_rows, args.input_cols, args.input_deps)
     if any(s <= 0 or s % 8 for s in size):
-        raise InputError(f"--input_rows/--input_cols/--input_depth {size}: each must be a "
+        raise InputError(f"--input_rows/--input_cols/--input_deps {size}: each must be a "
                          "positive multiple of 8")
     if args.batch_size <= 0 or args.num_workers < 0:
         raise InputError("--batch_size must be positive and --num_workers >= 0")
-    save = Path(args.save_dir)
-    check_output_outside(save, [Path(args.data_dir) / sp for sp in SPLITS], "--save_dir",
+    save = Path(args.output_dir)
+    check_output_outside(save, [Path(args.data_dir) / sp for sp in SPLITS], "--output_dir",
                          "--data_dir")
     with distributed_session(resolve_device(args.device)) as (info, device), \
-            output_session(save, "--save_dir", [save / n for n in (TRAIN_NAME, VAL_NAME, INDEX_NAME)],
+            output_session(save, "--output_dir", [save / n for n in (TRAIN_NAME, VAL_NAME, INDEX_NAME)],
                            args.overwrite, continue_flag=None, enabled=info.is_main):
         return _run(args, info, device, size)
 
@@ -214,7 +215,7 @@ def _run(args: argparse.Namespace, info: DistInfo, device: torch.device,
         results[split] = _gather_in_order(feats, order, len(ds), dim)
     summary = None
     if info.is_main:
-        save_dir = Path(args.save_dir)
+        save_dir = Path(args.output_dir)
         train_feats, val_feats = results["train"], results["validation"]
         assert train_feats is not None and val_feats is not None
         save_features(save_dir, train_feats, val_feats, {
@@ -226,7 +227,7 @@ def _run(args: argparse.Namespace, info: DistInfo, device: torch.device,
         write_run_config(dict(vars(args), resolved_device=str(device),
                               world_size=info.world_size, model_config=cfg), save_dir)
         summary = {"train": train_feats.shape, "validation": val_feats.shape,
-                   "save_dir": str(save_dir)}
+                   "output_dir": str(save_dir)}
         if args.verbose >= 1:
             print(f"features: train {train_feats.shape}, validation {val_feats.shape} float32 "
                   f"-> {save_dir}", flush=True)
@@ -294,7 +295,7 @@ def load_features(train_features_path: str | os.PathLike, val_features_path: str
     train_features_path, val_features_path = Path(train_features_path), Path(val_features_path)
     data_dir = Path(data_dir)
     rerun = (f"re-run: python self_discovery/feature_extractor.py --data_dir {data_dir} "
-             f"--weights {DEFAULT_WEIGHTS} --save_dir {train_features_path.parent}")
+             f"--weights {DEFAULT_WEIGHTS} --output_dir {train_features_path.parent}")
     feats = []
     for path in (train_features_path, val_features_path):
         if not path.is_file():

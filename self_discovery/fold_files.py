@@ -81,7 +81,7 @@ def check_fold_index(folder: Path, names: list[str]) -> None:
     """
     folder = Path(folder)
     index_path = folder / FOLD_INDEX
-    fix = ("resume it with self_discovery/pattern_generator_3D.py --save "
+    fix = ("resume it with self_discovery/pattern_generator_3D.py --output_dir "
            f"{folder} --prev_coordinates {folder / 'coordinates.csv'}, or re-run it with --overwrite")
     if not index_path.is_file():
         if (folder / "coordinates.csv").is_file() or (folder / "config.json").is_file():

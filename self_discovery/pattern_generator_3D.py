@@ -9,7 +9,7 @@ features, scikit-learn) each give a cube cropped at that coordinate. With ``--mu
 train patient also gives two cubes of random side [minPatchSize, maxPatchSize) around it, resized
 to the cube size (resolutions 2 and 3).
 
-Output in ``--save``::
+Output in ``--output_dir``::
 
     *_vwGen_ex_ref_fold{k}.0.npy   the fold files: cubes (N, X, Y, Z) float32 and labels (N, 1)
                                    int64 per block of 50 classes (``fold_files.py``)
@@ -104,9 +104,9 @@ def _write_class(ctx: DiscoveryContext, plan: ClassPlan, files: BlockFiles, row0
 def _write_blocks(ctx: DiscoveryContext, plans: list[ClassPlan], same_run: bool) -> None:
     """Write every block of --nb_classes classes, discovering the classes beyond ``plans``
     (appended); blocks of an earlier run with the same cube flags (``same_run``) that are
-    complete in --save are kept. ``coordinates.csv`` is rewritten after each block and
+    complete in --output_dir are kept. ``coordinates.csv`` is rewritten after each block and
     ``fold_index.json`` last."""
-    a, save, per_file = ctx.args, Path(ctx.args.save), ctx.args.classes_per_file
+    a, save, per_file = ctx.args, Path(ctx.args.output_dir), ctx.args.classes_per_file
     counts = {"train": a.nb_instances, "validation": a.nb_instances_val}
     keys = file_keys(3 if a.multi_res else 1)
     ref_index = {r: i for i, r in enumerate(ctx.train_rel)}
@@ -145,12 +145,12 @@ def generate_patterns(args: argparse.Namespace) -> list[ClassPlan]:
     """Run stage 3 with parsed ``args``; return the plans of all classes written."""
     a = args
     _check_args(a)
-    save = Path(a.save)
-    check_output_outside(save, [Path(a.data_dir) / sp for sp in SPLITS], "--save", "--data_dir")
+    save = Path(a.output_dir)
+    check_output_outside(save, [Path(a.data_dir) / sp for sp in SPLITS], "--output_dir", "--data_dir")
     earlier = [save / "coordinates.csv", save / FOLD_INDEX] + sorted(
         p for p in save.glob(FOLD_GLOB) if not p.name.startswith("."))
     resuming = bool(a.prev_coordinates) and Path(a.prev_coordinates).resolve().parent == save.resolve()
-    with output_session(save, "--save", earlier, a.overwrite, "--prev_coordinates", resuming):
+    with output_session(save, "--output_dir", earlier, a.overwrite, "--prev_coordinates", resuming):
         return _generate(a)
 
 
@@ -206,7 +206,7 @@ def _volume_shapes(a: argparse.Namespace, volumes: VolumeCrops, train_rel: list[
 
 
 def _generate(a: argparse.Namespace) -> list[ClassPlan]:
-    save = Path(a.save)
+    save = Path(a.output_dir)
     train_feats, val_feats, train_rel, val_rel = _load_features(a)
     volumes = VolumeCrops(Path(a.data_dir), a.is_normalized, a.hu_min, a.hu_max)
     shapes = _volume_shapes(a, volumes, train_rel, val_rel)
@@ -218,7 +218,7 @@ def _generate(a: argparse.Namespace) -> list[ClassPlan]:
                                a.nb_classes, a.nb_instances, a.nb_instances_val, a.multi_res,
                                train_rel)
         print(f"resuming: {len(plans)} class(es) from {a.prev_coordinates} (blocks complete in "
-              "--save are kept, other recorded classes re-cropped from their coordinates)")
+              "--output_dir are kept, other recorded classes re-cropped from their coordinates)")
     same_run = same_cube_config(a, save) if plans else False
     (save / FOLD_INDEX).unlink(missing_ok=True)  # written back last: an interrupted run is seen
     write_run_config(a, save)
@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", default="dataset/",
                    help="folder holding train/ and validation/ with one .npy volume (x, y, z) "
                         "per patient (scripts/prepare_dataset.py makes them)")
-    g.add_argument("--save", default="self_discovery/Semantic_Genesis_data",
+    g.add_argument("--output_dir", "--save", dest="output_dir",
+                   default="self_discovery/Semantic_Genesis_data",
                    help="output folder for the fold files, coordinates.csv, config.json and "
                         "montage/ (pytorch/train.py --data_dir reads it)")
     g.add_argument("--train_features", default="self_discovery/features/train_features.npy",
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ok, plans = call_reporting_errors(generate_patterns, args)
     if not ok:
         return 2
-    print(f"wrote {len(plans)} classes to {args.save}")
+    print(f"wrote {len(plans)} classes to {args.output_dir}")
     return 0
 
 

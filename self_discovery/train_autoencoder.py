@@ -7,7 +7,7 @@ linear, as the published code's scikit-image call: ``self_discovery.volumes.resi
 published Keras model). Loss MSE, Adam (lr 1e-3), the learning rate
 halves after 20 epochs without a validation improvement of 1e-4 (down to 1e-6), training stops
 after ``--patience`` (50) epochs without improvement. The best-validation checkpoint is
-``<checkpoint_dir>/Unet_autoencoder.pt`` (where ``feature_extractor.py --weights`` points by
+``<output_dir>/Unet_autoencoder.pt`` (where ``feature_extractor.py --weights`` points by
 default), the last one ``Unet_autoencoder_last.pt`` (what ``--resume`` continues).
 
 Run from the repository root::
@@ -43,7 +43,8 @@ from torch.utils.data.distributed import DistributedSampler
 from models.checkpoint import (checked_model_config, load_checkpoint, load_state_dict_checked,
                                load_training_state, save_checkpoint, training_counters)
 from models.ynet3d import UNet3D, set_batchnorm
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_amp_flag,
+                            add_overwrite_flag, add_resume_flag, resume_path,
                             call_reporting_errors, check_finite_training, device_name,
                             early_stopping_update, make_output_dir, middle_slice_grid, nonneg_int,
                             output_session, positive_float, positive_int, resolve_device,
@@ -105,18 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "improvement of 1e-4 (minimum lr 1e-6)")
     g.add_argument("--patience", type=positive_int, default=50,
                    help="stop after this many epochs without a validation-loss improvement")
-    g.add_argument("--seed", type=seed_int, default=1, help="seed of weights init and shuffling")
+    g.add_argument("--seed", type=seed_int, default=0, help="seed of weights init and shuffling")
     g.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda (auto: cuda when present)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA (no effect on CPU)")
+    add_amp_flag(g)
     g = p.add_argument_group("outputs")
-    g.add_argument("--checkpoint_dir", default="self_discovery/Checkpoints/Autoencoder",
+    g.add_argument("--output_dir", "--checkpoint_dir", dest="output_dir",
+                   default="self_discovery/Checkpoints/Autoencoder",
                    help=f"where {BEST_NAME} (best validation loss), {LAST_NAME} (last epoch) "
                         "and config.json are written")
-    g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help=f"continue an interrupted run (weights, optimizer, lr schedule, epoch, "
-                        f"early stopping) from a checkpoint; without a value from "
-                        f"<checkpoint_dir>/{LAST_NAME}")
+    add_resume_flag(g, f"<output_dir>/{LAST_NAME}",
+                    "weights, optimizer, lr schedule, epoch, early stopping")
     add_overwrite_flag(g, f"{BEST_NAME} and {LAST_NAME}")
     g.add_argument("--log_dir", default="runs/autoencoder",
                    help="TensorBoard folder (losses, lr, middle-slice input|reconstruction)")
@@ -152,13 +151,13 @@ def plateau_scheduler(optimizer: torch.optim.Optimizer, lr_patience: int
         threshold_mode="abs", min_lr=1e-6)
 
 
-def _autocast(device: torch.device, amp: bool) -> AbstractContextManager:
-    """bf16 autocast on CUDA when ``amp`` (``--amp``), a no-op otherwise."""
-    return autocast(device, resolve_amp("auto" if amp else "fp32", device))
+def _autocast(device: torch.device, amp: str) -> AbstractContextManager:
+    """The autocast of ``--amp`` (auto: bf16 on CUDA, a no-op on CPU)."""
+    return autocast(device, resolve_amp(amp, device))
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               amp: bool = False) -> torch.Tensor:
+               amp: str = "fp32") -> torch.Tensor:
     """One Adam step of MSE reconstruction on a batch x (N, 1, X, Y, Z); returns the detached
     loss (a device tensor: no host synchronisation)."""
     optimizer.zero_grad(set_to_none=True)
@@ -186,9 +185,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _resume_path(args: argparse.Namespace) -> Path | None:
-    if not args.resume:
-        return None
-    return Path(args.checkpoint_dir) / LAST_NAME if args.resume == "auto" else Path(args.resume)
+    return resume_path(args.resume, Path(args.output_dir) / LAST_NAME)
 
 
 def _loader(ds: ResizedVolumeDataset | Subset, sampler, batch_size: int, workers: int,
@@ -209,9 +206,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     "best_loss", "epoch", "best_path", "last_path"}`` (the history of this invocation only).
     """
     _check_args(args)
-    ckpt_dir = Path(args.checkpoint_dir)
+    ckpt_dir = Path(args.output_dir)
     with distributed_session(resolve_device(args.device)) as (info, device), \
-            output_session(ckpt_dir, "--checkpoint_dir", [ckpt_dir / BEST_NAME, ckpt_dir / LAST_NAME],
+            output_session(ckpt_dir, "--output_dir", [ckpt_dir / BEST_NAME, ckpt_dir / LAST_NAME],
                            args.overwrite, continuing=bool(args.resume), enabled=info.is_main):
         return _train(args, info, device)
 
@@ -227,7 +224,7 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
     train_files = list_volumes(data_dir / "train")
     val_files = list_volumes(data_dir / "validation")
     size = (args.input_rows, args.input_cols, args.input_deps)
-    ckpt_dir = Path(args.checkpoint_dir)
+    ckpt_dir = Path(args.output_dir)
     best_path, last_path = ckpt_dir / BEST_NAME, ckpt_dir / LAST_NAME
 
     seed_everything(args.seed)   # same initial weights on every rank
@@ -278,7 +275,7 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
         writer = summary_writer(args.log_dir, "--log_dir")
         run_cfg = dict(vars(args), resolved_device=str(device), world_size=info.world_size,
                        n_train=len(train_files), n_val=len(val_files))
-        make_output_dir(ckpt_dir, "--checkpoint_dir")
+        make_output_dir(ckpt_dir, "--output_dir")
         write_run_config(run_cfg, ckpt_dir)
         say(f"autoencoder: {len(train_files)} train / {len(val_files)} validation volumes "
             f"resized to {size}, width {args.width}, device {device}"
@@ -323,7 +320,7 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
         train_loss = float(sums[0] / sums[1].clamp(min=1))
         val_loss = float(sums[2] / sums[3].clamp(min=1))
         check_finite_training(model, epoch + 1, train_loss, val_loss,
-                              "lower --lr or try --no-amp, then --resume the last checkpoint")
+                              "lower --lr or try --amp fp32, then --resume the last checkpoint")
         epoch += 1
         # Decisions on rank 0, broadcast so every rank agrees.
         decision = None

@@ -70,9 +70,9 @@ def train_args(data_dir: str | Path, out: str | Path, classes: int = 3, instance
             "--input_cols", str(shape[1]), "--input_deps", str(shape[2]),
             "--nb_multires_patch", str(resolutions),
             "--cls_classes", str(classes), "--nb_instances", str(instances),
-            "--nb_val_instances", str(val_instances), "--width", str(width),
+            "--nb_instances_val", str(val_instances), "--width", str(width),
             "--nb_epoch", str(epochs), "--batch_size", str(batch_size), "--device", device,
-            "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "runs"),
+            "--output_dir", str(out / "ckpt"), "--log_dir", str(out / "runs"),
             "--verbose", "1", "--nb_preview", "2"]
 
 
@@ -81,7 +81,7 @@ def autoencoder_args(data_dir: str | Path, out: str | Path, *extra: str,
     """``self_discovery/train_autoencoder.py`` flags for tiny runs: 32 x 32 x 16, width 4,
     batch 2, no workers, quiet; checkpoints in out/ckpt, TensorBoard in out/tb."""
     out = Path(out)
-    return ["--data_dir", str(data_dir), "--checkpoint_dir", str(out / "ckpt"),
+    return ["--data_dir", str(data_dir), "--output_dir", str(out / "ckpt"),
             "--log_dir", str(out / "tb"), "--input_rows", "32", "--input_cols", "32",
             "--input_deps", "16", "--width", "4", "--batch_size", "2", "--num_workers", "0",
             "--device", device, "--verbose", "0", *extra]

@@ -112,7 +112,7 @@ def test_autoencoder_weights_text_file(volumes, junk, tmp_path, capsys):
     rc = ae.main(["--data_dir", str(volumes), "--weights", str(junk["text"]), "--width", "4",
                   "--input_rows", "16", "--input_cols", "16", "--input_deps", "8",
                   "--device", "cpu", "--num_workers", "0", "--nb_epoch", "1",
-                  "--checkpoint_dir", str(tmp_path / "ck"), "--log_dir", str(tmp_path / "tb")])
+                  "--output_dir", str(tmp_path / "ck"), "--log_dir", str(tmp_path / "tb")])
     one_error_line(capsys, rc, str(junk["text"]), "re-create it")
 
 
@@ -122,7 +122,7 @@ def test_autoencoder_wrong_width_names_the_width(volumes, tmp_path, capsys):
     rc = ae.main(["--data_dir", str(volumes), "--weights", str(ckpt), "--width", "8",
                   "--input_rows", "16", "--input_cols", "16", "--input_deps", "8",
                   "--device", "cpu", "--num_workers", "0", "--nb_epoch", "1",
-                  "--checkpoint_dir", str(tmp_path / "ck"), "--log_dir", str(tmp_path / "tb")])
+                  "--output_dir", str(tmp_path / "ck"), "--log_dir", str(tmp_path / "tb")])
     line = one_error_line(capsys, rc, str(ckpt), "pass --width 4")
     assert line.count("pass --width") == 1
 
@@ -157,7 +157,7 @@ def test_pattern_generator_nan_features(volumes, tmp_path, capsys):
     feats[2, 3] = np.nan
     np.save(tmp_path / "train_features.npy", feats)
     np.save(tmp_path / "validation_features.npy", feats[:2])
-    rc = pg.main(["--data_dir", str(volumes), "--save", str(tmp_path / "out"), "--is_normalized",
+    rc = pg.main(["--data_dir", str(volumes), "--output_dir", str(tmp_path / "out"), "--is_normalized",
                   "--train_features", str(tmp_path / "train_features.npy"),
                   "--val_features", str(tmp_path / "validation_features.npy"),
                   "--input_rows", "8", "--input_cols", "8", "--input_deps", "8",
@@ -427,9 +427,9 @@ def test_full_disk_is_one_line_naming_the_path(volumes, tmp_path, capsys, monkey
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(fe, "save_npy_atomic", full)
-    rc = fe.main(["--data_dir", str(volumes), "--weights", str(ckpt), "--save_dir",
+    rc = fe.main(["--data_dir", str(volumes), "--weights", str(ckpt), "--output_dir",
                   str(tmp_path / "f"), "--input_rows", "16", "--input_cols", "16",
-                  "--input_depth", "8", "--num_workers", "0", "--device", "cpu", "--verbose", "0"])
+                  "--input_deps", "8", "--num_workers", "0", "--device", "cpu", "--verbose", "0"])
     one_error_line(capsys, rc, str(tmp_path / "f" / "train_features.npy"), "No space left")
 
 
@@ -462,7 +462,7 @@ def test_malformed_model_config(volumes, tmp_path, capsys, config, needle):
     from self_discovery import feature_extractor as fe
     ckpt = save_checkpoint(tmp_path / "ae.pt", UNet3D(width=4, decoder="upsampling"),
                            model_config=config)
-    rc = fe.main(["--data_dir", str(volumes), "--weights", str(ckpt), "--save_dir",
+    rc = fe.main(["--data_dir", str(volumes), "--weights", str(ckpt), "--output_dir",
                   str(tmp_path / "f"), "--num_workers", "0", "--device", "cpu"])
     one_error_line(capsys, rc, str(ckpt), needle)
 
@@ -571,10 +571,10 @@ def test_outputs_inside_the_folders_a_stage_reads_are_refused(volumes, tmp_path,
     from self_discovery import feature_extractor as fe
     from self_discovery import pattern_generator_3D as pg
     rc = fe.main(["--data_dir", str(volumes), "--weights", "w.pt",
-                  "--save_dir", str(volumes / "train")])
-    one_error_line(capsys, rc, "--save_dir", "overlap")
-    rc = pg.main(["--data_dir", str(volumes), "--save", str(volumes / "validation" / "x")])
-    one_error_line(capsys, rc, "--save", "overlap")
+                  "--output_dir", str(volumes / "train")])
+    one_error_line(capsys, rc, "--output_dir", "overlap")
+    rc = pg.main(["--data_dir", str(volumes), "--output_dir", str(volumes / "validation" / "x")])
+    one_error_line(capsys, rc, "--output_dir", "overlap")
     img, msk = _seg_folders(tmp_path, ["a", "b"], ["a_mask", "b_mask"])
     rc = fs.main(["--images", str(img), "--masks", str(msk), "--output_dir", str(img / "run"),
                   "--device", "cpu"])

@@ -20,7 +20,7 @@ from self_discovery import train_autoencoder as ta
 from tests.fold_fixtures import make_volume_dataset as make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--input_rows", "32", "--input_cols", "32", "--input_depth", "16", "--num_workers", "0",
+SMALL = ["--input_rows", "32", "--input_cols", "32", "--input_deps", "16", "--num_workers", "0",
          "--device", "cpu", "--verbose", "0"]
 
 
@@ -42,7 +42,7 @@ def setup(tmp_path_factory):
 
 
 def _extract(data: Path, weights: Path, out: Path, *extra: str) -> int:
-    return fe.main(["--data_dir", str(data), "--weights", str(weights), "--save_dir", str(out),
+    return fe.main(["--data_dir", str(data), "--weights", str(weights), "--output_dir", str(out),
                     *SMALL, *extra])
 
 
@@ -142,12 +142,12 @@ DRIVER = textwrap.dedent("""
 def test_two_process_ddp_matches_one_process(setup, tmp_path):
     _, data, _ = setup
     ckpt_dir = tmp_path / "ckpt"
-    ae_args = ["--data_dir", str(data), "--checkpoint_dir", str(ckpt_dir), "--log_dir",
+    ae_args = ["--data_dir", str(data), "--output_dir", str(ckpt_dir), "--log_dir",
                str(tmp_path / "tb"), "--input_rows", "32", "--input_cols", "32", "--input_deps",
                "16", "--width", "4", "--batch_size", "2", "--num_workers", "0", "--device", "cpu",
                "--nb_epoch", "1", "--verbose", "0"]
     weights = ckpt_dir / ta.BEST_NAME
-    fe_args = ["--data_dir", str(data), "--weights", str(weights), "--save_dir",
+    fe_args = ["--data_dir", str(data), "--weights", str(weights), "--output_dir",
                str(tmp_path / "ddp"), "--batch_size", "2", *SMALL]
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(repo=str(REPO), ae_args=ae_args, fe_args=fe_args))

@@ -155,8 +155,8 @@ def features_setup(tmp_path):
 
 
 def _features_argv(data: Path, weights: Path, out: Path) -> list[str]:
-    return ["--data_dir", str(data), "--weights", str(weights), "--save_dir", str(out),
-            "--input_rows", "32", "--input_cols", "32", "--input_depth", "16",
+    return ["--data_dir", str(data), "--weights", str(weights), "--output_dir", str(out),
+            "--input_rows", "32", "--input_cols", "32", "--input_deps", "16",
             "--num_workers", "0", "--device", "cpu", "--verbose", "0"]
 
 

@@ -19,7 +19,7 @@ from tests.fold_fixtures import SHAPE, make_fold_files
 
 CKPT = "semantic_genesis_chest_ct"
 PAPER = {"input_rows": 64, "input_cols": 64, "input_deps": 32, "cls_classes": 44,
-         "nb_instances": 200, "nb_val_instances": 30, "nb_multires_patch": 3}
+         "nb_instances": 200, "nb_instances_val": 30, "nb_multires_patch": 3}
 
 
 def _manifest(folder: Path, **changes) -> Path:
@@ -47,7 +47,7 @@ def test_manifest_values_are_used(folds):
     args = _args(_manifest(folds))
     assert resolve_data_flags(args) == dict.fromkeys(DATA_FLAGS, "manifest")
     assert (args.input_rows, args.input_cols, args.input_deps) == SHAPE
-    assert (args.cls_classes, args.nb_instances, args.nb_val_instances,
+    assert (args.cls_classes, args.nb_instances, args.nb_instances_val,
             args.nb_multires_patch) == (3, 4, 2, 1)
 
 
@@ -55,8 +55,8 @@ def test_flags_override_the_manifest(folds):
     args = _args(_manifest(folds), cls_classes=2, nb_instances=3)
     sources = resolve_data_flags(args)
     assert sources["cls_classes"] == sources["nb_instances"] == "flag"
-    assert sources["nb_val_instances"] == "manifest"
-    assert (args.cls_classes, args.nb_instances, args.nb_val_instances) == (2, 3, 2)
+    assert sources["nb_instances_val"] == "manifest"
+    assert (args.cls_classes, args.nb_instances, args.nb_instances_val) == (2, 3, 2)
 
 
 def test_without_manifest_the_paper_defaults(folds):
@@ -103,7 +103,7 @@ def test_cli_logs_and_records_where_each_value_came_from(folds, tmp_path, capsys
     out = tmp_path / "out"
     argv = ["--data_dir", str(_manifest(folds)), "--cls_classes", "2", "--width", "4",
             "--nb_epoch", "1", "--batch_size", "4", "--device", "cpu", "--nb_preview", "0",
-            "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "runs")]
+            "--output_dir", str(out / "ckpt"), "--log_dir", str(out / "runs")]
     assert train_cli.main(argv) == 0
     log = capsys.readouterr().out
     assert "--input_rows 16 (manifest)" in log and "--cls_classes 2 (flag)" in log

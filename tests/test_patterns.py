@@ -70,7 +70,7 @@ def make_dataset(root: Path, n_train: int = 10, n_val: int = 4, hu: bool = False
 
 def _args(root: Path, save: str, *extra: str, classes: int = 3, inst: int = 6,
           inst_val: int = 3) -> list[str]:
-    return ["--data_dir", str(root / "data"), "--save", str(root / save),
+    return ["--data_dir", str(root / "data"), "--output_dir", str(root / save),
             "--train_features", str(root / "features" / "train_features.npy"),
             "--val_features", str(root / "features" / "validation_features.npy"),
             "--nb_classes", str(classes), "--nb_instances", str(inst),
@@ -180,7 +180,7 @@ def test_partial_block_default_file_size(dataset):
     assert set(resolve_data_flags(flags).values()) == {"manifest"}
     assert vars(flags) == {"data_dir": str(save), "input_rows": 64, "input_cols": 64,
                            "input_deps": 32, "cls_classes": 3, "nb_instances": 6,
-                           "nb_val_instances": 3, "nb_multires_patch": 1}
+                           "nb_instances_val": 3, "nb_multires_patch": 1}
     assert train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
 
 
@@ -311,7 +311,7 @@ def test_no_coordinate_passes(tmp_path, capsys):
 def test_reference_flag_names_and_defaults():
     """The published flags keep their names and defaults (--help: tests/test_cli_errors.py)."""
     d = pg.build_parser().parse_args([])
-    assert (d.data_dir, d.save, d.nb_classes, d.nb_instances, d.nb_instances_val) == \
+    assert (d.data_dir, d.output_dir, d.nb_classes, d.nb_instances, d.nb_instances_val) == \
         ("dataset/", "self_discovery/Semantic_Genesis_data", 200, 200, 30)
     assert (d.len_border, d.len_border_z, d.max_tries, d.minPatchSize, d.maxPatchSize) == \
         (100, 30, 200, 50, 80)

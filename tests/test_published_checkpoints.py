@@ -116,8 +116,8 @@ def test_every_weights_flag_reads_the_published_format(published, data, tmp_path
     assert ta.main(autoencoder_args(vols, tmp_path / "ae", "--weights", str(published["ae"]),
                                     "--nb_epoch", "1")) == 0
     assert fe.main(["--data_dir", str(vols), "--weights", str(published["ae"]),
-                    "--save_dir", str(tmp_path / "fe"), "--input_rows", "32", "--input_cols", "32",
-                    "--input_depth", "16", "--num_workers", "0", "--device", "cpu",
+                    "--output_dir", str(tmp_path / "fe"), "--input_rows", "32", "--input_cols", "32",
+                    "--input_deps", "16", "--num_workers", "0", "--device", "cpu",
                     "--verbose", "0"]) == 0   # width and decoder read from the weights
     assert np.load(tmp_path / "fe" / fe.TRAIN_NAME).shape == (3, 64)
     capsys.readouterr()
@@ -238,7 +238,7 @@ def test_every_cli_refuses_code(evil, data, tmp_path, capsys):
         "autoencoder --resume": lambda: ta.main(autoencoder_args(
             vols, tmp_path / "ae", "--resume", str(path), "--nb_epoch", "1")),
         "features --weights": lambda: fe.main([
-            "--data_dir", str(vols), "--weights", str(path), "--save_dir", str(tmp_path / "fe"),
+            "--data_dir", str(vols), "--weights", str(path), "--output_dir", str(tmp_path / "fe"),
             "--device", "cpu", "--num_workers", "0"]),
         "train --pre_path": lambda: train_cli.main(
             train_args(data["folds"], tmp_path / "t1", epochs=1) + ["--pre_path", str(path)]),

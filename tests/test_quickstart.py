@@ -56,18 +56,18 @@ def test_pipeline_end_to_end_on_tiny_phantoms(tmp_path):
     # 2. autoencoder
     assert ae.main(["--data_dir", str(ds), "--input_rows", "32", "--input_cols", "32",
                     "--input_deps", "16", "--width", "4", "--batch_size", "2", "--nb_epoch", "1",
-                    "--num_workers", "0", "--checkpoint_dir", str(out / "autoencoder"),
+                    "--num_workers", "0", "--output_dir", str(out / "autoencoder"),
                     "--log_dir", str(out / "runs" / "autoencoder"), "--verbose", "0", *dev]) == 0
     weights = out / "autoencoder" / "Unet_autoencoder.pt"
     assert weights.is_file()
     # 3. features
     assert fe.main(["--data_dir", str(ds), "--weights", str(weights), "--input_rows", "32",
-                    "--input_cols", "32", "--input_depth", "16", "--num_workers", "0",
-                    "--save_dir", str(out / "features"), "--verbose", "0", *dev]) == 0
+                    "--input_cols", "32", "--input_deps", "16", "--num_workers", "0",
+                    "--output_dir", str(out / "features"), "--verbose", "0", *dev]) == 0
     train_feat = np.load(out / "features" / "train_features.npy")
     assert train_feat.shape == (6, 64) and train_feat.dtype == np.float32
     # 4. anatomical patterns (2 classes x 4 instances, 3 resolutions)
-    assert pg.main(["--data_dir", str(ds), "--save", str(out / "patterns"),
+    assert pg.main(["--data_dir", str(ds), "--output_dir", str(out / "patterns"),
                     "--train_features", str(out / "features" / "train_features.npy"),
                     "--val_features", str(out / "features" / "validation_features.npy"),
                     "--is_normalized", "--input_rows", "16", "--input_cols", "16", "--input_deps", "8",
@@ -81,7 +81,7 @@ def test_pipeline_end_to_end_on_tiny_phantoms(tmp_path):
     assert 0.0 <= cubes.min() and cubes.max() <= 1.0
     # 5. pretraining (Y-Net 3D); cube size, classes, instances, resolutions from config.json
     assert pretrain.main(["--data_dir", str(out / "patterns"), "--width", "4",
-                          "--batch_size", "4", "--nb_epoch", "1", "--checkpoint_dir", str(out / "pretrain"),
+                          "--batch_size", "4", "--nb_epoch", "1", "--output_dir", str(out / "pretrain"),
                           "--log_dir", str(out / "runs"), "--verbose", "0", *dev]) == 0
     ckpt = out / "pretrain" / "semantic_genesis_chest_ct.pt"
     state = load_checkpoint(ckpt)
