@@ -110,15 +110,18 @@ def build_classifier(width: int = 32, weights: str | os.PathLike | None = None, 
 
 def build_segmentation_model(width: int = 32, weights: str | os.PathLike | None = None,
                              norm: NormMode = "batch_stats", n_class: int = 1,
-                             in_channels: int = 1) -> tuple[UNet3D, list[str]]:
+                             in_channels: int = 1,
+                             new_decoder: bool = False) -> tuple[UNet3D, list[str]]:
     """The whole ``UNet3D`` (transposed-conv decoder, as pretrained), loaded from ``weights``.
 
     With ``n_class != 1`` the output layer ``out_tr`` is declared new (fresh initialisation).
+    ``new_decoder``: only the encoder comes from ``weights`` (e.g. an ``--exp en`` checkpoint,
+    which has no decoder); the decoder keeps its fresh initialisation.
     Returns (model, loaded_keys); raises ``CheckpointError`` listing keys and shapes when the
     checkpoint does not fit (e.g. an encoder-only ``en`` checkpoint, or another width).
     """
     model = UNet3D(n_class=n_class, width=width, in_channels=in_channels, norm=norm)
-    new_keys = ["out_tr"] if n_class != 1 else []
+    new_keys = list(DECODER_PREFIXES) if new_decoder else (["out_tr"] if n_class != 1 else [])
     loaded = load_pretrained(model, weights, new_keys=new_keys) if weights is not None else []
     return model, loaded
 

@@ -433,7 +433,8 @@ def middle_slice_grid(rows: list[list[np.ndarray | torch.Tensor]], pad: int = 2,
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """Write a grayscale image (H, W) with values in [0, 1] as an 8-bit PNG, atomically.
+    """Write a grayscale (H, W) or RGB (H, W, 3) image with values in [0, 1] as an 8-bit PNG,
+    atomically.
 
     A minimal encoder (zlib + CRC chunks) so no imaging library is needed.
     """
@@ -441,15 +442,17 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     import zlib
 
     img = (np.clip(np.asarray(image, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
-    if img.ndim != 2:
-        raise ValueError(f"save_png expects (H, W), got {img.shape}")
-    raw = np.concatenate([np.zeros((img.shape[0], 1), np.uint8), img], axis=1).tobytes()
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
+        raise ValueError(f"save_png expects (H, W) or (H, W, 3), got {img.shape}")
+    color_type = 0 if img.ndim == 2 else 2
+    rows = img.reshape(img.shape[0], -1)
+    raw = np.concatenate([np.zeros((img.shape[0], 1), np.uint8), rows], axis=1).tobytes()
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     png = (b"\x89PNG\r\n\x1a\n"
-           + chunk(b"IHDR", struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 0))
+           + chunk(b"IHDR", struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, color_type, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
     with atomic_path(path) as tmp:
         tmp.write_bytes(png)

@@ -14,14 +14,17 @@ same functions to time "ours", so the two cannot drift apart. Stable API (keep s
     Process-wide CUDA flags (cuDNN autotuning, TF32), a separate call for the CLIs that want them.
 ``make_optimizer(model, lr=1e-3, device=None) -> torch.optim.Adam`` (fused on CUDA and CPU)
 ``make_scheduler(optimizer, step_size=40, gamma=0.5) -> StepLR``
-``perturb_inputs(original, generator, augment=True, config=None) -> (N,1,X,Y,Z)``
-    The Semantic Genesis input transformations (``pytorch.perturbations.perturb_batch``).
+``perturb_inputs(original, generator, augment=True, config=None, return_choices=False)``
+    The Semantic Genesis input transformations (``pytorch.perturbations.perturb_batch``):
+    (N,1,X,Y,Z), or with ``return_choices`` also the (N,) transform index per cube.
 ``train_step(model, optimizer, inputs, original, labels, loss_cfg, amp_dtype=None) -> stats``
 ``eval_step(model, inputs, original, labels, loss_cfg, amp_dtype=None) -> (stats, restored)``
     ``stats`` is a detached float32 tensor (5,) on the model's device:
     ``[sum of total loss, sum of cls loss, sum of rec loss, n correct, n]`` over the batch
     (per-sample loss means times n), so an epoch's sums are added on the device with no host
     synchronisation; divide by ``stats[4]`` once at the end (``summarize_stats``).
+``restoration_sums(restored, perturbed, original, choices) -> (3, 4)``
+    Per-transform sums [MSE(restored, original), MSE(perturbed, original), count] (device).
 
 Loss (``LossConfig``): ``en_de``: lambda_cls * cross_entropy(logits, label) + lambda_rec *
 MSE(restored, original); ``en``: cross_entropy alone (the reported rec term is 0).
@@ -39,12 +42,13 @@ from torch import nn
 
 from models.checkpoint import unwrap_model
 from models.ynet3d import ClassificationNet3D, ContBatchNorm3d, YNet3D
-from pytorch.perturbations import PerturbationConfig, perturb_batch
+from pytorch.perturbations import OPERATIONS, PerturbationConfig, perturb_batch_with_choices
 
 __all__ = ["EXPERIMENTS", "LossConfig", "build_model", "resolve_amp", "autocast",
            "prepare_model_for_speed", "make_optimizer", "make_scheduler", "perturb_inputs",
-           "compute_losses", "train_step", "eval_step", "summarize_stats",
-           "SyncContBatchNorm3d", "convert_sync_batchnorm", "enable_fast_math", "is_channels_last"]
+           "compute_losses", "train_step", "eval_step", "summarize_stats", "restoration_sums",
+           "restoration_gains", "SyncContBatchNorm3d", "convert_sync_batchnorm", "enable_fast_math",
+           "is_channels_last"]
 
 EXPERIMENTS = ("en", "en_de")
 
@@ -133,17 +137,20 @@ def make_scheduler(optimizer: torch.optim.Optimizer, step_size: int = 40,
 
 
 def perturb_inputs(original: torch.Tensor, generator: torch.Generator, augment: bool = True,
-                   config: PerturbationConfig | None = None) -> torch.Tensor:
+                   config: PerturbationConfig | None = None, return_choices: bool = False):
     """Network inputs for cubes ``original`` (N, 1, X, Y, Z) in [0, 1] -> (N, 1, X, Y, Z).
 
     Elastic deformation when ``augment`` (published: always, with augmentation on), then one of the
     four Semantic Genesis perturbations per cube, drawn from ``generator`` (same device).
+    ``return_choices``: also the (N,) index into ``OPERATIONS`` of each cube's perturbation
+    (the same random draws: the inputs do not change).
     """
     if config is None:
         config = PerturbationConfig()
     if not augment:
         config = dataclasses.replace(config, elastic_prob=0.0)  # the four perturbations only
-    return perturb_batch(original, generator, config)
+    inputs, choices = perturb_batch_with_choices(original, generator, config)
+    return (inputs, choices) if return_choices else inputs
 
 
 def compute_losses(outputs: Any, original: torch.Tensor, labels: torch.Tensor,
@@ -222,6 +229,45 @@ def summarize_stats(stats: torch.Tensor) -> dict[str, float]:
     s = stats.detach().double().cpu().tolist()
     n = max(s[4], 1.0)
     return {"loss": s[0] / n, "cls": s[1] / n, "rec": s[2] / n, "acc": s[3] / n, "n": s[4]}
+
+
+@torch.no_grad()
+def restoration_sums(restored: torch.Tensor, perturbed: torch.Tensor, original: torch.Tensor,
+                     choices: torch.Tensor) -> torch.Tensor:
+    """Per-transform restoration error sums, on the device (no host synchronisation).
+
+    ``restored``/``perturbed``/``original`` (N, 1, X, Y, Z), ``choices`` (N,) indices into
+    ``OPERATIONS`` (-1 = none, ignored). Returns (3, len(OPERATIONS)) float32: row 0 the summed
+    per-cube MSE(restored, original), row 1 the summed MSE(perturbed, original), row 2 counts.
+    """
+    n_ops = len(OPERATIONS)
+    dims = tuple(range(1, original.dim()))
+    orig = original.float()
+    rest = ((restored.float() - orig) ** 2).mean(dims)
+    pert = ((perturbed.float() - orig) ** 2).mean(dims)
+    keep = choices >= 0
+    idx = choices.clamp_min(0)
+    out = torch.zeros(3, n_ops, dtype=torch.float32, device=original.device)
+    for row, values in enumerate((rest, pert, torch.ones_like(rest))):
+        out[row].index_add_(0, idx, torch.where(keep, values, torch.zeros_like(values)))
+    return out
+
+
+def restoration_gains(sums: torch.Tensor) -> dict[str, dict[str, float]]:
+    """``restoration_sums`` of an epoch -> {transform: {"mse_restored", "mse_perturbed",
+    "gain", "n"}}; gain = 1 - MSE(restored) / MSE(perturbed): the fraction of the perturbation
+    error the network removes (0 = no better than returning its input; negative = worse).
+    Transforms that occurred in no cube are left out. One host synchronisation."""
+    s = sums.detach().double().cpu().tolist()
+    out = {}
+    for k, name in enumerate(OPERATIONS):
+        n = s[2][k]
+        if n <= 0:
+            continue
+        rest, pert = s[0][k] / n, s[1][k] / n
+        out[name] = {"mse_restored": rest, "mse_perturbed": pert, "n": int(n),
+                     "gain": 1.0 - rest / pert if pert > 0 else 0.0}
+    return out
 
 
 class SyncContBatchNorm3d(nn.SyncBatchNorm):

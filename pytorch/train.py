@@ -11,11 +11,19 @@ are perturbed once and visited in one class-mixing order drawn from ``--seed``.
 
 Outputs: ``Checkpoints/<exp>/semantic_genesis_chest_ct.pt`` (best validation loss; the file the
 fine-tuning snippet loads), ``..._last.pt`` (after every epoch; ``--resume`` it), the resolved
-configuration ``..._config.json`` beside them, TensorBoard logs under ``runs/``.
+configuration ``..._config.json`` beside them, TensorBoard logs under ``runs/``, and the
+per-epoch pretext diagnostics ``..._diagnostics.json``.
 
 The data flags (cube size, classes, instances, resolutions) default to the pattern generator's
 ``config.json`` in ``--data_dir`` (``pytorch.manifest``), else to the paper's values; flags given
 override both. The values used and where each came from are logged and kept in the configuration.
+
+Diagnostics (every epoch, on the validation cubes, whose patients training never sees): the
+self-classification top-1 accuracy against chance (1/C); for each of the four transformations
+the restoration gain 1 - MSE(restored, original) / MSE(perturbed, original) (en_de); and, with
+``--probe_data``/``--probe_labels``, a linear probe of the frozen, globally pooled encoder
+features on a labelled target set (cross-validated logistic regression; epoch 0 = the random
+initialisation). They appear on the epoch line and in TensorBoard under ``diag/``.
 """
 from __future__ import annotations
 
@@ -43,14 +51,17 @@ from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_amp_f
                             call_reporting_errors, check_finite_training, device_name,
                             early_stopping_update, full_device, middle_slice_grid, nonneg_float,
                             nonneg_int, output_session, positive_float, positive_int,
-                            resolve_device, seed_everything, seed_int, summary_writer,
+                            resolve_device, save_json_atomic, seed_everything, seed_int,
+                            summary_writer,
                             write_run_config)
 from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation,
                           load_pretraining_data, validation_order)
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
                             enable_fast_math, make_optimizer, make_scheduler, perturb_inputs,
-                            prepare_model_for_speed, resolve_amp, summarize_stats, train_step)
+                            prepare_model_for_speed, resolve_amp, restoration_gains,
+                            restoration_sums, summarize_stats, train_step)
 from pytorch.manifest import resolve_data_flags
+from pytorch.perturbations import OPERATIONS
 from self_discovery.fold_files import fold_blocks
 
 CHECKPOINT_NAME = "semantic_genesis_chest_ct"
@@ -160,6 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch_size // N cubes. The published batch-statistics mode is kept in "
                         "eval (local batch statistics). CUDA only")
 
+    g = p.add_argument_group("diagnostics")
+    g.add_argument("--probe_data", default=None,
+                   help="labelled target cubes (.npy (N, X, Y, Z) in [0, 1], sides divisible by "
+                        "8) for the representation probe: frozen encoder, global average "
+                        "pooling, cross-validated logistic regression (AUC for 2 classes, else "
+                        "accuracy), logged every --probe_every epochs; use patients that "
+                        "pretraining does not see")
+    g.add_argument("--probe_labels", default=None,
+                   help="labels of --probe_data (.npy (N,) or text, one integer per cube)")
+    g.add_argument("--probe_every", type=int, default=1,
+                   help="run the probe every this many epochs (and before the first)")
+
     g = p.add_argument_group("outputs and logging")
     g.add_argument("--output_dir", "--checkpoint_dir", dest="output_dir", default=None,
                    help="folder of the checkpoints [default: Checkpoints/<exp>]; best-by-val "
@@ -201,6 +224,10 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.resume and args.pre_path:
         raise InputError("--resume and --pre_path exclude each other: --resume continues a run "
                          "(weights included), --pre_path starts a new one from weights")
+    if bool(args.probe_data) != bool(args.probe_labels):
+        raise InputError("--probe_data and --probe_labels go together: give both or neither")
+    if args.probe_every < 1:
+        raise InputError(f"--probe_every must be >= 1, got {args.probe_every}")
     if args.pre_path and args.exp != "en_de":
         raise InputError("--pre_path initialises --exp en_de from an en (or en_de) checkpoint")
 
@@ -255,8 +282,9 @@ def _choose_storage(args, device: torch.device) -> tuple[torch.dtype, torch.devi
 
 
 @torch.no_grad()
-def _fixed_val_inputs(val: CubeSet, args, device: torch.device) -> CubeSet:
-    """Validation cubes with their perturbed inputs stacked on channel 1: (N, 2, X, Y, Z).
+def _fixed_val_inputs(val: CubeSet, args, device: torch.device) -> tuple[CubeSet, torch.Tensor]:
+    """Validation cubes with their perturbed inputs stacked on channel 1: (N, 2, X, Y, Z), and
+    the (N,) index into ``OPERATIONS`` of each cube's perturbation (on the cubes' device).
 
     Perturbations are drawn once, chunk c of ``_VAL_CHUNK`` cubes from a generator seeded by
     (seed, c), so they are the same every epoch, for any process count and batch size, and
@@ -264,20 +292,47 @@ def _fixed_val_inputs(val: CubeSet, args, device: torch.device) -> CubeSet:
     """
     out = torch.empty((len(val), 2, *val.cubes.shape[2:]), dtype=val.cubes.dtype,
                       device=val.cubes.device, pin_memory=val.cubes.is_pinned())
+    choices = torch.empty(len(val), dtype=torch.int64, device=val.cubes.device)
     for c, s in enumerate(range(0, len(val), _VAL_CHUNK)):
         e = min(len(val), s + _VAL_CHUNK)
         x = val.cubes[s:e].to(device, torch.float32)
         g = torch.Generator(device).manual_seed(derive_seed(args.seed, c, 0xFA1))
-        y = perturb_inputs(x, g, args.augment)
+        y, ops = perturb_inputs(x, g, args.augment, return_choices=True)
         out[s:e, 0:1] = x.to(out.device, out.dtype)
         out[s:e, 1:2] = y.to(out.device, out.dtype)
-    return CubeSet(out, val.labels)
+        choices[s:e] = ops.to(choices.device)
+    return CubeSet(out, val.labels), choices
 
 
 def _checkpoint_paths(args) -> tuple[Path, Path, Path]:
     folder = Path(args.output_dir) if args.output_dir else Path("Checkpoints") / args.exp
     return (folder / f"{CHECKPOINT_NAME}.pt", folder / f"{CHECKPOINT_NAME}_last.pt",
             folder / f"{CHECKPOINT_NAME}_config.json")
+
+
+def _diagnostics_path(config_path: Path) -> Path:
+    return config_path.with_name(f"{CHECKPOINT_NAME}_diagnostics.json")
+
+
+def _run_probe(model, probe, args, device) -> dict[str, Any]:
+    """The representation probe on the current encoder (see ``pytorch/probe.py``)."""
+    from pytorch.probe import encoder_features, probe_score
+
+    cubes, labels = probe
+    return probe_score(encoder_features(model, cubes, max(2, args.batch_size), device), labels,
+                       seed=args.seed)
+
+
+def _diagnostics_line(diag: dict[str, Any]) -> str:
+    parts = [f"top-1 {100 * diag['cls_top1']:.1f}% (chance {100 * diag['cls_chance']:.1f}%)"]
+    if diag.get("restoration"):
+        short = {"local_pixel_shuffle": "shuffle", "nonlinear_intensity": "intensity",
+                 "in_painting": "in-paint", "out_painting": "out-paint"}
+        parts.append("restoration gain " + " ".join(
+            f"{short.get(k, k)} {100 * v['gain']:.0f}%" for k, v in diag["restoration"].items()))
+    if diag.get("probe"):
+        parts.append(f"probe {diag['probe']['metric']} {diag['probe']['value']:.3f}")
+    return "    diag: " + "; ".join(parts)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -326,18 +381,24 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
         args.data_dir, args.cls_classes, args.nb_instances, args.nb_instances_val,
         args.nb_multires_patch, cube_shape, dtype=dtype, device=data_device,
         pin_memory=device.type == "cuda")
-    val_set = _fixed_val_inputs(val_set, args, device)
+    val_set, val_choices = _fixed_val_inputs(val_set, args, device)
+    probe = None
+    if args.probe_data:
+        from pytorch.probe import load_probe_set
+        probe = load_probe_set(args.probe_data, args.probe_labels)
 
     # ---- model, optimiser, state -----------------------------------------------------------
     model = build_model(args.exp, args.cls_classes, args.width, args.norm)
     model_config = {"cls_classes": args.cls_classes, "width": args.width, "norm": args.norm,
                     "n_class": 1, "in_channels": 1}
     start_epoch, best_loss, no_improve, ckpt = 0, math.inf, 0, None
+    diag_history: list[dict[str, Any]] = []
     resume = resume_path(args.resume, _checkpoint_paths(args)[1])
     if resume is not None:
         ckpt = load_checkpoint(resume)
         load_state_dict_checked(model, ckpt["state_dict"], source=str(resume))
         start_epoch, best_loss, no_improve = training_counters(ckpt, str(resume))
+        diag_history = list((ckpt.get("extra") or {}).get("diagnostics", []))
     elif args.pre_path:
         loaded = load_pretrained(model, args.pre_path, new_keys=DECODER_PREFIXES)
         if main_rank and args.verbose >= 1:
@@ -386,6 +447,12 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
     epochs_run, stopped_early = 0, no_improve >= args.patience
     if stopped_early:
         log.line(f"early stopping already reached ({no_improve} >= --patience {args.patience})")
+    if probe is not None and main_rank and start_epoch == 0 and not stopped_early:
+        p0 = _run_probe(eval_model, probe, args, device)  # the random initialisation
+        diag_history.append({"epoch": 0, "probe": p0})
+        log.line(f"    diag: epoch 0 (initialisation) probe {p0['metric']} {p0['value']:.3f}")
+        log.scalars({f"diag/probe_{p0['metric']}": p0["value"]}, 0)
+    val_choices = val_choices.to(val_feeder.index_device)
     from tqdm import tqdm
 
     for epoch in range(start_epoch, args.nb_epoch):
@@ -411,13 +478,20 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
         # ---- validate ---------------------------------------------------------------------
         eval_model.eval()
         vsums = torch.zeros(5, device=device)
+        rsums = torch.zeros(3, len(OPERATIONS), device=device)
         for s in tqdm(range(0, len(val_idx), per_rank_batch), desc=f"epoch {epoch + 1} val",
                       leave=False, disable=None if (main_rank and args.verbose >= 1) else True):
-            both, labels = val_feeder(val_idx[s:s + per_rank_batch])
-            vsums += eval_step(eval_model, both[:, 1:2], both[:, 0:1], labels, loss_cfg,
-                               amp_dtype)[0]
+            bidx = val_idx[s:s + per_rank_batch]
+            both, labels = val_feeder(bidx)
+            stats, restored = eval_step(eval_model, both[:, 1:2], both[:, 0:1], labels,
+                                        loss_cfg, amp_dtype)
+            vsums += stats
+            if restored is not None:
+                ops = val_choices.index_select(0, bidx).to(device, non_blocking=True)
+                rsums += restoration_sums(restored, both[:, 1:2], both[:, 0:1], ops)
         D.all_reduce_sum(sums)
         D.all_reduce_sum(vsums)
+        D.all_reduce_sum(rsums)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         tr, va = summarize_stats(sums), summarize_stats(vsums)  # one host sync per epoch
@@ -431,7 +505,15 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
         epochs_run += 1
         seconds = time.time() - t_epoch
         if main_rank:
-            extra = {"world_size": ws, "train": tr, "val": va, "lr": lr}
+            diag: dict[str, Any] = {"epoch": epoch + 1, "cls_top1": va["acc"],
+                                    "cls_chance": 1.0 / args.cls_classes,
+                                    "restoration": restoration_gains(rsums)}
+            if probe is not None and ((epoch + 1) % args.probe_every == 0
+                                      or stopped_early or epoch + 1 == args.nb_epoch):
+                diag["probe"] = _run_probe(eval_model, probe, args, device)
+            diag_history.append(diag)
+            extra = {"world_size": ws, "train": tr, "val": va, "lr": lr,
+                     "diagnostics": diag_history}
             kw = dict(optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
                       best_loss=best_loss, num_epoch_no_improvement=no_improve,
                       arch=type(model).__name__, model_config=model_config, config=config,
@@ -449,6 +531,16 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
                          "rec/val": va["rec"], "acc/train": tr["acc"], "acc/val": va["acc"],
                          "lr": lr, "time/epoch_s": seconds,
                          "time/train_cubes_per_s": tr["n"] / max(seconds, 1e-9)}, epoch + 1)
+            log.line(_diagnostics_line(diag))
+            dscalars = {"diag/cls_top1": diag["cls_top1"], "diag/cls_chance": diag["cls_chance"]}
+            for op, v in diag["restoration"].items():
+                dscalars.update({f"diag/restoration_gain/{op}": v["gain"],
+                                 f"diag/mse_restored/{op}": v["mse_restored"],
+                                 f"diag/mse_perturbed/{op}": v["mse_perturbed"]})
+            if "probe" in diag:
+                dscalars[f"diag/probe_{diag['probe']['metric']}"] = diag["probe"]["value"]
+            log.scalars(dscalars, epoch + 1)
+            save_json_atomic(_diagnostics_path(config_path), diag_history)
             if log.writer is not None and args.nb_preview > 0:
                 log.image("val/original_perturbed_restored",
                           _preview(eval_model, val_set, args, device, amp_dtype, loss_cfg),
@@ -460,7 +552,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
     summary = {"best_loss": best_loss, "epochs_run": epochs_run,
                "epoch": start_epoch + epochs_run, "stopped_early": stopped_early,
                "best_checkpoint": str(best_path), "last_checkpoint": str(last_path),
-               "config": str(config_path)}
+               "config": str(config_path), "diagnostics": diag_history}
     if main_rank and args.verbose >= 0:
         print(f"done: {start_epoch + epochs_run} epochs, best val loss {best_loss:.5f}; "
               f"best checkpoint {best_path}")

@@ -406,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=nonneg_int, default=2, help="DataLoader worker processes")
 
     m = add_model_flags(ap)
+    m.add_argument("--new_decoder", action="store_true",
+                   help="take only the encoder from --weights; the decoder starts fresh (for "
+                        "encoder-only checkpoints such as pretraining with --exp en)")
     m.add_argument("--loss", default="dice", choices=["dice", "bce_dice"],
                    help="dice: the README's Dice loss; bce_dice: binary cross-entropy + Dice")
 
@@ -487,7 +490,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if not any(len(c.fg) for c in train):
         print("warning: no foreground voxel in any training mask", file=sys.stderr)
 
-    model, loaded = build_segmentation_model(width=args.width, weights=args.weights, norm=args.norm)
+    model, loaded = build_segmentation_model(width=args.width, weights=args.weights, norm=args.norm,
+                                             new_decoder=args.new_decoder)
     model.to(device)
     optimizer = make_optimizer(list(model.parameters()), args.optimizer, args.lr, args.weight_decay)
     criterion = dice_coef_loss if args.loss == "dice" else bce_dice_loss

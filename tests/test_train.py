@@ -302,3 +302,65 @@ def test_more_cubes_per_class_than_nb_instances_keeps_every_class(tmp_path):
     assert val.labels.tolist() == list(range(6))
     full = np.load(d / fold_file_names("train", 1, 1)[0])
     np.testing.assert_array_equal(train.cubes[2:4, 0].numpy(), full[4:6])   # class 1, cubes 0-1
+
+
+# ------------------------------------------------------------------------------ diagnostics
+def test_restoration_gain_per_transform():
+    from pytorch.engine import restoration_gains, restoration_sums
+    from pytorch.perturbations import OPERATIONS
+
+    g = torch.Generator().manual_seed(0)
+    orig = torch.rand(6, 1, 8, 8, 8, generator=g)
+    pert = orig + 0.1
+    choices = torch.tensor([0, 0, 2, 2, -1, 3])
+    perfect = restoration_gains(restoration_sums(orig, pert, orig, choices))
+    assert sorted(perfect) == sorted(OPERATIONS[k] for k in (0, 2, 3))   # no intensity cube
+    assert all(v["gain"] == pytest.approx(1.0) for v in perfect.values())
+    assert perfect["in_painting"]["n"] == 2
+    assert perfect["in_painting"]["mse_perturbed"] == pytest.approx(0.01, rel=1e-4)
+    identity = restoration_gains(restoration_sums(pert, pert, orig, choices))
+    assert all(v["gain"] == pytest.approx(0.0, abs=1e-6) for v in identity.values())
+    worse = restoration_gains(restoration_sums(orig + 0.2, pert, orig, choices))
+    assert all(v["gain"] == pytest.approx(-3.0, rel=1e-4) for v in worse.values())
+
+
+def test_perturb_inputs_choices_do_not_change_the_inputs(folds):
+    train, _ = load_pretraining_data(folds, 3, 4, 2, 1, SHAPE)
+    x = train.cubes[:8]
+    plain = perturb_inputs(x, torch.Generator().manual_seed(3))
+    again, ops = perturb_inputs(x, torch.Generator().manual_seed(3), return_choices=True)
+    assert torch.equal(plain, again) and ops.shape == (8,) and 0 <= int(ops.min()) <= int(ops.max()) <= 3
+
+
+def test_diagnostics_on_epoch_line_tensorboard_and_json(folds, tmp_path, capsys):
+    from scripts.phantoms import make_nodule_cubes
+
+    cubes, labels = make_nodule_cubes(12, SHAPE, seed=5)
+    np.save(tmp_path / "probe.npy", cubes)
+    np.save(tmp_path / "probe_labels.npy", labels)
+    argv = train_args(folds, tmp_path, width=4, epochs=2) + [
+        "--probe_data", str(tmp_path / "probe.npy"), "--probe_labels", str(tmp_path / "probe_labels.npy")]
+    assert _run(argv) == 0
+    out = capsys.readouterr()
+    lines = [l for l in (out.out + out.err).splitlines() if "diag:" in l]
+    assert len(lines) == 3 and "epoch 0 (initialisation) probe auc" in lines[0]
+    assert "(chance 33.3%)" in lines[1] and "restoration gain" in lines[1] and "probe auc" in lines[1]
+    diag = json.loads((tmp_path / "ckpt" / f"{CKPT}_diagnostics.json").read_text())
+    assert [d["epoch"] for d in diag] == [0, 1, 2]
+    assert 0.0 <= diag[2]["probe"]["value"] <= 1.0 and diag[2]["cls_chance"] == pytest.approx(1 / 3)
+    assert set(diag[1]["restoration"]) <= {"local_pixel_shuffle", "nonlinear_intensity",
+                                           "in_painting", "out_painting"}
+    assert all(v["mse_perturbed"] > 0 for v in diag[1]["restoration"].values())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(next((tmp_path / "runs").iterdir())))
+    ev.Reload()
+    tags = ev.Tags()["scalars"]
+    assert "diag/cls_top1" in tags and "diag/probe_auc" in tags
+    assert any(t.startswith("diag/restoration_gain/") for t in tags)
+    # an en run has no restoration, the probe still runs; a lone --probe_data is an error
+    en = train_args(folds, tmp_path / "en", width=4, epochs=1) + ["--exp", "en"]
+    assert _run(en + argv[-4:]) == 0
+    diag = json.loads((tmp_path / "en" / "ckpt" / f"{CKPT}_diagnostics.json").read_text())
+    assert diag[1]["restoration"] == {} and "probe" in diag[1]
+    assert _run(en + argv[-4:-2]) == 2
+    assert "--probe_data and --probe_labels go together" in capsys.readouterr().err
