@@ -323,7 +323,8 @@ def _run_probe(model, probe, args, device) -> dict[str, Any]:
                        seed=args.seed)
 
 
-def _diagnostics_line(diag: dict[str, Any]) -> str:
+def format_diagnostics(diag: dict[str, Any]) -> str:
+    """One epoch's diagnostics as the indented line printed under the epoch line."""
     parts = [f"top-1 {100 * diag['cls_top1']:.1f}% (chance {100 * diag['cls_chance']:.1f}%)"]
     if diag.get("restoration"):
         short = {"local_pixel_shuffle": "shuffle", "nonlinear_intensity": "intensity",
@@ -531,7 +532,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
                          "rec/val": va["rec"], "acc/train": tr["acc"], "acc/val": va["acc"],
                          "lr": lr, "time/epoch_s": seconds,
                          "time/train_cubes_per_s": tr["n"] / max(seconds, 1e-9)}, epoch + 1)
-            log.line(_diagnostics_line(diag))
+            log.line(format_diagnostics(diag))
             dscalars = {"diag/cls_top1": diag["cls_top1"], "diag/cls_chance": diag["cls_chance"]}
             for op, v in diag["restoration"].items():
                 dscalars.update({f"diag/restoration_gain/{op}": v["gain"],

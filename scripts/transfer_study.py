@@ -47,6 +47,7 @@ import os
 import platform
 import shlex
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -82,10 +83,11 @@ _BASE: dict[str, Any] = dict(
     seg_patience=4, seg_batch=8, seg_lr=1e-3, seg_overlap=0.0,
 )
 PRESETS: dict[str, dict[str, Any]] = {
-    # 2 CPU cores shared with other work (about 45 minutes): width 4, 32 x 32 x 16 cubes, three
-    # label fractions, about 90 pretraining updates per method, 30 updates per fine-tuning run
-    "cpu": dict(_BASE, fractions=[0.05, 0.25, 1.0], pre_epochs=5, cls_epochs=6, cls_patience=3,
-                seg_epochs=6, seg_steps=5, seg_patience=3),
+    # 2 CPU cores shared with other work (about 45 minutes with --workers 2 --threads 1):
+    # width 4, 32 x 32 x 16 cubes, three label fractions; about 720 pretraining updates per
+    # method (90 were too few: see the README) and 50 updates per fine-tuning run
+    "cpu": dict(_BASE, fractions=[0.05, 0.25, 1.0], pre_epochs=40, cls_n=[80, 64, 200],
+                cls_epochs=10, cls_patience=4, seg_epochs=10, seg_steps=5, seg_patience=4),
     # the published sizes; one H200 call of < 10 minutes for pretraining + fine-tuning
     "gpu": dict(_BASE, phantoms=40, phantom_shape=[256, 256, 96], spacing=[1.25, 1.25, 2.5],
                 ae_size=[128, 128, 64], ae_epochs=5, ae_batch=8, patch_min=50, patch_max=80,
@@ -148,65 +150,68 @@ def resolve_config(preset: str, overrides: list[str] | None = None) -> dict[str,
 # ------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------
-def _stage(done: Path, fn, argv: list[str], name: str) -> None:
-    """Run ``fn(argv)`` (a stage's ``main``) unless ``done`` exists; a failure is one error."""
-    if done.exists():
-        return
-    t0 = time.time()
-    if fn(argv) != 0:
-        raise InputError(f"stage {name} failed (see the error above); fix it and re-run: "
-                         "finished stages are kept")
-    print(f"[pretraining data] {name} done in {time.time() - t0:.0f} s", flush=True)
-
-
-def pretraining_data(out: Path, cfg: dict[str, Any], device: str) -> Path:
-    """Stages 0-3 of the pipeline on ``cfg["phantoms"]`` phantom patients; returns the folder
-    of the anatomical-pattern fold files."""
-    from scripts import phantoms, prepare_dataset
-    from self_discovery import feature_extractor, pattern_generator_3D, train_autoencoder
-
+def pretraining_stages(out: Path, cfg: dict[str, Any], device: str) -> list[tuple[str, str, Path, list[str]]]:
+    """The pipeline's stages 0-3 as (name, module, marker file, argv); a stage whose marker
+    exists is done. The patterns land in ``out/pretraining_data/patterns``."""
     root = out / "pretraining_data"
     raw, ds, ae, feat, pat = (root / n for n in ("phantoms", "dataset", "autoencoder", "features", "patterns"))
     sp = [str(s) for s in cfg["spacing"]]
-    n = cfg["phantoms"]
-    _stage(raw / f"phantom_{n - 1:03d}.nrrd", phantoms.main,
-           ["--output_dir", str(raw), "--n", str(n), "--shape", *map(str, cfg["phantom_shape"]),
-            "--spacing", *sp, "--format", "nrrd", "--seed", str(cfg["phantom_seed"]),
-            "--skip_existing"], "phantoms")
-    _stage(ds / "manifest.json", prepare_dataset.main,
-           ["--input_dir", str(raw), "--output_dir", str(ds), "--spacing", *sp,
-            "--val_fraction", "0.25", "--seed", "0"], "prepare")
     size = [str(s) for s in cfg["ae_size"]]
-    _stage(ae / "Unet_autoencoder.pt", train_autoencoder.main,
-           ["--data_dir", str(ds), "--input_rows", size[0], "--input_cols", size[1],
-            "--input_deps", size[2], "--width", str(max(cfg["width"], 4)),
-            "--batch_size", str(cfg["ae_batch"]), "--nb_epoch", str(cfg["ae_epochs"]),
-            "--num_workers", "0", "--cache", "--device", device, "--checkpoint_dir", str(ae),
-            "--log_dir", str(out / "runs" / "autoencoder"), "--verbose", "0"], "autoencoder")
-    _stage(feat / "validation_features.npy", feature_extractor.main,
-           ["--data_dir", str(ds), "--weights", str(ae / "Unet_autoencoder.pt"),
-            "--input_rows", size[0], "--input_cols", size[1], "--input_depth", size[2],
-            "--num_workers", "0", "--device", device, "--save_dir", str(feat), "--verbose", "0"],
-           "features")
-    n_train = len(list((ds / "train").glob("*.npy")))
-    n_val = len(list((ds / "validation").glob("*.npy")))
-    if cfg["instances"] > n_train or cfg["classes"] > n_train or cfg["val_instances"] > n_val:
-        raise InputError(f"{n_train} train / {n_val} validation phantoms cannot give classes="
-                         f"{cfg['classes']}, instances={cfg['instances']}, val_instances="
-                         f"{cfg['val_instances']}; raise phantoms or lower them (--set)")
     c = [str(v) for v in cfg["cube"]]
-    _stage(pat / "train_data1_vwGen_ex_ref_fold1.0.npy", pattern_generator_3D.main,
-           ["--data_dir", str(ds), "--save", str(pat),
-            "--train_features", str(feat / "train_features.npy"),
-            "--val_features", str(feat / "validation_features.npy"), "--is_normalized",
-            "--input_rows", c[0], "--input_cols", c[1], "--input_deps", c[2],
-            "--crop_rows", c[0], "--crop_cols", c[1], "--multi_res",
-            "--minPatchSize", str(cfg["patch_min"]), "--maxPatchSize", str(cfg["patch_max"]),
-            "--nb_classes", str(cfg["classes"]), "--nb_instances", str(cfg["instances"]),
-            "--nb_instances_val", str(cfg["val_instances"]), "--len_border", str(cfg["border"]),
-            "--len_border_z", str(cfg["border_z"]), "--montage_instances", "0", "--seed", "0"],
-           "patterns")
-    return pat
+    n = cfg["phantoms"]
+    return [
+        ("phantoms", "scripts.phantoms", raw / f"phantom_{n - 1:03d}.nrrd",
+         ["--output_dir", str(raw), "--n", str(n), "--shape", *map(str, cfg["phantom_shape"]),
+          "--spacing", *sp, "--format", "nrrd", "--seed", str(cfg["phantom_seed"]), "--skip_existing"]),
+        ("prepare", "scripts.prepare_dataset", ds / "manifest.json",
+         ["--input_dir", str(raw), "--output_dir", str(ds), "--spacing", *sp,
+          "--val_fraction", "0.25", "--seed", "0"]),
+        ("autoencoder", "self_discovery.train_autoencoder", ae / "Unet_autoencoder.pt",
+         ["--data_dir", str(ds), "--input_rows", size[0], "--input_cols", size[1],
+          "--input_deps", size[2], "--width", str(max(cfg["width"], 4)),
+          "--batch_size", str(cfg["ae_batch"]), "--nb_epoch", str(cfg["ae_epochs"]),
+          "--num_workers", "0", "--cache", "--device", device, "--checkpoint_dir", str(ae),
+          "--log_dir", str(out / "runs" / "autoencoder"), "--verbose", "0"]),
+        ("features", "self_discovery.feature_extractor", feat / "validation_features.npy",
+         ["--data_dir", str(ds), "--weights", str(ae / "Unet_autoencoder.pt"),
+          "--input_rows", size[0], "--input_cols", size[1], "--input_depth", size[2],
+          "--num_workers", "0", "--device", device, "--save_dir", str(feat), "--verbose", "0"]),
+        ("patterns", "self_discovery.pattern_generator_3D", pat / "train_data1_vwGen_ex_ref_fold1.0.npy",
+         ["--data_dir", str(ds), "--save", str(pat),
+          "--train_features", str(feat / "train_features.npy"),
+          "--val_features", str(feat / "validation_features.npy"), "--is_normalized",
+          "--input_rows", c[0], "--input_cols", c[1], "--input_deps", c[2],
+          "--crop_rows", c[0], "--crop_cols", c[1], "--multi_res",
+          "--minPatchSize", str(cfg["patch_min"]), "--maxPatchSize", str(cfg["patch_max"]),
+          "--nb_classes", str(cfg["classes"]), "--nb_instances", str(cfg["instances"]),
+          "--nb_instances_val", str(cfg["val_instances"]), "--len_border", str(cfg["border"]),
+          "--len_border_z", str(cfg["border_z"]), "--montage_instances", "0", "--seed", "0"]),
+    ]
+
+
+def pretraining_data(out: Path, cfg: dict[str, Any], device: str) -> Path:
+    """Run the pipeline's stages 0-3 on ``cfg["phantoms"]`` phantom patients (each skipped when
+    done), in-process through each stage's ``main``; returns the folder of the
+    anatomical-pattern fold files."""
+    import importlib
+
+    ds = out / "pretraining_data" / "dataset"
+    for name, module, done, argv in pretraining_stages(out, cfg, device):
+        if done.exists():
+            continue
+        if name == "patterns":
+            n_train = len(list((ds / "train").glob("*.npy")))
+            n_val = len(list((ds / "validation").glob("*.npy")))
+            if cfg["instances"] > n_train or cfg["classes"] > n_train or cfg["val_instances"] > n_val:
+                raise InputError(f"{n_train} train / {n_val} validation phantoms cannot give classes="
+                                 f"{cfg['classes']}, instances={cfg['instances']}, val_instances="
+                                 f"{cfg['val_instances']}; raise phantoms or lower them (--set)")
+        t0 = time.time()
+        if importlib.import_module(module).main(argv) != 0:
+            raise InputError(f"stage {name} failed (see the error above); fix it and re-run: "
+                             "finished stages are kept")
+        print(f"[pretraining data] {name} done in {time.time() - t0:.0f} s", flush=True)
+    return out / "pretraining_data" / "patterns"
 
 
 def _phantom_seeds(cfg: dict[str, Any]) -> dict[str, set[int]]:
@@ -297,6 +302,23 @@ def cell_data(out: Path, task: str, flags: dict[str, list[str]], fraction: float
 # ------------------------------------------------------------------------------------------
 # pretraining and fine-tuning
 # ------------------------------------------------------------------------------------------
+def _pretrain_argv(method: str, cfg: dict[str, Any], patterns: Path, folder: Path, log_dir: Path,
+                   probe: tuple[str, str] | None, device: str, quiet: bool) -> list[str]:
+    c = [str(v) for v in cfg["cube"]]
+    argv = ["--data_dir", str(patterns), "--input_rows", c[0], "--input_cols", c[1],
+            "--input_deps", c[2], "--cls_classes", str(cfg["classes"]),
+            "--nb_instances", str(cfg["instances"]), "--nb_val_instances", str(cfg["val_instances"]),
+            "--nb_multires_patch", "3", "--width", str(cfg["width"]),
+            "--batch_size", str(cfg["pre_batch"]), "--lr", str(cfg["pre_lr"]),
+            "--nb_epoch", str(cfg["pre_epochs"]), "--patience", str(cfg["pre_epochs"]),
+            "--seed", "1", "--device", device, "--checkpoint_dir", str(folder / "checkpoints"),
+            "--log_dir", str(log_dir), "--notes", method,
+            "--verbose", "0" if quiet else "1", *PRETRAIN_FLAGS[method]]
+    if probe is not None:
+        argv += ["--probe_data", probe[0], "--probe_labels", probe[1]]
+    return argv
+
+
 def pretrain(out: Path, method: str, cfg: dict[str, Any], patterns: Path, probe: tuple[str, str] | None,
              device: str, quiet: bool) -> dict[str, Any]:
     """Pretrain one method on the patterns (skipped when done); returns {"checkpoint",
@@ -307,18 +329,8 @@ def pretrain(out: Path, method: str, cfg: dict[str, Any], patterns: Path, probe:
     done = folder / "done.json"
     if done.exists():
         return json.loads(done.read_text())
-    c = [str(v) for v in cfg["cube"]]
-    argv = ["--data_dir", str(patterns), "--input_rows", c[0], "--input_cols", c[1],
-            "--input_deps", c[2], "--cls_classes", str(cfg["classes"]),
-            "--nb_instances", str(cfg["instances"]), "--nb_val_instances", str(cfg["val_instances"]),
-            "--nb_multires_patch", "3", "--width", str(cfg["width"]),
-            "--batch_size", str(cfg["pre_batch"]), "--lr", str(cfg["pre_lr"]),
-            "--nb_epoch", str(cfg["pre_epochs"]), "--patience", str(cfg["pre_epochs"]),
-            "--seed", "1", "--device", device, "--checkpoint_dir", str(folder / "checkpoints"),
-            "--log_dir", str(out / "runs" / "pretrain" / method), "--notes", method,
-            "--verbose", "0" if quiet else "1", *PRETRAIN_FLAGS[method]]
-    if probe is not None:
-        argv += ["--probe_data", probe[0], "--probe_labels", probe[1]]
+    argv = _pretrain_argv(method, cfg, patterns, folder, out / "runs" / "pretrain" / method,
+                          probe, device, quiet)
     t0 = time.time()
     ok, summary = call_reporting_errors(train.train, train.build_parser().parse_args(argv))
     if not ok:
@@ -471,6 +483,53 @@ def study_json(cfg: dict[str, Any], command: str, results: dict[str, dict[str, d
 
 
 # ------------------------------------------------------------------------------------------
+# running steps: in this process, or in parallel worker processes
+# ------------------------------------------------------------------------------------------
+class _InlineExecutor:
+    """``submit`` runs the call at once in this process and returns a finished future."""
+
+    def submit(self, fn, *args: Any, **kwargs: Any) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # handed to the caller by fut.result()
+            fut.set_exception(e)
+        return fut
+
+    def __enter__(self) -> "_InlineExecutor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+    torch.set_num_threads(max(1, threads))
+
+
+class _Pool(ProcessPoolExecutor):
+    """Worker processes (spawned: safe with CUDA); pending steps are cancelled on an error."""
+
+    def __exit__(self, exc_type, exc, tb):
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        return False
+
+
+def _executor(workers: int, threads: int):
+    if workers <= 1:
+        return _InlineExecutor()
+    import multiprocessing
+    return _Pool(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                 initializer=_init_worker, initargs=(threads,))
+
+
+def _diagnostics_line(diag: dict[str, Any]) -> str:
+    from pytorch.train import format_diagnostics
+    return format_diagnostics(diag) if "cls_top1" in diag else ""
+
+
+# ------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -497,8 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write the plot to this path (default: beside --results_json)")
     ap.add_argument("--keep_checkpoints", action="store_true",
                     help="keep every fine-tuning run's best.pt / last.pt (default: only metrics)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="run pretraining and fine-tuning steps in this many worker processes "
+                         "at once (results do not depend on it); on a GPU several small runs "
+                         "share the device, on a CPU use one per core with --threads 1")
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch CPU threads (0: torch's default); 1 is faster on a busy machine")
+                    help="torch CPU threads per process (0: torch's default); 1 is faster on a "
+                         "busy machine")
     ap.add_argument("--quiet", action="store_true", help="no per-epoch pretraining lines")
     return ap
 
@@ -521,27 +585,55 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
     t0 = time.time()
     flags = target_data(out, cfg, list(args.tasks))
     pretrained = [m for m in args.methods if m != "scratch"]
-    pre: dict[str, dict[str, Any]] = {}
+    patterns, probe = None, None
     if pretrained:
         patterns = pretraining_data(out, cfg, device)
-        probe = None
         if "classification" in flags:   # the probe reads validation cubes, never the test set
             probe = (flags["classification"]["--val_data"][0], flags["classification"]["--val_labels"][0])
+    cells = [(task, f, seed, method) for method in args.methods for task in args.tasks
+             for f in cfg["fractions"] for seed in cfg["seeds"]]
+    pre: dict[str, dict[str, Any]] = {}
+    values: dict[tuple, float] = {}
+    bar = tqdm(total=len(cells), desc="fine-tuning cells", dynamic_ncols=True)
+    quiet_pretrain = args.quiet or args.workers > 1   # parallel epoch lines would interleave
+    with _executor(args.workers, args.threads) as ex:
+        pending: dict[Any, tuple[str, Any]] = {}
+
+        def submit_cells(method: str) -> None:
+            for key in (c for c in cells if c[3] == method):
+                task, f, seed, _ = key
+                data = cell_data(out, task, flags[task], f, seed)   # written here, once
+                weights = pre[method]["checkpoint"] if method != "scratch" else None
+                fut = ex.submit(finetune_cell, out, task, method, f, seed, cfg, data, weights,
+                                device, args.keep_checkpoints)
+                pending[fut] = ("cell", key)
+
         for method in pretrained:
             print(f"[pretrain] {method}", flush=True)
-            pre[method] = pretrain(out, method, cfg, patterns, probe, device, args.quiet)
-    cells = [(task, f, seed, method) for task in args.tasks for f in cfg["fractions"]
-             for seed in cfg["seeds"] for method in args.methods]
-    results: dict[str, dict[str, dict[str, list[float]]]] = {
-        t: {m: {_fraction_key(f): [] for f in cfg["fractions"]} for m in args.methods} for t in args.tasks}
-    bar = tqdm(cells, desc="fine-tuning cells", dynamic_ncols=True)
-    for task, f, seed, method in bar:
-        bar.set_postfix_str(f"{task} {100 * f:g}% seed {seed} {method}")
-        data = cell_data(out, task, flags[task], f, seed)
-        weights = pre[method]["checkpoint"] if method != "scratch" else None
-        r = finetune_cell(out, task, method, f, seed, cfg, data, weights, device, args.keep_checkpoints)
-        results[task][method][_fraction_key(f)].append(r["value"])
+            pending[ex.submit(pretrain, out, method, cfg, patterns, probe, device,
+                              quiet_pretrain)] = ("pretrain", method)
+        if "scratch" in args.methods:
+            submit_cells("scratch")   # scratch needs no pretraining: it runs alongside
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in done:
+                kind, what = pending.pop(fut)
+                result = fut.result()
+                if kind == "pretrain":
+                    pre[what] = result
+                    print(f"[pretrain] {what} done ({result['epochs']} epochs, "
+                          f"{result['seconds']:.0f} s); last epoch"
+                          + _diagnostics_line(result["diagnostics"][-1]).replace("    diag:", ""),
+                          flush=True)
+                    submit_cells(what)
+                else:
+                    values[what] = result["value"]
+                    bar.update(1)
+                    bar.set_postfix_str(f"{what[0]} {100 * what[1]:g}% seed {what[2]} {what[3]}")
     bar.close()
+    results: dict[str, dict[str, dict[str, list[float]]]] = {
+        t: {m: {_fraction_key(f): [values[(t, f, seed, m)] for seed in cfg["seeds"]]
+                for f in cfg["fractions"]} for m in args.methods} for t in args.tasks}
     rows = summarize(results)
     table = format_table(rows)
     command = command or "python scripts/transfer_study.py " + " ".join(
