@@ -376,12 +376,14 @@ def write_phantom_dataset(out_dir: str | os.PathLike, n: int, shape: Sequence[in
 
 
 def make_nodule_cubes(n: int, size: Sequence[int] = (64, 64, 32), seed: int = 0,
-                      positive_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+                      positive_fraction: float = 0.5,
+                      radius: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A nodule / no-nodule classification set of lung cubes.
 
     Cubes are crops of phantom lungs (one phantom per 8 cubes), normalised to [0, 1] from
-    [-1000, 1000] HU; a positive cube has a solid nodule (radius 2..size/6 voxels) near its
-    centre, a negative one has none (vessels only).
+    [-1000, 1000] HU; a positive cube has a solid nodule (in-plane radius 2..min(size)/6 voxels,
+    or uniform in ``radius`` = (low, high) voxels; half that along z) near its centre, a
+    negative one has none (vessels only).
     Returns ``cubes`` float32 (n, X, Y, Z) and ``labels`` int64 (n,) in {0, 1}.
     """
     size = tuple(int(s) for s in size)
@@ -405,7 +407,8 @@ def make_nodule_cubes(n: int, size: Sequence[int] = (64, 64, 32), seed: int = 0,
             lo = np.clip(c - np.array(size) // 2, 0, np.array(vol_shape) - size)
             crop = hu[lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1], lo[2]:lo[2] + size[2]].copy()
             if labels[i]:
-                r = rng.uniform(2.0, max(2.5, min(size) / 6.0))
+                lo_r, hi_r = radius if radius is not None else (2.0, max(2.5, min(size) / 6.0))
+                r = rng.uniform(lo_r, hi_r)
                 ctr = np.array(size) / 2.0 + rng.uniform(-2, 2, 3)
                 gx, gy, gz = np.ogrid[: size[0], : size[1], : size[2]]
                 d = (gx - ctr[0]) ** 2 + (gy - ctr[1]) ** 2 + ((gz - ctr[2]) * 2.0) ** 2

@@ -49,13 +49,16 @@ METRICS = {"classification": [("auc", "AUC"), ("accuracy", "accuracy")],
 
 
 def build_classification_task(root: Path, n: tuple[int, int, int], cube: tuple[int, int, int],
-                              seed: int) -> dict[str, list[str]]:
-    """Write train/val/test nodule cubes and labels under ``root``; return the CLI flags."""
+                              seed: int, radius: tuple[float, float] | None = None
+                              ) -> dict[str, list[str]]:
+    """Write train/val/test nodule cubes and labels under ``root``; return the CLI flags.
+    ``radius``: nodule radius range in voxels (default: scaled with the cube, see
+    ``scripts.phantoms.make_nodule_cubes``)."""
     from scripts.phantoms import make_nodule_cubes
 
     flags: dict[str, list[str]] = {}
     for k, (split, count) in enumerate(zip(("train", "val", "test"), n)):
-        cubes, labels = make_nodule_cubes(count, cube, seed=seed * 10 + k)
+        cubes, labels = make_nodule_cubes(count, cube, seed=seed * 10 + k, radius=radius)
         data, lab = root / f"{split}_cubes.npy", root / f"{split}_labels.npy"
         save_npy_atomic(data, cubes)
         save_npy_atomic(lab, labels)

@@ -76,26 +76,30 @@ _BASE: dict[str, Any] = dict(
     classes=8, instances=12, val_instances=4, border=24, border_z=4,
     # pretraining (stage 4)
     width=4, cube=[32, 32, 16], pre_epochs=15, pre_batch=16, pre_lr=1e-3,
-    # classification task: nodule / no-nodule cubes
-    cls_n=[80, 40, 200], cls_epochs=8, cls_patience=4, cls_batch=16, cls_lr=1e-3,
+    # classification task: nodule / no-nodule cubes; nodule radius range in voxels ([0, 0]:
+    # scaled with the cube, 2 to min(cube) / 6, as scripts/phantoms.py makes them)
+    cls_n=[80, 40, 200], cls_nodule_radius=[0.0, 0.0], cls_epochs=8, cls_patience=4, cls_batch=16, cls_lr=1e-3,
     # segmentation task: nodules in whole phantom chests
     seg_n=[20, 3, 8], seg_shape=[64, 64, 32], seg_nodules=3, seg_epochs=8, seg_steps=6,
     seg_patience=4, seg_batch=8, seg_lr=1e-3, seg_overlap=0.0,
 )
 PRESETS: dict[str, dict[str, Any]] = {
-    # 2 CPU cores shared with other work (about 45 minutes with --workers 2 --threads 1):
-    # width 4, 32 x 32 x 16 cubes, three label fractions; about 720 pretraining updates per
-    # method (90 were too few: see the README) and 50 updates per fine-tuning run
+    # 2 CPU cores shared with other work (see the README for the design and its timing):
+    # width 4, 32 x 32 x 16 cubes, three label fractions; 720 pretraining updates per method
+    # (90 were too few) and 50 updates per fine-tuning run; nodules of 3-6 voxels (the radius
+    # scaled with a 32 x 32 x 16 cube, 2-2.7 voxels, is the size of a vessel)
     "cpu": dict(_BASE, fractions=[0.05, 0.25, 1.0], pre_epochs=40, cls_n=[80, 64, 200],
-                cls_epochs=10, cls_patience=4, seg_epochs=10, seg_steps=5, seg_patience=4),
-    # the published sizes; one H200 call of < 10 minutes for pretraining + fine-tuning
-    "gpu": dict(_BASE, phantoms=40, phantom_shape=[256, 256, 96], spacing=[1.25, 1.25, 2.5],
-                ae_size=[128, 128, 64], ae_epochs=5, ae_batch=8, patch_min=50, patch_max=80,
-                classes=20, instances=30, val_instances=8, border=48, border_z=8,
-                width=32, cube=[64, 64, 32], pre_epochs=30, pre_batch=32,
-                cls_n=[200, 80, 400], cls_epochs=15, cls_patience=6,
-                seg_n=[40, 6, 12], seg_shape=[128, 128, 64], seg_nodules=4, seg_epochs=15,
-                seg_steps=10, seg_patience=6, seg_overlap=0.25),
+                cls_nodule_radius=[3.0, 6.0], cls_epochs=10, cls_patience=4, seg_epochs=10,
+                seg_steps=5, seg_patience=4),
+    # the published width and cube size; sized (not yet timed: no GPU here) for one H200 call of
+    # under 10 minutes with --workers 8: 20 classes (24 training phantoms allow no more)
+    "gpu": dict(_BASE, fractions=[0.05, 0.25, 1.0], phantoms=32, phantom_shape=[192, 192, 80],
+                spacing=[1.5, 1.5, 3.0], ae_size=[128, 128, 64], ae_epochs=5, ae_batch=8,
+                patch_min=50, patch_max=80, classes=20, instances=24, val_instances=8, border=40,
+                border_z=4, width=32, cube=[64, 64, 32], pre_epochs=20, pre_batch=32,
+                cls_n=[200, 80, 400], cls_epochs=12, cls_patience=4, seg_n=[40, 4, 12],
+                seg_shape=[96, 96, 48], seg_nodules=4, seg_epochs=12, seg_steps=10,
+                seg_patience=4, seg_overlap=0.25),
     # published sizes and number of classes, longer schedules: an unattended run
     "full": dict(_BASE, seeds=list(range(10)), phantoms=120, phantom_shape=[320, 320, 112],
                  spacing=[1.0, 1.0, 2.5], ae_size=[128, 128, 64], ae_epochs=50, ae_batch=8,
@@ -243,7 +247,9 @@ def target_data(out: Path, cfg: dict[str, Any], tasks: list[str]) -> dict[str, d
             flags[task] = json.loads(done.read_text())
             continue
         if task == "classification":
-            f = build_classification_task(root, tuple(cfg["cls_n"]), tuple(cfg["cube"]), cfg["data_seed"])
+            radius = tuple(cfg["cls_nodule_radius"]) if max(cfg["cls_nodule_radius"]) > 0 else None
+            f = build_classification_task(root, tuple(cfg["cls_n"]), tuple(cfg["cube"]),
+                                          cfg["data_seed"], radius)
         else:
             f = build_segmentation_task(root, tuple(cfg["seg_n"]), tuple(cfg["seg_shape"]),
                                         cfg["seg_nodules"], cfg["data_seed"])

@@ -109,7 +109,8 @@ def test_plot_png(tmp_path):
 
 
 def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
-    """Scratch and semantic_genesis, both tasks, 2 seeds, 2 fractions; then a re-run redoes nothing."""
+    """Scratch and semantic_genesis, both tasks, 2 seeds, 2 fractions; a re-run redoes nothing;
+    two worker processes give the same values."""
     folds = make_fold_files(tmp_path / "folds", classes=2, instances=4, val_instances=2)
     monkeypatch.setattr(ts, "pretraining_data", lambda out, cfg, device: folds)
     out, results = tmp_path / "study", tmp_path / "results" / "study.json"
@@ -118,6 +119,7 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert ts.main(argv) == 0
     study = json.loads(results.read_text())
     assert set(study) >= {"machine", "command", "tasks"} and "--preset tiny" in study["command"]
+    assert "[pretrain] semantic_genesis done (1 epochs" in capsys.readouterr().out
     for task, metric in (("classification", "auc"), ("segmentation", "dice")):
         t = study["tasks"][task]
         assert t["metric"] == metric and t["label_fractions"] == [0.5, 1.0]
@@ -142,3 +144,24 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
         monkeypatch.setattr(module, name, boom)
     assert ts.main(argv) == 0
     assert json.loads(results.read_text())["tasks"] == study["tasks"]
+    # the same cells in two worker processes (the subsets are rebuilt the same way)
+    monkeypatch.undo()
+    par = tmp_path / "parallel"
+    assert ts.main(["--preset", "tiny", "--methods", "scratch", "--tasks", "classification",
+                    "--device", "cpu", "--output_dir", str(par), "--workers", "2", "--threads", "1",
+                    "--quiet"]) == 0
+    again = json.loads((par / "transfer_study.json").read_text())["tasks"]["classification"]["results"]
+    for f, vals in study["tasks"]["classification"]["results"]["scratch"].items():
+        assert again["scratch"][f] == pytest.approx(vals, abs=0.02)
+
+
+def test_nodule_radius_of_the_classification_cubes():
+    from scripts.phantoms import make_nodule_cubes
+
+    small, lab = make_nodule_cubes(16, (32, 32, 16), seed=2)
+    big, lab2 = make_nodule_cubes(16, (32, 32, 16), seed=2, radius=(5.0, 5.0))
+    assert np.array_equal(lab, lab2)
+    centre = (slice(14, 18), slice(14, 18), slice(7, 9))   # inside a radius-5 nodule (z: 2.5)
+    dense = lambda c: (c[centre] > 0.45).mean()            # noqa: E731  (soft tissue, not lung)
+    assert all(dense(big[i]) > 0.9 for i in np.flatnonzero(lab2))
+    assert np.mean([dense(small[i]) for i in np.flatnonzero(lab)]) < 0.9
