@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "pretraining does not see")
     g.add_argument("--probe_labels", default=None,
                    help="labels of --probe_data (.npy (N,) or text, one integer per cube)")
-    g.add_argument("--probe_every", type=int, default=1,
+    g.add_argument("--probe_every", type=positive_int, default=1,
                    help="run the probe every this many epochs (and before the first)")
 
     g = p.add_argument_group("outputs and logging")
@@ -226,8 +226,6 @@ def _check_args(args: argparse.Namespace) -> None:
                          "(weights included), --pre_path starts a new one from weights")
     if bool(args.probe_data) != bool(args.probe_labels):
         raise InputError("--probe_data and --probe_labels go together: give both or neither")
-    if args.probe_every < 1:
-        raise InputError(f"--probe_every must be >= 1, got {args.probe_every}")
     if args.pre_path and args.exp != "en_de":
         raise InputError("--pre_path initialises --exp en_de from an en (or en_de) checkpoint")
 

@@ -52,8 +52,9 @@ from typing import Any
 
 import numpy as np
 
-from pytorch.common import (HelpFormatter, InputError, atomic_path, call_reporting_errors,
-                            make_output_dir, save_json_atomic, save_npy_atomic, write_run_config)
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, atomic_path,
+                            call_reporting_errors, make_output_dir, nonneg_int, positive_int,
+                            save_json_atomic, save_npy_atomic, write_run_config)
 
 __all__ = ["METHODS", "TASKS", "PRESETS", "resolve_config", "label_subset", "mean_ci",
            "summarize", "format_table", "plot_results", "study_json", "build_parser", "run",
@@ -78,7 +79,7 @@ _BASE: dict[str, Any] = dict(
     width=4, cube=[32, 32, 16], pre_epochs=15, pre_batch=16, pre_lr=1e-3,
     # classification task: nodule / no-nodule cubes; nodule radius range in voxels ([0, 0]:
     # scaled with the cube, 2 to min(cube) / 6, as scripts/phantoms.py makes them)
-    cls_n=[80, 40, 200], cls_nodule_radius=[0.0, 0.0], cls_epochs=8, cls_patience=4, cls_batch=16, cls_lr=1e-3,
+    cls_n=[80, 40, 200], cls_nodule_radius=[0.0, 0.0], cls_monitor="auc", cls_epochs=8, cls_patience=4, cls_batch=16, cls_lr=1e-3,
     # segmentation task: nodules in whole phantom chests
     seg_n=[20, 3, 8], seg_shape=[64, 64, 32], seg_nodules=3, seg_epochs=8, seg_steps=6,
     seg_patience=4, seg_batch=8, seg_lr=1e-3, seg_overlap=0.0,
@@ -87,7 +88,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2 CPU cores shared with other work (see the README for the design and its timing):
     # width 4, 32 x 32 x 16 cubes, three label fractions; 720 pretraining updates per method
     # (90 were too few) and 50 updates per fine-tuning run; nodules of 3-6 voxels (the radius
-    # scaled with a 32 x 32 x 16 cube, 2-2.7 voxels, is the size of a vessel)
+    # scaled with a 32 x 32 x 16 cube, 2-2.7 voxels, is the size of a vessel); classification
+    # runs keep the epoch of best validation AUC (the validation loss of 4 labelled cubes rises
+    # from the first epoch while the AUC still climbs)
     "cpu": dict(_BASE, fractions=[0.05, 0.25, 1.0], pre_epochs=40, cls_n=[80, 64, 200],
                 cls_nodule_radius=[3.0, 6.0], cls_epochs=10, cls_patience=4, seg_epochs=10,
                 seg_steps=5, seg_patience=4),
@@ -156,7 +159,8 @@ def resolve_config(preset: str, overrides: list[str] | None = None) -> dict[str,
 # ------------------------------------------------------------------------------------------
 def pretraining_stages(out: Path, cfg: dict[str, Any], device: str) -> list[tuple[str, str, Path, list[str]]]:
     """The pipeline's stages 0-3 as (name, module, marker file, argv); a stage whose marker
-    exists is done. The patterns land in ``out/pretraining_data/patterns``."""
+    exists is done, one without it is redone (``--overwrite``). The patterns land in
+    ``out/pretraining_data/patterns``."""
     root = out / "pretraining_data"
     raw, ds, ae, feat, pat = (root / n for n in ("phantoms", "dataset", "autoencoder", "features", "patterns"))
     sp = [str(s) for s in cfg["spacing"]]
@@ -175,12 +179,13 @@ def pretraining_stages(out: Path, cfg: dict[str, Any], device: str) -> list[tupl
           "--input_deps", size[2], "--width", str(max(cfg["width"], 4)),
           "--batch_size", str(cfg["ae_batch"]), "--nb_epoch", str(cfg["ae_epochs"]),
           "--num_workers", "0", "--cache", "--device", device, "--checkpoint_dir", str(ae),
-          "--log_dir", str(out / "runs" / "autoencoder"), "--verbose", "0"]),
-        ("features", "self_discovery.feature_extractor", feat / "validation_features.npy",
+          "--log_dir", str(out / "runs" / "autoencoder"), "--verbose", "0", "--overwrite"]),
+        ("features", "self_discovery.feature_extractor", feat / "features_index.json",
          ["--data_dir", str(ds), "--weights", str(ae / "Unet_autoencoder.pt"),
           "--input_rows", size[0], "--input_cols", size[1], "--input_depth", size[2],
-          "--num_workers", "0", "--device", device, "--save_dir", str(feat), "--verbose", "0"]),
-        ("patterns", "self_discovery.pattern_generator_3D", pat / "train_data1_vwGen_ex_ref_fold1.0.npy",
+          "--num_workers", "0", "--device", device, "--save_dir", str(feat), "--verbose", "0",
+          "--overwrite"]),
+        ("patterns", "self_discovery.pattern_generator_3D", pat / "fold_index.json",
          ["--data_dir", str(ds), "--save", str(pat),
           "--train_features", str(feat / "train_features.npy"),
           "--val_features", str(feat / "validation_features.npy"), "--is_normalized",
@@ -189,7 +194,8 @@ def pretraining_stages(out: Path, cfg: dict[str, Any], device: str) -> list[tupl
           "--minPatchSize", str(cfg["patch_min"]), "--maxPatchSize", str(cfg["patch_max"]),
           "--nb_classes", str(cfg["classes"]), "--nb_instances", str(cfg["instances"]),
           "--nb_instances_val", str(cfg["val_instances"]), "--len_border", str(cfg["border"]),
-          "--len_border_z", str(cfg["border_z"]), "--montage_instances", "0", "--seed", "0"]),
+          "--len_border_z", str(cfg["border_z"]), "--montage_instances", "0", "--seed", "0",
+          "--overwrite"]),
     ]
 
 
@@ -319,7 +325,7 @@ def _pretrain_argv(method: str, cfg: dict[str, Any], patterns: Path, folder: Pat
             "--nb_epoch", str(cfg["pre_epochs"]), "--patience", str(cfg["pre_epochs"]),
             "--seed", "1", "--device", device, "--checkpoint_dir", str(folder / "checkpoints"),
             "--log_dir", str(log_dir), "--notes", method,
-            "--verbose", "0" if quiet else "1", *PRETRAIN_FLAGS[method]]
+            "--verbose", "0" if quiet else "1", "--overwrite", *PRETRAIN_FLAGS[method]]
     if probe is not None:
         argv += ["--probe_data", probe[0], "--probe_labels", probe[1]]
     return argv
@@ -354,9 +360,11 @@ def _finetune_argv(task: str, method: str, cfg: dict[str, Any], data: dict[str, 
 
     common = {"--width": str(cfg["width"]), "--device": device, "--num_workers": "0",
               "--quiet": True, "--seed": str(seed), "--output_dir": str(run_dir),
-              "--weights": weights, "--optimizer": "adam", "--augment": True}
+              "--weights": weights, "--optimizer": "adam", "--augment": True,
+              "--overwrite": True}   # a cell without its result file is redone from the start
     if task == "classification":
         specific = {"--nb_epoch": str(cfg["cls_epochs"]), "--patience": str(cfg["cls_patience"]),
+                    "--monitor": cfg["cls_monitor"],
                     "--batch_size": str(cfg["cls_batch"]), "--lr": str(cfg["cls_lr"])}
     else:
         specific = {"--nb_epoch": str(cfg["seg_epochs"]), "--patience": str(cfg["seg_patience"]),
@@ -539,7 +547,7 @@ def _diagnostics_line(diag: dict[str, Any]) -> str:
 # command line
 # ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         description="Transfer study: pretrain Semantic Genesis and its ablations on the same "
                     "self-discovered patterns, fine-tune every method on phantom target tasks at "
                     "several label fractions and seeds (paired), and report a JSON, a table and "
@@ -562,11 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write the plot to this path (default: beside --results_json)")
     ap.add_argument("--keep_checkpoints", action="store_true",
                     help="keep every fine-tuning run's best.pt / last.pt (default: only metrics)")
-    ap.add_argument("--workers", type=int, default=1,
+    ap.add_argument("--workers", type=positive_int, default=1,
                     help="run pretraining and fine-tuning steps in this many worker processes "
                          "at once (results do not depend on it); on a GPU several small runs "
                          "share the device, on a CPU use one per core with --threads 1")
-    ap.add_argument("--threads", type=int, default=0,
+    ap.add_argument("--threads", type=nonneg_int, default=0,
                     help="torch CPU threads per process (0: torch's default); 1 is faster on a "
                          "busy machine")
     ap.add_argument("--quiet", action="store_true", help="no per-epoch pretraining lines")

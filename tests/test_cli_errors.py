@@ -27,7 +27,8 @@ PARSER_MODULES = ["pytorch.train", "self_discovery.train_autoencoder",
                   "scripts.prepare_dataset", "scripts.finetune_classification",
                   "scripts.finetune_segmentation", "scripts.transfer_benchmark",
                   "scripts.benchmark_patterns", "scripts.benchmark_pretrain",
-                  "scripts.compare_precision", "scripts.convert_checkpoint"]
+                  "scripts.compare_precision", "scripts.convert_checkpoint",
+                  "scripts.transfer_study"]
 
 
 def one_error_line(capsys, rc: int, *needles: str) -> str:
