@@ -26,7 +26,7 @@ Steps (each one is skipped when its outputs exist, so an interrupted study resum
    paired difference to scratch), ``transfer_study.png`` (metric vs. label fraction, one line per
    method, 95 % error bars).
 
-Presets: ``cpu`` (width 4, 32 x 32 x 16 cubes, short schedules: about 45 minutes on 2 cores),
+Presets: ``cpu`` (width 4, 32 x 32 x 16 cubes, short schedules: under an hour on 2 busy cores),
 ``gpu`` (the published width 32 and 64 x 64 x 32 cubes, sized for one call of under 10 minutes
 on one H200), ``full`` (published sizes and longer schedules, for an unattended run), ``tiny``
 (seconds; the tests). Every preset value can be overridden with ``--set key=value``.
@@ -554,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "a plot. Resumable: re-running skips finished steps.",
         formatter_class=HelpFormatter)
     ap.add_argument("--preset", default="cpu", choices=list(PRESETS),
-                    help="sizes and schedules: cpu (about 45 min on 2 cores), gpu (published "
+                    help="sizes and schedules: cpu (under an hour on 2 busy cores), gpu (published "
                          "sizes, < 10 min on one H200), full (unattended), tiny (tests)")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                     help="override preset values, e.g. --set width=8 seeds=[0,1,2]")

@@ -37,7 +37,8 @@ def test_two_processes_then_resume_with_one(tmp_path):
     assert len(epoch_lines) == 1, proc.stdout + proc.stderr   # rank 0 logs alone
     ck = tmp_path / "out" / "ckpt"
     assert sorted(p.name for p in ck.iterdir()) == sorted(
-        [f"{CKPT}.pt", f"{CKPT}_last.pt", f"{CKPT}_config.json"])   # no temp files left
+        [f"{CKPT}.pt", f"{CKPT}_last.pt", f"{CKPT}_config.json",
+         f"{CKPT}_diagnostics.json"])   # no temp files left
     cfg = json.loads((ck / f"{CKPT}_config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["per_rank_batch"] == 4
     assert len(list((tmp_path / "out" / "runs").rglob("events.out.tfevents.*"))) == 1
