@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import InputError, unwrap_model
+from pytorch.engine import is_channels_last
 
 __all__ = ["load_probe_set", "encoder_features", "probe_score"]
 
@@ -53,12 +54,11 @@ def encoder_features(model: nn.Module, cubes: np.ndarray | torch.Tensor, batch_s
     was_training = net.training
     net.eval()
     cubes = torch.as_tensor(np.asarray(cubes, np.float32))
+    layout = torch.channels_last_3d if is_channels_last(net) else torch.contiguous_format
     out = []
     try:
         for s in range(0, len(cubes), batch_size):
-            x = cubes[s:s + batch_size, None].to(device)
-            if getattr(net, "_channels_last_3d", False):
-                x = x.contiguous(memory_format=torch.channels_last_3d)
+            x = cubes[s:s + batch_size, None].to(device).contiguous(memory_format=layout)
             out.append(net.encode(x).float().mean(dim=(2, 3, 4)).cpu().numpy())
     finally:
         net.train(was_training)
