@@ -38,7 +38,8 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from pytorch.common import HelpFormatter, atomic_path, save_json_atomic, save_npy_atomic
+from pytorch.common import (ArgumentParser, HelpFormatter, atomic_path, nonneg_int, positive_int,
+                            probability, save_json_atomic, save_npy_atomic, seed_int)
 from self_discovery.feature_extractor import INDEX_NAME, save_features
 from self_discovery.lung_test import lung_test_weight_sum
 from self_discovery.volumes import normalize_crop
@@ -165,16 +166,16 @@ def bench_lung_test(volume_path: Path | None, repeats: int = 50, naive_repeats: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=HelpFormatter)
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0],
+                        formatter_class=HelpFormatter)
     g = ap.add_argument_group("synthetic data")
-    g.add_argument("--patients", type=int, default=230,
+    g.add_argument("--patients", type=positive_int, default=230,
                    help="patients in all (train = patients - val_patients)")
-    g.add_argument("--val_patients", type=int, default=30, help="validation patients")
-    g.add_argument("--shape", type=int, nargs=3, default=[512, 512, 120], metavar=("X", "Y", "Z"),
+    g.add_argument("--val_patients", type=nonneg_int, default=30, help="validation patients")
+    g.add_argument("--shape", type=positive_int, nargs=3, default=[512, 512, 120], metavar=("X", "Y", "Z"),
                    help="volume size (LUNA16-like by default)")
-    g.add_argument("--feature_dim", type=int, default=512, help="size of the random features")
-    g.add_argument("--distinct_volumes", type=int, default=16,
+    g.add_argument("--feature_dim", type=positive_int, default=512, help="size of the random features")
+    g.add_argument("--distinct_volumes", type=positive_int, default=16,
                    help="volumes synthesised; the other patients are file copies of them")
     g.add_argument("--workdir", default=None,
                    help="folder for volumes and outputs (default: a new temporary folder)")
@@ -182,17 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reuse", action="store_true",
                    help="with --workdir: reuse volumes written there by an earlier --keep run")
     g = ap.add_argument_group("generator")
-    g.add_argument("--classes", type=int, default=50, help="--nb_classes of the run")
-    g.add_argument("--instances", type=int, default=200, help="--nb_instances of the run")
-    g.add_argument("--instances_val", type=int, default=30, help="--nb_instances_val of the run")
+    g.add_argument("--classes", type=positive_int, default=50, help="--nb_classes of the run")
+    g.add_argument("--instances", type=positive_int, default=200, help="--nb_instances of the run")
+    g.add_argument("--instances_val", type=positive_int, default=30, help="--nb_instances_val of the run")
     g.add_argument("--no_multi_res", action="store_true", help="run without --multi_res")
-    g.add_argument("--len_border", type=int, default=100, help="--len_border of the run")
-    g.add_argument("--len_border_z", type=int, default=30, help="--len_border_z of the run")
-    g.add_argument("--lung_threshold", type=float, default=0.15,
+    g.add_argument("--len_border", type=nonneg_int, default=100, help="--len_border of the run")
+    g.add_argument("--len_border_z", type=nonneg_int, default=30, help="--len_border_z of the run")
+    g.add_argument("--lung_threshold", type=probability, default=0.15,
                    help="--lung_threshold of the run (1 accepts every window: tiny volumes)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the data and of the run")
+    g.add_argument("--seed", type=seed_int, default=0, help="seed of the data and of the run")
     g = ap.add_argument_group("lung test")
-    g.add_argument("--lung_repeats", type=int, default=200,
+    g.add_argument("--lung_repeats", type=positive_int, default=200,
                    help="timed repeats of the vectorised test (best is reported)")
     g.add_argument("--skip_end_to_end", action="store_true",
                    help="only the lung-test comparison (no volumes written)")

@@ -39,8 +39,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, resolve_device,
-                            save_json_atomic)
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, call_reporting_errors,
+                            device_name, nonneg_int, positive_int, resolve_device,
+                            save_json_atomic, seed_int)
 
 PATHS = ("published_loader", "published", "ours_perturb", "model_only", "ours")
 #: Context: cubes/s of the published code on an H200, batch 64, 64 x 64 x 32, width 32.
@@ -51,21 +52,21 @@ PUBLISHED_H200 = {"published_loop": 85, "numpy_loader_4_workers": 95,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    g.add_argument("--batch_size", type=int, default=64, help="cubes per step (published: 64)")
-    g.add_argument("--steps", type=int, default=20, help="timed steps per path")
-    g.add_argument("--warmup", type=int, default=5,
+    g.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu or cuda")
+    g.add_argument("--batch_size", type=positive_int, default=64, help="cubes per step (published: 64)")
+    g.add_argument("--steps", type=positive_int, default=20, help="timed steps per path")
+    g.add_argument("--warmup", type=nonneg_int, default=5,
                    help="untimed steps per path first (cuDNN autotuning, compile, worker start)")
     g.add_argument("--paths", default=",".join(PATHS),
                    help=f"comma-separated subset of {', '.join(PATHS)}")
-    g.add_argument("--seed", type=int, default=0, help="seed of data, weights and perturbations")
+    g.add_argument("--seed", type=seed_int, default=0, help="seed of data, weights and perturbations")
     g.add_argument("--json", default=None, help="write the results as JSON to this file")
     g = p.add_argument_group("model")
-    g.add_argument("--width", type=int, default=32, help="base channels (32 = published)")
-    g.add_argument("--cls_classes", type=int, default=44, help="classes of the head (paper: 44)")
+    g.add_argument("--width", type=positive_int, default=32, help="base channels (32 = published)")
+    g.add_argument("--cls_classes", type=positive_int, default=44, help="classes of the head (paper: 44)")
     g.add_argument("--exp", choices=("en", "en_de"), default="en_de",
                    help="en_de: full Y-Net (published pretraining); en: encoder + head")
     g.add_argument("--input", default="64x64x32",
@@ -78,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last_3d for ours and model_only (default: on CUDA only)")
     g = p.add_argument_group("data")
-    g.add_argument("--workers", type=int, default=4,
+    g.add_argument("--workers", type=nonneg_int, default=4,
                    help="DataLoader workers of the published-style path (0 = main process)")
-    g.add_argument("--n_cubes", type=int, default=512,
+    g.add_argument("--n_cubes", type=positive_int, default=512,
                    help="synthetic cubes in the pool (random smooth volumes in [0, 1]); the "
                         "published path reads them from host memory, ours from the device")
     return p

@@ -44,20 +44,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from pytorch.common import (HelpFormatter, InputError, call_reporting_errors, resolve_device,
-                            save_json_atomic)
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, call_reporting_errors,
+                            device_name, positive_float, positive_int, resolve_device,
+                            save_json_atomic, seed_int)
 from scripts.benchmark_pretrain import machine_name, parse_input
 
 CURVES = ("loss", "cls", "rec")  # columns 0..2 of engine.train_step's stats
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    g.add_argument("--steps", type=int, default=200, help="training steps per precision")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu or cuda")
+    g.add_argument("--steps", type=positive_int, default=200, help="training steps per precision")
+    g.add_argument("--seed", type=seed_int, default=0,
                    help="seed of the initial weights, synthetic data, batch order and "
                         "perturbations (shared by both runs)")
     g.add_argument("--json", default=None, help="write curves and numbers as JSON to this file")
@@ -65,14 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train fp32 with seed + 1 batches/perturbations (same initial "
                         "weights) and report the fp32-vs-fp32 gap for context")
     g = p.add_argument_group("model")
-    g.add_argument("--width", type=int, default=32, help="base channels (32 = published)")
-    g.add_argument("--cls_classes", type=int, default=44, help="classes of the head (paper: 44)")
+    g.add_argument("--width", type=positive_int, default=32, help="base channels (32 = published)")
+    g.add_argument("--cls_classes", type=positive_int, default=44, help="classes of the head (paper: 44)")
     g.add_argument("--exp", choices=("en", "en_de"), default="en_de",
                    help="en_de: full Y-Net (published pretraining); en: encoder + head")
     g.add_argument("--input", default="64x64x32",
                    help="cube size XxYxZ (each divisible by 8; paper: 64x64x32)")
-    g.add_argument("--batch_size", type=int, default=64, help="cubes per step (published: 64)")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
+    g.add_argument("--batch_size", type=positive_int, default=64, help="cubes per step (published: 64)")
+    g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
     g.add_argument("--no-augment", dest="augment", action="store_false",
                    help="skip the elastic deformation before each perturbation (the default shown "
                         "is whether it is applied)")
@@ -85,16 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", default=None,
                    help="folder of fold files (train_data*_vwGen_ex_ref_fold*.0.npy); "
                         "default: synthetic cubes")
-    g.add_argument("--n_cubes", type=int, default=1024,
+    g.add_argument("--n_cubes", type=positive_int, default=1024,
                    help="synthetic cubes (spread evenly over the classes)")
-    g.add_argument("--nb_instances", type=int, default=200,
+    g.add_argument("--nb_instances", type=positive_int, default=200,
                    help="with --data_dir: training cubes per class and resolution")
-    g.add_argument("--nb_multires_patch", type=int, default=3,
+    g.add_argument("--nb_multires_patch", type=positive_int, default=3,
                    help="with --data_dir: resolutions of fold files to load")
     g = p.add_argument_group("analysis")
-    g.add_argument("--window", type=int, default=None,
+    g.add_argument("--window", type=positive_int, default=None,
                    help="moving-average window in steps (default: max(5, steps // 10))")
-    g.add_argument("--threshold", type=float, default=1.0,
+    g.add_argument("--threshold", type=positive_float, default=1.0,
                    help="verdict yes when gap / noise <= this for every curve")
     return p
 

@@ -197,10 +197,10 @@ def link_images(folder: Path, dest: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: fetch (or verify) the sample CTs; print their folder last. 0 ok, 2 failure."""
-    from pytorch.common import HelpFormatter
+    from pytorch.common import ArgumentParser, HelpFormatter, positive_float
 
-    ap = argparse.ArgumentParser(prog="fetch_sample_ct.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=HelpFormatter)
+    ap = ArgumentParser(prog="fetch_sample_ct.py", description=__doc__.split("\n\n")[0],
+                        formatter_class=HelpFormatter)
     g = ap.add_argument_group("sample data")
     g.add_argument("--cache_dir", default=None,
                    help="folder to keep the files in (default $SEMANTIC_GENESIS_CACHE/sample_ct "
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="use an already downloaded pyradiomics-3.0.1.tar.gz instead of pip")
     g.add_argument("--images_only", default=None, metavar="DIR",
                    help="also link (or copy) the two CT images, without masks, into DIR")
-    g.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for pip download")
+    g.add_argument("--timeout", type=positive_float, default=600.0, help="seconds allowed for pip download")
     g.add_argument("--quiet", action="store_true", help="print only the folder")
     args = ap.parse_args(argv)
     try:

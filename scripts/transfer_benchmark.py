@@ -35,9 +35,10 @@ import numpy as np
 
 from models.checkpoint import load_checkpoint
 from models.targets import infer_width
-from pytorch.common import (HelpFormatter, InputError, add_overwrite_flag, call_reporting_errors,
-                            make_output_dir, save_json_atomic, save_npy_atomic,
-                            write_run_config)
+from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
+                            call_reporting_errors, device_name, make_output_dir, nonneg_int,
+                            positive_float, positive_int, save_json_atomic, save_npy_atomic,
+                            seed_int, write_run_config)
 
 __all__ = ["build_classification_task", "build_segmentation_task", "summarize", "format_table",
            "build_parser", "run", "main"]
@@ -119,53 +120,54 @@ def format_table(rows: list[dict[str, Any]], n_seeds: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         description="Fine-tune phantom target tasks from scratch and from a Semantic Genesis "
                     "checkpoint over several seeds; print a scratch-vs-pretrained table.",
         formatter_class=HelpFormatter)
     g = ap.add_argument_group("benchmark")
     g.add_argument("--weights", required=True, help="the pretrained checkpoint to compare with scratch")
-    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    g.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2],
                    help="training seeds; each task is fine-tuned once per seed and initialisation")
     g.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="target tasks to run")
-    g.add_argument("--width", type=int, default=None,
+    g.add_argument("--width", type=positive_int, default=None,
                    help="U-Net base width (default: read from the checkpoint)")
     g.add_argument("--norm", default="batch_stats", choices=["batch_stats", "standard"],
                    help="BatchNorm mode of the fine-tuned networks (see the fine-tune scripts)")
-    g.add_argument("--data_seed", type=int, default=1234,
+    g.add_argument("--data_seed", type=seed_int, default=1234,
                    help="seed of the phantom task data (the same data for every run)")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    g.add_argument("--num_workers", type=int, default=2, help="DataLoader workers per run")
+    g.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda[:i]")
+    g.add_argument("--num_workers", type=nonneg_int, default=2, help="DataLoader workers per run")
     g.add_argument("--output_dir", default="runs/transfer_benchmark",
                    help="data/, runs/, config.json and transfer_benchmark.json go here")
     g.add_argument("--quiet", action="store_true", help="no per-epoch lines from the runs")
     add_overwrite_flag(g, "the runs' metrics.json, best.pt and last.pt")
 
     c = ap.add_argument_group("classification task (nodule / no nodule cubes)")
-    c.add_argument("--cls_n", type=int, nargs=3, default=[128, 64, 128], metavar=("TRAIN", "VAL", "TEST"),
+    c.add_argument("--cls_n", type=positive_int, nargs=3, default=[128, 64, 128],
+                   metavar=("TRAIN", "VAL", "TEST"),
                    help="number of cubes per split (half with a nodule)")
-    c.add_argument("--cube", type=int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
+    c.add_argument("--cube", type=positive_int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="cube size, sides divisible by 8")
-    c.add_argument("--cls_epochs", type=int, default=30, help="maximum epochs (--nb_epoch)")
-    c.add_argument("--cls_patience", type=int, default=8, help="early-stopping patience")
-    c.add_argument("--cls_batch_size", type=int, default=16, help="batch size")
+    c.add_argument("--cls_epochs", type=positive_int, default=30, help="maximum epochs (--nb_epoch)")
+    c.add_argument("--cls_patience", type=positive_int, default=8, help="early-stopping patience")
+    c.add_argument("--cls_batch_size", type=positive_int, default=16, help="batch size")
     c.add_argument("--cls_optimizer", default="sgd", choices=["sgd", "adam"], help="optimizer")
-    c.add_argument("--cls_lr", type=float, default=1e-2, help="learning rate")
+    c.add_argument("--cls_lr", type=positive_float, default=1e-2, help="learning rate")
 
     s = ap.add_argument_group("segmentation task (nodules in phantom volumes)")
-    s.add_argument("--seg_n", type=int, nargs=3, default=[8, 4, 8], metavar=("TRAIN", "VAL", "TEST"),
+    s.add_argument("--seg_n", type=positive_int, nargs=3, default=[8, 4, 8], metavar=("TRAIN", "VAL", "TEST"),
                    help="number of phantom volumes per split")
-    s.add_argument("--seg_shape", type=int, nargs=3, default=[128, 128, 64], metavar=("X", "Y", "Z"),
+    s.add_argument("--seg_shape", type=positive_int, nargs=3, default=[128, 128, 64], metavar=("X", "Y", "Z"),
                    help="phantom volume size")
-    s.add_argument("--seg_nodules", type=int, default=4, help="nodules per phantom volume")
-    s.add_argument("--seg_crop", type=int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
+    s.add_argument("--seg_nodules", type=positive_int, default=4, help="nodules per phantom volume")
+    s.add_argument("--seg_crop", type=positive_int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="training crop / sliding window, sides divisible by 8")
-    s.add_argument("--seg_epochs", type=int, default=30, help="maximum epochs (--nb_epoch)")
-    s.add_argument("--seg_steps", type=int, default=25, help="training batches per epoch")
-    s.add_argument("--seg_patience", type=int, default=8, help="early-stopping patience")
-    s.add_argument("--seg_batch_size", type=int, default=8, help="batch size")
+    s.add_argument("--seg_epochs", type=positive_int, default=30, help="maximum epochs (--nb_epoch)")
+    s.add_argument("--seg_steps", type=positive_int, default=25, help="training batches per epoch")
+    s.add_argument("--seg_patience", type=positive_int, default=8, help="early-stopping patience")
+    s.add_argument("--seg_batch_size", type=positive_int, default=8, help="batch size")
     s.add_argument("--seg_optimizer", default="sgd", choices=["sgd", "adam"], help="optimizer")
-    s.add_argument("--seg_lr", type=float, default=1e-2, help="learning rate")
+    s.add_argument("--seg_lr", type=positive_float, default=1e-2, help="learning rate")
     return ap
 
 

@@ -380,6 +380,12 @@ BAD_FLAGS = [
     ("scripts.finetune_segmentation", ["--overlap", "1"], "--overlap"),
     ("scripts.finetune_classification", ["--val_fraction", "nan"], "--val_fraction"),
     ("scripts.finetune_classification", ["--weight_decay", "-1"], "--weight_decay"),
+    ("scripts.benchmark_pretrain", ["--seed", "-1"], "--seed"),
+    ("scripts.benchmark_pretrain", ["--device", "mps"], "--device"),
+    ("scripts.benchmark_patterns", ["--lung_threshold", "2"], "--lung_threshold"),
+    ("scripts.compare_precision", ["--lr", "inf"], "--lr"),
+    ("scripts.transfer_benchmark", ["--weights", "w", "--seeds", "0", "-1"], "--seeds"),
+    ("scripts.fetch_sample_ct", ["--timeout", "nan"], "--timeout"),
 ]
 
 
