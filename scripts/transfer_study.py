@@ -75,6 +75,9 @@ _BASE: dict[str, Any] = dict(
     phantoms=16, phantom_shape=[128, 128, 48], spacing=[2.25, 2.25, 5.0], phantom_seed=100,
     ae_size=[64, 64, 32], ae_epochs=2, ae_batch=4, patch_min=25, patch_max=40,
     classes=8, instances=12, val_instances=4, border=24, border_z=4,
+    # small phantoms have little lung per reference patient: 200 tries (the published default)
+    # can miss a coordinate for the last classes, whose references are the leftover patients
+    pattern_tries=1000,
     # pretraining (stage 4)
     width=4, cube=[32, 32, 16], pre_epochs=15, pre_batch=16, pre_lr=1e-3,
     # classification task: nodule / no-nodule cubes; nodule radius range in voxels ([0, 0]:
@@ -194,8 +197,8 @@ def pretraining_stages(out: Path, cfg: dict[str, Any], device: str) -> list[tupl
           "--minPatchSize", str(cfg["patch_min"]), "--maxPatchSize", str(cfg["patch_max"]),
           "--nb_classes", str(cfg["classes"]), "--nb_instances", str(cfg["instances"]),
           "--nb_instances_val", str(cfg["val_instances"]), "--len_border", str(cfg["border"]),
-          "--len_border_z", str(cfg["border_z"]), "--montage_instances", "0", "--seed", "0",
-          "--overwrite"]),
+          "--len_border_z", str(cfg["border_z"]), "--max_tries", str(cfg["pattern_tries"]),
+          "--montage_instances", "0", "--seed", "0", "--overwrite"]),
     ]
 
 
