@@ -30,15 +30,16 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from runtime.errors import CheckpointError, InputError
+from runtime.files import atomic_path, to_plain
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -71,72 +72,6 @@ STRIP_PREFIXES = ("module.", "_orig_mod.", "classficationNet.", "classificationN
 DECODER_PREFIXES = ("up_tr256", "up_tr128", "up_tr64", "out_tr")
 #: Key prefixes of published checkpoints that never belong to our networks.
 IGNORED_PREFIXES = ("projection_head.", "prototypes.")
-
-
-class InputError(ValueError):
-    """Bad user input (files, shapes, values). The message names the file and the fix.
-
-    Defined here so that writers in this module can raise it; import it from ``pytorch.common``.
-    """
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read or does not fit the model; the message names file and fix."""
-
-
-def to_plain(obj: Any) -> Any:
-    """Convert ``obj`` to plain Python types accepted by ``torch.load(weights_only=True)``.
-
-    Paths become str, numpy scalars/arrays become Python numbers/lists, Namespaces become dicts,
-    tuples become lists, tensors are kept.
-    """
-    if obj is None or isinstance(obj, (bool, int, str, torch.Tensor)):
-        return obj
-    if isinstance(obj, float):
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if hasattr(obj, "__dict__") and type(obj).__name__ == "Namespace":
-        return to_plain(vars(obj))
-    if isinstance(obj, (list, tuple, set)):
-        return [to_plain(v) for v in obj]
-    if hasattr(obj, "item") and hasattr(obj, "dtype") and getattr(obj, "ndim", 1) == 0:
-        return obj.item()  # numpy scalar
-    if hasattr(obj, "tolist"):
-        return obj.tolist()  # numpy array
-    return str(obj)
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``.
-
-    On any exception the temporary file is removed, so ``path`` is either the old file or the
-    complete new one, never a partial write. ``suffix`` keeps an extension some writers
-    need (``np.save`` appends ``.npy`` to names without it).
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:
-        raise InputError(f"{path.parent}: exists but is not a folder, so {path.name} cannot be "
-                         "written there; choose another output folder") from e
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give a file name for this output")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pytorch.common import InputError, full_device
-from pytorch.intensity import within_unit_range
-from self_discovery.fold_files import (CLASSES_PER_BLOCK, check_fold_index, file_keys,
-                                       fold_blocks, fold_file_names)
+from runtime.devices import full_device
+from runtime.errors import InputError
+from runtime.intensity import within_unit_range
+from self_discovery.fold_files import (CLASSES_PER_BLOCK, check_fold_index, file_keys, fold_blocks,
+                                       fold_file_names)
 
 __all__ = ["CubeSet", "load_cubes", "load_pretraining_data", "BatchFeeder",
            "epoch_permutation", "validation_order", "derive_seed"]

@@ -6,12 +6,8 @@ same functions to time "ours", so the two cannot drift apart. Stable API (keep s
 ``build_model(exp, cls_classes, width=32, norm="batch_stats") -> nn.Module``
     ``"en_de"`` -> ``YNet3D`` ((N,1,X,Y,Z) -> (restored (N,1,X,Y,Z), logits (N,C))),
     ``"en"`` -> ``ClassificationNet3D`` ((N,1,X,Y,Z) -> logits (N,C)).
-``resolve_amp(amp, device) -> torch.dtype | None``
-    ``"auto"`` -> bfloat16 on CUDA, None (fp32) on CPU; ``"bf16"``/``"fp32"`` explicit.
 ``prepare_model_for_speed(model, device, channels_last=None, compile=False) -> nn.Module``
     Moves to ``device``; channels_last_3d on CUDA (``None`` = auto); optional ``torch.compile``.
-``enable_fast_math(device, tf32=True)``
-    Process-wide CUDA flags (cuDNN autotuning, TF32), a separate call for the CLIs that want them.
 ``make_optimizer(model, lr=1e-3, device=None) -> torch.optim.Adam`` (fused on CUDA and CPU)
 ``make_scheduler(optimizer, step_size=40, gamma=0.5) -> StepLR``
 ``perturb_inputs(original, generator, augment=True, config=None, return_choices=False)``
@@ -31,7 +27,6 @@ MSE(restored, original); ``en``: cross_entropy alone (the reported rec term is 0
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -43,11 +38,12 @@ from torch import nn
 from models.checkpoint import unwrap_model
 from models.ynet3d import ClassificationNet3D, ContBatchNorm3d, YNet3D
 from pytorch.perturbations import OPERATIONS, PerturbationConfig, perturb_batch_with_choices
+from runtime.devices import autocast
 
-__all__ = ["EXPERIMENTS", "LossConfig", "build_model", "resolve_amp", "autocast",
+__all__ = ["EXPERIMENTS", "LossConfig", "build_model",
            "prepare_model_for_speed", "make_optimizer", "make_scheduler", "perturb_inputs",
            "compute_losses", "train_step", "eval_step", "summarize_stats", "restoration_sums",
-           "restoration_gains", "SyncContBatchNorm3d", "convert_sync_batchnorm", "enable_fast_math",
+           "restoration_gains", "SyncContBatchNorm3d", "convert_sync_batchnorm",
            "is_channels_last"]
 
 EXPERIMENTS = ("en", "en_de")
@@ -70,31 +66,12 @@ def build_model(exp: str, cls_classes: int, width: int = 32, norm: str = "batch_
     raise ValueError(f"exp must be one of {EXPERIMENTS}, got {exp!r}")
 
 
-def resolve_amp(amp: str, device: torch.device | str) -> torch.dtype | None:
-    """Autocast dtype for ``--amp``: "auto" = bf16 on CUDA, fp32 (None) elsewhere."""
-    device = torch.device(device)
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp32":
-        return None
-    raise ValueError(f"amp must be auto, bf16 or fp32, got {amp!r}")
-
-
-def autocast(device: torch.device | str, amp_dtype: torch.dtype | None):
-    """``torch.autocast`` context for ``amp_dtype``, or a no-op for fp32."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
-
-
 def prepare_model_for_speed(model: nn.Module, device: torch.device | str,
                             channels_last: bool | None = None, compile: bool = False) -> nn.Module:
     """Move ``model`` to ``device``; channels_last_3d (default: on CUDA only); optional compile.
 
     Returns the model to call (the compiled wrapper when ``compile``); the weights are shared
-    with ``models.checkpoint.unwrap_model(result)``. Sets no global flag: see ``enable_fast_math``.
+    with ``models.checkpoint.unwrap_model(result)``. Sets no global flag: see ``runtime.devices.enable_fast_math``.
     """
     device = torch.device(device)
     if channels_last is None:
@@ -105,15 +82,6 @@ def prepare_model_for_speed(model: nn.Module, device: torch.device | str,
     if compile:
         model = torch.compile(model)
     return model
-
-
-def enable_fast_math(device: torch.device | str, tf32: bool = True) -> None:
-    """On CUDA, turn on cuDNN autotuning and (with ``tf32``) TF32 matmuls and convolutions;
-    nothing elsewhere. These are process-wide flags, so a CLI sets them once, explicitly."""
-    if torch.device(device).type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def make_optimizer(model: nn.Module, lr: float = 1e-3,

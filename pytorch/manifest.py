@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pytorch.common import InputError
+from runtime.errors import InputError
 from self_discovery.fold_files import CLASSES_PER_BLOCK, FOLD_INDEX, fold_blocks, fold_file_names
 
 __all__ = ["MANIFEST_NAME", "DATA_FLAGS", "read_manifest", "resolve_data_flags"]

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.checkpoint import InputError, unwrap_model
+from models.checkpoint import unwrap_model
 from pytorch.engine import is_channels_last
+from runtime.errors import InputError
 
 __all__ = ["load_probe_set", "encoder_features", "probe_score"]
 

@@ -45,23 +45,23 @@ import torch
 from models.checkpoint import (DECODER_PREFIXES, load_checkpoint, load_pretrained,
                                load_state_dict_checked, load_training_state, save_checkpoint,
                                training_counters, unwrap_model)
-from pytorch import distributed as D
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_amp_flag,
-                            add_overwrite_flag, add_resume_flag, resume_path,
-                            call_reporting_errors, check_finite_training, device_name,
-                            early_stopping_update, full_device, middle_slice_grid, nonneg_float,
-                            nonneg_int, output_session, positive_float, positive_int,
-                            resolve_device, save_json_atomic, seed_everything, seed_int,
-                            summary_writer,
-                            write_run_config)
 from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation,
                           load_pretraining_data, validation_order)
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
-                            enable_fast_math, make_optimizer, make_scheduler, perturb_inputs,
-                            prepare_model_for_speed, resolve_amp, restoration_gains,
-                            restoration_sums, summarize_stats, train_step)
+                            make_optimizer, make_scheduler, perturb_inputs, prepare_model_for_speed,
+                            restoration_gains, restoration_sums, summarize_stats, train_step)
 from pytorch.manifest import resolve_data_flags
 from pytorch.perturbations import OPERATIONS
+from runtime import distributed as D
+from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
+                         add_resume_flag, call_reporting_errors, nonneg_float, nonneg_int,
+                         positive_float, positive_int, resume_path, seed_int)
+from runtime.devices import (device_name, enable_fast_math, full_device, resolve_amp,
+                             resolve_device, seed_everything)
+from runtime.errors import InputError
+from runtime.files import output_session, save_json_atomic, write_run_config
+from runtime.images import middle_slice_grid
+from runtime.training import check_finite_training, early_stopping_update, summary_writer
 from self_discovery.fold_files import fold_blocks
 
 CHECKPOINT_NAME = "semantic_genesis_chest_ct"

@@ -38,8 +38,9 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from pytorch.common import (ArgumentParser, HelpFormatter, atomic_path, nonneg_int, positive_int,
-                            probability, save_json_atomic, save_npy_atomic, seed_int)
+from runtime.cli import (ArgumentParser, HelpFormatter, nonneg_int, positive_int, probability,
+                         seed_int)
+from runtime.files import atomic_path, save_json_atomic, save_npy_atomic
 from self_discovery.feature_extractor import INDEX_NAME, save_features
 from self_discovery.lung_test import lung_test_weight_sum
 from self_discovery.volumes import normalize_crop

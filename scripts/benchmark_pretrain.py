@@ -39,9 +39,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, call_reporting_errors,
-                            device_name, nonneg_int, positive_int, resolve_device,
-                            save_json_atomic, seed_int)
+from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, nonneg_int,
+                         positive_int, seed_int)
+from runtime.devices import device_name, resolve_device
+from runtime.errors import InputError
+from runtime.files import save_json_atomic
 
 PATHS = ("published_loader", "published", "ours_perturb", "model_only", "ours")
 #: Context: cubes/s of the published code on an H200, batch 64, 64 x 64 x 32, width 32.
@@ -164,8 +166,8 @@ def time_path(step: Callable[[], Any], device: torch.device, warmup: int, steps:
 
 def _model(args, device: torch.device, ours: bool):
     """(model, optimiser, amp dtype, loss config): ours = engine's fast setup, else published."""
-    from pytorch.engine import (LossConfig, build_model, enable_fast_math, make_optimizer,
-                                prepare_model_for_speed, resolve_amp)
+    from pytorch.engine import LossConfig, build_model, make_optimizer, prepare_model_for_speed
+    from runtime.devices import enable_fast_math, resolve_amp
 
     torch.manual_seed(args.seed)
     model = build_model(args.exp, args.cls_classes, args.width)
@@ -276,7 +278,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             results["ours"] = time_path(ours_step, device, args.warmup, args.steps, B)
         del model, opt
     else:
-        from pytorch.engine import resolve_amp
+        from runtime.devices import resolve_amp
         amp = resolve_amp(args.amp, device)
     amp_name = str(amp).replace("torch.", "") if amp is not None else "fp32"
 

@@ -44,9 +44,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, call_reporting_errors,
-                            device_name, positive_float, positive_int, resolve_device,
-                            save_json_atomic, seed_int)
+from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, positive_float,
+                         positive_int, seed_int)
+from runtime.devices import device_name, resolve_device
+from runtime.errors import InputError
+from runtime.files import save_json_atomic
 from scripts.benchmark_pretrain import machine_name, parse_input
 
 CURVES = ("loss", "cls", "rec")  # columns 0..2 of engine.train_step's stats
@@ -164,8 +166,9 @@ def train_run(init_state: dict[str, torch.Tensor], args: argparse.Namespace,
     from tqdm import tqdm
 
     from pytorch.data import derive_seed, epoch_permutation
-    from pytorch.engine import (LossConfig, build_model, enable_fast_math, make_optimizer,
-                                perturb_inputs, prepare_model_for_speed, train_step)
+    from pytorch.engine import (LossConfig, build_model, make_optimizer, perturb_inputs,
+                                prepare_model_for_speed, train_step)
+    from runtime.devices import enable_fast_math
 
     model = build_model(args.exp, args.cls_classes, args.width)
     model.load_state_dict(init_state)

@@ -31,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from models.checkpoint import (IGNORED_PREFIXES, STRIP_PREFIXES, CheckpointError, checkpoint_dict,
-                               clean_state_dict, infer_model_config, load_state_dict_checked,
-                               read_checkpoint_file, save_checkpoint, strip_prefixes)
+from models.checkpoint import (IGNORED_PREFIXES, STRIP_PREFIXES, checkpoint_dict, clean_state_dict,
+                               infer_model_config, load_state_dict_checked, read_checkpoint_file,
+                               save_checkpoint, strip_prefixes)
 from models.ynet3d import ClassificationNet3D, UNet3D, YNet3D
-from pytorch.common import (ArgumentParser, HelpFormatter, add_overwrite_flag, call_reporting_errors,
-                            output_session)
+from runtime.cli import ArgumentParser, HelpFormatter, add_overwrite_flag, call_reporting_errors
+from runtime.errors import CheckpointError
+from runtime.files import output_session
 
 __all__ = ["ARCHS", "PUBLISHED_NORM", "convert_checkpoint", "describe", "build_parser", "main"]
 

@@ -22,7 +22,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import from the repository root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -197,7 +196,7 @@ def link_images(folder: Path, dest: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: fetch (or verify) the sample CTs; print their folder last. 0 ok, 2 failure."""
-    from pytorch.common import ArgumentParser, HelpFormatter, positive_float
+    from runtime.cli import ArgumentParser, HelpFormatter, positive_float
 
     ap = ArgumentParser(prog="fetch_sample_ct.py", description=__doc__.split("\n\n")[0],
                         formatter_class=HelpFormatter)

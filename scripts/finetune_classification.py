@@ -46,13 +46,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from models.targets import build_classifier
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
-                            add_resume_flag,
-                            call_reporting_errors, check_finite_training,
-                            check_real_array, device_name, fraction, make_output_dir,
-                            nonneg_int, positive_int, resolve_device, save_json_atomic,
-                            seed_everything, seed_int, summary_writer, write_run_config)
-from pytorch.intensity import within_unit_range
+from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, add_resume_flag,
+                         call_reporting_errors, fraction, nonneg_int, positive_int, seed_int)
+from runtime.devices import device_name, resolve_device, seed_everything
+from runtime.errors import InputError
+from runtime.files import make_output_dir, save_json_atomic, write_run_config
+from runtime.intensity import check_real_array, within_unit_range
+from runtime.training import check_finite_training, summary_writer
 from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_session,
                                      load_best, make_optimizer, restore_state, save_epoch)
 
@@ -146,7 +146,7 @@ def _open_cubes(path: Path) -> np.ndarray:
     # preparation as the pretraining cubes.
     if not within_unit_range(lo, hi):
         raise InputError(f"{path}: values in [{lo:.4g}, {hi:.4g}], expected [0, 1]; clip CT to "
-                         "[-1000, 1000] HU and scale to [0, 1] (pytorch.intensity.normalize_hu)")
+                         "[-1000, 1000] HU and scale to [0, 1] (runtime.intensity.normalize_hu)")
     return arr
 
 

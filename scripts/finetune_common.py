@@ -12,9 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.checkpoint import (CheckpointError, load_checkpoint, load_state_dict_checked,
-                               load_training_state, save_checkpoint, training_counters)
-from pytorch.common import nonneg_float, output_session, positive_float, positive_int, resume_path
+from models.checkpoint import (load_checkpoint, load_state_dict_checked, load_training_state,
+                               save_checkpoint, training_counters)
+from runtime.cli import nonneg_float, positive_float, positive_int, resume_path
+from runtime.errors import CheckpointError
+from runtime.files import output_session
 
 __all__ = ["add_model_flags", "add_optimizer_flags", "make_optimizer", "FinetuneState",
            "finetune_session", "restore_state", "save_epoch", "load_best"]

@@ -49,14 +49,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from models.targets import bce_dice_loss, binary_dice_iou, build_segmentation_model, dice_coef_loss
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
-                            add_resume_flag,
-                            call_reporting_errors, check_finite_training, check_output_outside,
-                            check_real_array, device_name, fraction, make_output_dir,
-                            nonneg_int, positive_int, probability, resolve_device, save_json_atomic,
-                            save_npy_atomic, seed_everything, seed_int, summary_writer,
-                            write_run_config)
-from pytorch.intensity import normalize_hu, within_unit_range
+from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, add_resume_flag,
+                         call_reporting_errors, fraction, nonneg_int, positive_int, probability,
+                         seed_int)
+from runtime.devices import device_name, resolve_device, seed_everything
+from runtime.errors import InputError
+from runtime.files import (check_output_outside, make_output_dir, save_json_atomic, save_npy_atomic,
+                           write_run_config)
+from runtime.intensity import check_real_array, normalize_hu, within_unit_range
+from runtime.training import check_finite_training, summary_writer
 from scripts.ct_io import CTReadError, find_ct_inputs, read_ct, volume_stem
 from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_session,
                                      load_best, make_optimizer, restore_state, save_epoch)

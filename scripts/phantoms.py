@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from pytorch.intensity import normalize_hu
+from runtime.intensity import normalize_hu
 
 __all__ = ["HU_AIR", "HU_LUNG", "HU_FAT", "HU_SOFT", "HU_BONE", "DEFAULT_SPACING",
            "make_chest_phantom", "phantom_lung_mask", "write_volume", "write_phantom_dataset",
@@ -308,11 +308,11 @@ def write_volume(path: str | os.PathLike, vol_xyz: np.ndarray,
                  spacing: Sequence[float] = DEFAULT_SPACING) -> Path:
     """Write one (x, y, z) volume with SimpleITK (format from the extension: .nrrd, .nii.gz,
     .mhd, ...), with its spacing, transposing to SimpleITK's (z, y, x)."""
-    import SimpleITK as sitk
-
     import tempfile
 
-    from models.checkpoint import atomic_path
+    import SimpleITK as sitk
+
+    from runtime.files import atomic_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,7 +345,7 @@ def write_phantom_dataset(out_dir: str | os.PathLike, n: int, shape: Sequence[in
     ``overwrite=False`` keeps patients whose image already exists (re-runs are cheap).
     Returns the image paths (files, or series folders for ``dicom``).
     """
-    from pytorch.common import save_npy_atomic
+    from runtime.files import save_npy_atomic
 
     if fmt not in PHANTOM_FORMATS:
         raise ValueError(f"fmt must be one of {PHANTOM_FORMATS}, got {fmt!r}")
@@ -419,8 +419,8 @@ def make_nodule_cubes(n: int, size: Sequence[int] = (64, 64, 32), seed: int = 0,
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python scripts/phantoms.py``."""
-    from pytorch.common import (ArgumentParser, HelpFormatter, nonneg_int, positive_float,
-                                positive_int, seed_int)
+    from runtime.cli import (ArgumentParser, HelpFormatter, nonneg_int, positive_float,
+                             positive_int, seed_int)
 
     ap = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = ap.add_argument_group("phantoms")
@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     """Write the phantom patients (or nodule cubes) that ``args`` ask for."""
-    from pytorch.common import InputError, make_output_dir, save_npy_atomic
+    from runtime.errors import InputError
+    from runtime.files import make_output_dir, save_npy_atomic
 
     for folder, flag in ((args.output_dir, "--output_dir"), (args.mask_dir, "--mask_dir")):
         if folder:
@@ -471,7 +472,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: write a folder of phantom patients (for trying the pipeline without data)."""
-    from pytorch.common import call_reporting_errors
+    from runtime.cli import call_reporting_errors
 
     ok, _ = call_reporting_errors(run, build_parser().parse_args(argv))
     return 0 if ok else 2

@@ -175,7 +175,7 @@ def render_panels(panels: list[Panel], panel_size: tuple[int, int] = (520, 380))
 
 
 def save_panels(path: str | os.PathLike, panels: list[Panel]) -> Path:
-    """Render ``panels`` and write them as an RGB PNG (``pytorch.common.save_png``)."""
-    from pytorch.common import save_png
+    """Render ``panels`` and write them as an RGB PNG (``runtime.images.save_png``)."""
+    from runtime.images import save_png
 
     return save_png(path, render_panels(panels).astype(np.float32) / 255.0)

@@ -42,13 +42,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, atomic_path,
-                            call_reporting_errors, check_output_outside, finite_float, fraction, output_session,
-                            positive_float, positive_int, save_json_atomic, save_npy_atomic,
-                            seed_int)
-from pytorch.intensity import normalize_hu, within_unit_range
-from scripts.ct_io import (CTReadError, find_ct_inputs, read_ct, resample,
-                           volume_stem, volume_suffix)
+from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, finite_float,
+                         fraction, positive_float, positive_int, seed_int)
+from runtime.errors import InputError
+from runtime.files import (atomic_path, check_output_outside, output_session, save_json_atomic,
+                           save_npy_atomic)
+from runtime.intensity import normalize_hu, within_unit_range
+from scripts.ct_io import CTReadError, find_ct_inputs, read_ct, resample, volume_stem, volume_suffix
 
 __all__ = ["build_parser", "prepare_dataset", "check_ct_range", "patient_name", "source_identity",
            "main"]

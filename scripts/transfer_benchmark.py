@@ -35,10 +35,11 @@ import numpy as np
 
 from models.checkpoint import load_checkpoint
 from models.targets import infer_width
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
-                            call_reporting_errors, device_name, make_output_dir, nonneg_int,
-                            positive_float, positive_int, save_json_atomic, save_npy_atomic,
-                            seed_int, write_run_config)
+from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, call_reporting_errors,
+                         nonneg_int, positive_float, positive_int, seed_int)
+from runtime.devices import device_name
+from runtime.errors import InputError
+from runtime.files import make_output_dir, save_json_atomic, save_npy_atomic, write_run_config
 
 __all__ = ["build_classification_task", "build_segmentation_task", "summarize", "format_table",
            "build_parser", "run", "main"]

@@ -52,9 +52,11 @@ from typing import Any
 
 import numpy as np
 
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, atomic_path,
-                            call_reporting_errors, make_output_dir, nonneg_int, positive_int,
-                            save_json_atomic, save_npy_atomic, write_run_config)
+from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, nonneg_int,
+                         positive_int)
+from runtime.errors import InputError
+from runtime.files import (atomic_path, make_output_dir, save_json_atomic, save_npy_atomic,
+                           write_run_config)
 
 __all__ = ["METHODS", "TASKS", "PRESETS", "resolve_config", "label_subset", "mean_ci",
            "summarize", "format_table", "plot_results", "study_json", "build_parser", "run",
@@ -588,7 +590,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) the whole study; return the study's JSON dict."""
     from tqdm import tqdm
 
-    from pytorch.common import resolve_device
+    from runtime.devices import resolve_device
 
     cfg = resolve_config(args.preset, args.overrides)
     if args.threads > 0:

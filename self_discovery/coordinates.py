@@ -20,7 +20,8 @@ import json
 import os
 from pathlib import Path
 
-from pytorch.common import InputError, atomic_path
+from runtime.errors import InputError
+from runtime.files import atomic_path
 from self_discovery.discovery import ClassPlan, CubeSpec
 
 __all__ = ["CSV_COLUMNS", "SPLITS", "read_coordinates", "plans_from_csv", "write_coordinates",

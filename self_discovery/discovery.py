@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
-from pytorch.common import InputError
+from runtime.errors import InputError
 from self_discovery.lung_test import passes_lung_test
 from self_discovery.volumes import VolumeCrops
 

@@ -42,17 +42,16 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from models.checkpoint import (DECODER_PREFIXES, checked_model_config, infer_model_config,
-                               load_checkpoint,
-                               load_state_dict_checked)
+                               load_checkpoint, load_state_dict_checked)
 from models.ynet3d import UNet3D, set_batchnorm
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_amp_flag,
-                            add_overwrite_flag,
-                            call_reporting_errors, check_output_outside, device_name,
-                            nonneg_int, output_session, positive_int, resolve_device,
-                            save_json_atomic, save_npy_atomic, write_run_config)
-from pytorch.distributed import (DistInfo, all_gather_objects, barrier, distributed_session,
+from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
+                         call_reporting_errors, nonneg_int, positive_int)
+from runtime.devices import autocast, device_name, resolve_amp, resolve_device
+from runtime.distributed import (DistInfo, all_gather_objects, barrier, distributed_session,
                                  is_main, shard_indices)
-from pytorch.engine import autocast, resolve_amp
+from runtime.errors import InputError
+from runtime.files import (check_output_outside, output_session, save_json_atomic, save_npy_atomic,
+                           write_run_config)
 from self_discovery.volumes import SPLITS, ResizedVolumeDataset, list_volumes
 
 __all__ = ["TRAIN_NAME", "VAL_NAME", "INDEX_NAME", "build_parser", "resolve_weights",

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pytorch.common import InputError, atomic_path, save_json_atomic, save_npy_atomic
+from runtime.errors import InputError
+from runtime.files import atomic_path, save_json_atomic, save_npy_atomic
 
 __all__ = ["CLASSES_PER_BLOCK", "FOLD_INDEX", "FOLD_GLOB", "CUBE_DTYPE", "LABEL_DTYPE",
            "fold_file_names", "fold_blocks", "file_keys", "block_labels", "write_fold_index",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pytorch.intensity import HU_MAX, HU_MIN, normalize_hu
+from runtime.intensity import HU_MAX, HU_MIN, normalize_hu
 
 __all__ = ["LUNG_HU", "lung_test_weight_sum", "passes_lung_test", "lung_threshold_unit"]
 

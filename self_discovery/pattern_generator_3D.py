@@ -61,12 +61,14 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_overwrite_flag,
-                            call_reporting_errors, check_output_outside, finite_float,
-                            middle_slice_grid, nonneg_float, nonneg_int, output_session,
-                            positive_int, probability, save_png, seed_int, write_run_config)
-from self_discovery.coordinates import (SPLITS, plans_from_csv, read_coordinates,
-                                        same_cube_config, write_coordinates)
+from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, call_reporting_errors,
+                         finite_float, nonneg_float, nonneg_int, positive_int, probability,
+                         seed_int)
+from runtime.errors import InputError
+from runtime.files import check_output_outside, output_session, write_run_config
+from runtime.images import middle_slice_grid, save_png
+from self_discovery.coordinates import (SPLITS, plans_from_csv, read_coordinates, same_cube_config,
+                                        write_coordinates)
 from self_discovery.discovery import ClassPlan, CoordinateBounds, DiscoveryContext, new_plan
 from self_discovery.feature_extractor import load_features
 from self_discovery.fold_files import (CLASSES_PER_BLOCK, FOLD_GLOB, FOLD_INDEX, BlockFiles,

@@ -43,15 +43,17 @@ from torch.utils.data.distributed import DistributedSampler
 from models.checkpoint import (checked_model_config, load_checkpoint, load_state_dict_checked,
                                load_training_state, save_checkpoint, training_counters)
 from models.ynet3d import UNet3D, set_batchnorm
-from pytorch.common import (ArgumentParser, HelpFormatter, InputError, add_amp_flag,
-                            add_overwrite_flag, add_resume_flag, resume_path,
-                            call_reporting_errors, check_finite_training, device_name,
-                            early_stopping_update, make_output_dir, middle_slice_grid, nonneg_int,
-                            output_session, positive_float, positive_int, resolve_device,
-                            seed_everything, seed_int, summary_writer, write_run_config)
-from pytorch.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object,
+from pytorch.engine import make_optimizer
+from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
+                         add_resume_flag, call_reporting_errors, nonneg_int, positive_float,
+                         positive_int, resume_path, seed_int)
+from runtime.devices import autocast, device_name, resolve_amp, resolve_device, seed_everything
+from runtime.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object,
                                  distributed_session, shard_indices)
-from pytorch.engine import autocast, make_optimizer, resolve_amp
+from runtime.errors import InputError
+from runtime.files import make_output_dir, output_session, write_run_config
+from runtime.images import middle_slice_grid
+from runtime.training import check_finite_training, early_stopping_update, summary_writer
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes
 
 __all__ = ["BEST_NAME", "LAST_NAME", "ARCH", "build_parser", "build_model", "model_config",

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pytorch.common import InputError, check_real_array
-from pytorch.intensity import (HU_MAX, HU_MIN, finite_range, is_unit_range, normalize_hu,
-                               within_unit_range)
+from runtime.errors import InputError
+from runtime.intensity import (HU_MAX, HU_MIN, check_real_array, finite_range, is_unit_range,
+                               normalize_hu, within_unit_range)
 
 __all__ = ["SPLITS", "check_dataset_complete", "list_volumes", "open_volume",
            "to_unit_range", "GAUSS_TRUNCATE",

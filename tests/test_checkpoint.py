@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import (CheckpointError, load_checkpoint, load_pretrained,
-                               load_state_dict_checked, save_checkpoint)
+from models.checkpoint import (load_checkpoint, load_pretrained, load_state_dict_checked,
+                               save_checkpoint)
 from models.ynet3d import ClassificationNet3D, UNet3D, YNet3D
+from runtime.errors import CheckpointError
 
 
 def _ckpt(tmp_path, model, **kw):

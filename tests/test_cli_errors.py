@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, atomic_path, load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.ynet3d import UNet3D, YNet3D
-from pytorch.common import InputError, make_output_dir
+from runtime.errors import CheckpointError, InputError
+from runtime.files import atomic_path, make_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (16, 16, 8)
@@ -400,7 +401,7 @@ def test_bad_numeric_flags_are_one_line_errors_at_parse_time(module, argv, flag,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_gpu_is_refused(capsys):
-    from pytorch.common import resolve_device
+    from runtime.devices import resolve_device
     with pytest.raises(SystemExit):
         importlib.import_module("pytorch.train").main(["--data_dir", "x", "--device", "cuda:0"])
     assert "no CUDA device" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import shlex
 import pytest
 
 from pytorch import train
-from pytorch.common import AMP_CHOICES
+from runtime.cli import AMP_CHOICES
 from scripts import (convert_checkpoint, finetune_classification, finetune_segmentation, phantoms,
                      prepare_dataset, transfer_benchmark)
 from self_discovery import feature_extractor, pattern_generator_3D, train_autoencoder

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from models.checkpoint import save_checkpoint
-from pytorch.common import InputError
+from runtime.errors import InputError
 from self_discovery import feature_extractor as fe
 from self_discovery import train_autoencoder as ta
 from tests.fold_fixtures import make_volume_dataset as make_dataset
@@ -128,7 +128,7 @@ DRIVER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {repo!r})
     import torch
-    from pytorch.distributed import init_distributed, cleanup_distributed
+    from runtime.distributed import init_distributed, cleanup_distributed
     from self_discovery import feature_extractor, train_autoencoder
     init_distributed(torch.device("cpu"))
     rc = train_autoencoder.main({ae_args!r})

@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from models.checkpoint import (CheckpointError, load_checkpoint, load_pretrained,
-                               load_state_dict_checked, save_checkpoint)
+from models.checkpoint import (load_checkpoint, load_pretrained, load_state_dict_checked,
+                               save_checkpoint)
 from models.targets import (Encoder3D, TargetClassifier, binary_dice_iou, build_classifier,
                             build_segmentation_model, dice_coef_loss, infer_width)
 from models.ynet3d import ClassificationNet3D, UNet3D, YNet3D
+from runtime.errors import CheckpointError
 from scripts import finetune_classification as fc
 from scripts import finetune_segmentation as fs
 from scripts.phantoms import make_nodule_cubes, write_phantom_dataset, write_volume

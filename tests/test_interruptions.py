@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from models.checkpoint import save_checkpoint
-from pytorch.common import LOCK_NAME, InputError, output_session
+from runtime.errors import InputError
+from runtime.files import LOCK_NAME, output_session
 from tests.fold_fixtures import make_volume_dataset, tiny_pretraining, train_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,6 +239,7 @@ def test_prepare_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path)
     """)
     assert len(json.loads((killed / "manifest.json").read_text())["volumes"]) == 2
     from self_discovery.volumes import list_volumes
+
     # the split hashes the source paths, so the two patients done may both be train patients
     (killed / "validation").mkdir(exist_ok=True)
     with pytest.raises(InputError, match="has not finished this dataset"):   # stages 1-3 refuse
@@ -294,8 +296,8 @@ def test_second_pattern_generator_into_one_folder_is_refused_while_the_first_run
 
 
 def test_fold_files_of_an_earlier_larger_run_are_not_read_with_the_new_ones(tmp_path):
-    from self_discovery.fold_files import check_fold_index
     from self_discovery import pattern_generator_3D as pg
+    from self_discovery.fold_files import check_fold_index
     from tests.test_patterns import _args, make_dataset
     root = make_dataset(tmp_path, n_train=6, n_val=3)
     save = root / "out"
@@ -312,8 +314,8 @@ def test_fold_files_of_an_earlier_larger_run_are_not_read_with_the_new_ones(tmp_
 
 
 def test_convert_checkpoint_keeps_an_existing_output(tmp_path, capsys):
-    from scripts import convert_checkpoint as cc
     from models.ynet3d import YNet3D
+    from scripts import convert_checkpoint as cc
     src = tmp_path / "published.pt"
     torch.save({"state_dict": YNet3D(cls_classes=2, width=4).state_dict()}, src)
     out = tmp_path / "en_de" / "semantic_genesis_chest_ct.pt"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from pytorch import train as train_cli
-from pytorch.common import InputError
 from pytorch.data import load_pretraining_data
 from pytorch.manifest import DATA_FLAGS, MANIFEST_NAME, resolve_data_flags
+from runtime.errors import InputError
 from self_discovery.fold_files import FOLD_INDEX, write_fold_index
 from tests.fold_fixtures import SHAPE, make_fold_files
 

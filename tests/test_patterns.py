@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytorch.common import InputError, middle_slice_grid
 from pytorch.data import load_pretraining_data
-from pytorch.intensity import is_unit_range
 from pytorch.manifest import DATA_FLAGS, resolve_data_flags
+from runtime.errors import InputError
+from runtime.images import middle_slice_grid
+from runtime.intensity import is_unit_range
 from scripts.benchmark_patterns import naive_weight_sum  # the reference's per-voxel loop
 from self_discovery import pattern_generator_3D as pg
 from self_discovery.discovery import MULTI_RES_SHIFT, multi_res_crop, too_close

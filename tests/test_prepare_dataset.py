@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pytorch.intensity import normalize_hu
+from runtime.intensity import normalize_hu
 from scripts import prepare_dataset as pd
 from scripts.ct_io import find_ct_inputs, read_ct, resample, resampled_shape
 from scripts.phantoms import (make_chest_phantom, make_nodule_cubes, phantom_lung_mask,

@@ -16,19 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import (CheckpointError, infer_model_config, load_checkpoint,
-                               load_pretrained, save_checkpoint)
+from models.checkpoint import infer_model_config, load_checkpoint, load_pretrained, save_checkpoint
 from models.ynet3d import ClassificationNet3D, UNet3D, YNet3D
+from pytorch import train as train_cli
+from runtime.errors import CheckpointError
 from scripts import convert_checkpoint as cc
 from scripts import finetune_classification as fc
 from scripts import finetune_segmentation as fs
 from scripts import transfer_benchmark as tb
 from self_discovery import feature_extractor as fe
 from self_discovery import train_autoencoder as ta
-from pytorch import train as train_cli
 from tests.checkpoint_fixtures import WritesMarker, save_malicious, save_published
-from tests.fold_fixtures import (autoencoder_args, make_fold_files, make_volume_dataset,
-                                 train_args)
+from tests.fold_fixtures import autoencoder_args, make_fold_files, make_volume_dataset, train_args
 from tests.test_cli_errors import one_error_line
 
 CUBE = (16, 16, 8)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pytorch.intensity import normalize_hu
+from runtime.intensity import normalize_hu
+from scripts import fetch_sample_ct as fsc
 from scripts import prepare_dataset as pd
 from scripts.ct_io import read_ct
-from scripts import fetch_sample_ct as fsc
 from scripts.fetch_sample_ct import (SAMPLE_FILES, DownloadError, FetchError, fetch_sample_ct,
                                      link_images, verify_sample_ct)
 from self_discovery.lung_test import passes_lung_test

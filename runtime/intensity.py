@@ -17,10 +17,10 @@ import os
 import numpy as np
 import torch
 
-from pytorch.common import InputError
+from runtime.errors import InputError
 
 __all__ = ["HU_MIN", "HU_MAX", "UNIT_TOLERANCE", "HU_DETECT_MAX", "normalize_hu",
-           "within_unit_range", "is_unit_range", "finite_range"]
+           "within_unit_range", "is_unit_range", "finite_range", "check_real_array"]
 
 #: The default HU window mapped to [0, 1] (air to dense bone).
 HU_MIN, HU_MAX = -1000.0, 1000.0
@@ -86,3 +86,13 @@ def finite_range(vol: np.ndarray, path: str | os.PathLike = "volume",
             raise InputError(f"{path}: NaN or inf values (first in rows/x >= {x0}); {fix}")
         lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
     return lo, hi
+
+
+def check_real_array(arr: np.ndarray, path: str | os.PathLike, fix: str,
+                     allow_bool: bool = False) -> np.ndarray:
+    """The dtype rule of every array a stage reads: real numbers (integers or floats; booleans
+    where ``allow_bool``), never complex, strings or objects; an ``InputError`` naming ``path``
+    and ``fix`` otherwise. Returns ``arr``."""
+    if arr.dtype.kind not in ("iufb" if allow_bool else "iuf"):
+        raise InputError(f"{path}: values of dtype {arr.dtype}, expected real numbers; {fix}")
+    return arr

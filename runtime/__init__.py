@@ -1,0 +1,15 @@
+"""The project's runtime, shared by every stage and script.
+
+* ``errors``: the error hierarchy (bad user input, unreadable checkpoints, diverged runs);
+* ``cli``: the argparse parser, validating flag types and shared flags of every CLI, and the
+  one-line error report of every ``main``;
+* ``files``: atomic writes, output folders owned by one run (lock, kept results), run configs;
+* ``devices``: device, precision and seeding;
+* ``distributed``: thin ``torch.distributed`` helpers (one process without ``torchrun``);
+* ``intensity``: the CT intensity rule (HU window, "already in [0, 1]", finiteness);
+* ``training``: the loop runtime of every training CLI (resume, early stopping shared across
+  ranks, checkpoints of an epoch, one logger, ``train_one_epoch``);
+* ``images``: middle-slice montages and a dependency-free PNG writer.
+
+Nothing here imports a stage: the stages import the runtime.
+"""
