@@ -22,14 +22,14 @@ from runtime.intensity import within_unit_range
 from self_discovery.fold_files import (CLASSES_PER_BLOCK, check_fold_index, file_keys, fold_blocks,
                                        fold_file_names)
 
-__all__ = ["CubeSet", "load_cubes", "load_pretraining_data", "BatchFeeder",
+__all__ = ["PretrainingCubes", "read_fold_cubes", "load_pretraining_data", "BatchFeeder",
            "epoch_permutation", "validation_order", "derive_seed"]
 
 _CHUNK = 256  # cubes copied per chunk while loading
 
 
 @dataclass
-class CubeSet:
+class PretrainingCubes:
     """Cubes and labels resident in memory.
 
     ``cubes``: (N, 1, X, Y, Z), float16/float32, values in [0, 1], on ``cubes.device``
@@ -80,9 +80,9 @@ def _class_rows(data_path: Path, label_path: Path, lab: np.ndarray, classes: ran
     return np.concatenate(rows) if rows else np.zeros(0, np.int64)
 
 
-def load_cubes(pairs: list[tuple[Path, Path, range, int]], cube_shape: tuple[int, int, int],
+def read_fold_cubes(pairs: list[tuple[Path, Path, range, int]], cube_shape: tuple[int, int, int],
                cls_classes: int, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu", pin_memory: bool = False) -> CubeSet:
+               device: torch.device | str = "cpu", pin_memory: bool = False) -> PretrainingCubes:
     """Validate and concatenate, for every (data, label, classes, per_class) file pair, the
     first ``per_class`` cubes of each class in ``classes`` (found by label).
 
@@ -148,14 +148,14 @@ def load_cubes(pairs: list[tuple[Path, Path, range, int]], cube_shape: tuple[int
             cubes[at + s:at + e].copy_(torch.from_numpy(chunk))
         labels_out[at:at + rows] = torch.from_numpy(lab)
         at += rows
-    return CubeSet(cubes, labels_out.to(device))
+    return PretrainingCubes(cubes, labels_out.to(device))
 
 
 def load_pretraining_data(data_dir: str | Path, cls_classes: int, nb_instances: int,
                           nb_val_instances: int, nb_multires_patch: int,
                           cube_shape: tuple[int, int, int], dtype: torch.dtype = torch.float32,
                           device: torch.device | str = "cpu",
-                          pin_memory: bool = False) -> tuple[CubeSet, CubeSet]:
+                          pin_memory: bool = False) -> tuple[PretrainingCubes, PretrainingCubes]:
     """Load the train (all resolutions) and validation (resolution 1) cubes of C classes.
 
     For block k with c_k classes used, the first ``nb_instances`` cubes of each of those classes
@@ -184,7 +184,7 @@ def load_pretraining_data(data_dir: str | Path, cls_classes: int, nb_instances: 
     check_fold_index(data_dir, [p.name for d, lab, _, _ in train + val for p in (d, lab)])
     kw = dict(cube_shape=cube_shape, cls_classes=cls_classes, dtype=dtype, device=device,
               pin_memory=pin_memory)
-    return load_cubes(train, **kw), load_cubes(val, **kw)
+    return read_fold_cubes(train, **kw), read_fold_cubes(val, **kw)
 
 
 def derive_seed(*parts: int) -> int:
@@ -221,14 +221,14 @@ def validation_order(n: int, seed: int, rank: int = 0, world_size: int = 1) -> t
 
 
 class BatchFeeder:
-    """Gathers batches of a ``CubeSet`` onto ``device`` without host synchronisation.
+    """Gathers batches of a ``PretrainingCubes`` onto ``device`` without host synchronisation.
 
     Data on the GPU: indexing stays on the GPU. Data in (pinned) host memory: the batch is
     gathered into one of two pinned staging buffers and copied asynchronously; a CUDA event
     guards reuse of each buffer. Returns (cubes float32 (n, 1, X, Y, Z), labels int64 (n,)).
     """
 
-    def __init__(self, data: CubeSet, device: torch.device, max_batch: int) -> None:
+    def __init__(self, data: PretrainingCubes, device: torch.device, max_batch: int) -> None:
         self.data, self.device = data, full_device(device)
         self.on_device = (full_device(data.cubes.device) == self.device
                           or self.device.type == "cpu")

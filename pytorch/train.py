@@ -45,7 +45,7 @@ import torch
 from models.checkpoint import (DECODER_PREFIXES, load_checkpoint, load_pretrained,
                                load_state_dict_checked, load_training_state, save_checkpoint,
                                training_counters, unwrap_model)
-from pytorch.data import (BatchFeeder, CubeSet, derive_seed, epoch_permutation,
+from pytorch.data import (BatchFeeder, PretrainingCubes, derive_seed, epoch_permutation,
                           load_pretraining_data, validation_order)
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
                             make_optimizer, make_scheduler, perturb_inputs, prepare_model_for_speed,
@@ -280,7 +280,7 @@ def _choose_storage(args, device: torch.device) -> tuple[torch.dtype, torch.devi
 
 
 @torch.no_grad()
-def _fixed_val_inputs(val: CubeSet, args, device: torch.device) -> tuple[CubeSet, torch.Tensor]:
+def _fixed_val_inputs(val: PretrainingCubes, args, device: torch.device) -> tuple[PretrainingCubes, torch.Tensor]:
     """Validation cubes with their perturbed inputs stacked on channel 1: (N, 2, X, Y, Z), and
     the (N,) index into ``OPERATIONS`` of each cube's perturbation (on the cubes' device).
 
@@ -299,7 +299,7 @@ def _fixed_val_inputs(val: CubeSet, args, device: torch.device) -> tuple[CubeSet
         out[s:e, 0:1] = x.to(out.device, out.dtype)
         out[s:e, 1:2] = y.to(out.device, out.dtype)
         choices[s:e] = ops.to(choices.device)
-    return CubeSet(out, val.labels), choices
+    return PretrainingCubes(out, val.labels), choices
 
 
 def _checkpoint_paths(args) -> tuple[Path, Path, Path]:
@@ -559,7 +559,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
 
 
 @torch.no_grad()
-def _preview(model, val_set: CubeSet, args, device, amp_dtype, loss_cfg):
+def _preview(model, val_set: PretrainingCubes, args, device, amp_dtype, loss_cfg):
     """Middle slices (original | perturbed | restored) of the first validation cubes."""
     n = min(args.nb_preview, len(val_set))
     both = val_set.cubes[:n].to(device, torch.float32)

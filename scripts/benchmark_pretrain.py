@@ -186,7 +186,7 @@ def _model(args, device: torch.device, ours: bool):
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """All requested paths; returns the results dict (also what ``--json`` writes)."""
-    from pytorch.data import BatchFeeder, CubeSet
+    from pytorch.data import BatchFeeder, PretrainingCubes
     from pytorch.engine import perturb_inputs, train_step
     from scripts.published_style import PublishedStyleDataset
 
@@ -242,7 +242,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     # ---- ours: cubes resident on the device, perturbations on the device ------------------
     store_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    data = CubeSet(torch.from_numpy(cubes_np)[:, None].to(device, store_dtype),
+    data = PretrainingCubes(torch.from_numpy(cubes_np)[:, None].to(device, store_dtype),
                    torch.from_numpy(labels_np).to(device))
     feeder = BatchFeeder(data, device, B)
     gen = torch.Generator(device).manual_seed(args.seed)

@@ -54,16 +54,16 @@ from runtime.files import make_output_dir, save_json_atomic, write_run_config
 from runtime.intensity import check_real_array, within_unit_range
 from runtime.training import check_finite_training, summary_writer
 from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_session,
-                                     load_best, make_optimizer, restore_state, save_epoch)
+                                     load_best, finetune_optimizer, restore_state, save_epoch)
 
-__all__ = ["CubeSet", "load_cubes", "load_labels", "count_classes", "load_class_folders", "split_stratified",
+__all__ = ["CubeFiles", "open_cube_files", "load_labels", "count_classes", "load_class_folders", "split_stratified",
            "classification_metrics", "build_parser", "run", "main"]
 
 
 # ------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------
-class CubeSet:
+class CubeFiles:
     """Cubes from one or more ``.npy`` files (memory-mapped), with integer labels.
 
     ``arrays[k]`` is (n_k, X, Y, Z); ``index[i] = (k, j)`` locates cube i; ``labels`` (N,) int64.
@@ -93,9 +93,9 @@ class CubeSet:
         k, j = self.index[i]
         return np.array(self.arrays[k][j], dtype=np.float32)  # a writable copy
 
-    def subset(self, idx: Sequence[int]) -> "CubeSet":
+    def subset(self, idx: Sequence[int]) -> "CubeFiles":
         idx = np.asarray(idx, dtype=np.int64)
-        out = CubeSet.__new__(CubeSet)
+        out = CubeFiles.__new__(CubeFiles)
         out.arrays, out.sources, out.class_names = self.arrays, self.sources, self.class_names
         out.index, out.labels, out.cube_shape = self.index[idx], self.labels[idx], self.cube_shape
         return out
@@ -150,7 +150,7 @@ def _open_cubes(path: Path) -> np.ndarray:
     return arr
 
 
-def load_cubes(paths: Sequence[str | os.PathLike]) -> tuple[list[np.ndarray], list[str]]:
+def open_cube_files(paths: Sequence[str | os.PathLike]) -> tuple[list[np.ndarray], list[str]]:
     """Open every cube file under ``paths`` (files or folders, folders in sorted order)."""
     files = [f for p in paths for f in _npy_files(Path(p))]
     return [_open_cubes(f) for f in files], [str(f) for f in files]
@@ -200,7 +200,7 @@ def count_classes(labels: np.ndarray, num_classes: int | None = None) -> int:
     return max(2, int(found.size))
 
 
-def load_class_folders(root: str | os.PathLike) -> CubeSet:
+def load_class_folders(root: str | os.PathLike) -> CubeFiles:
     """``root/<class>/*.npy``: one sub-folder per class, class index = sorted folder order."""
     root = Path(root)
     if not root.is_dir():
@@ -211,16 +211,16 @@ def load_class_folders(root: str | os.PathLike) -> CubeSet:
                          f"(e.g. {root}/nodule and {root}/no_nodule)")
     arrays, sources, labels = [], [], []
     for c, folder in enumerate(classes):
-        arr, src = load_cubes([folder])
+        arr, src = open_cube_files([folder])
         arrays += arr
         sources += src
         labels += [np.full(a.shape[0], c, np.int64) for a in arr]
-    return CubeSet(arrays, sources, np.concatenate(labels), [p.name for p in classes])
+    return CubeFiles(arrays, sources, np.concatenate(labels), [p.name for p in classes])
 
 
 def load_dataset(data: Sequence[str] | None, labels: str | None, data_dir: str | None,
-                 what: str = "") -> CubeSet | None:
-    """Build a :class:`CubeSet` from ``--{what}data``/``--{what}labels`` or ``--{what}data_dir``."""
+                 what: str = "") -> CubeFiles | None:
+    """Build a :class:`CubeFiles` from ``--{what}data``/``--{what}labels`` or ``--{what}data_dir``."""
     if data_dir and data:
         raise InputError(f"give either --{what}data_dir or --{what}data/--{what}labels, not both")
     if data_dir:
@@ -231,13 +231,13 @@ def load_dataset(data: Sequence[str] | None, labels: str | None, data_dir: str |
         return None
     if not labels:
         raise InputError(f"--{what}data needs --{what}labels (one integer per cube)")
-    arrays, sources = load_cubes(data)
+    arrays, sources = open_cube_files(data)
     lab = load_labels(labels)
     n = sum(a.shape[0] for a in arrays)
     if lab.size != n:
         raise InputError(f"{labels} has {lab.size} labels but {', '.join(sources)} hold{'s' if len(sources) == 1 else ''} "
                          f"{n} cube(s); give one label per cube, in file order")
-    return CubeSet(arrays, sources, lab)
+    return CubeFiles(arrays, sources, lab)
 
 
 def split_stratified(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -261,7 +261,7 @@ class CubeDataset(Dataset):
     with any number of workers. Set ``.epoch`` before each epoch.
     """
 
-    def __init__(self, cubes: CubeSet, augment: bool = False, seed: int = 0) -> None:
+    def __init__(self, cubes: CubeFiles, augment: bool = False, seed: int = 0) -> None:
         self.cubes, self.augment, self.seed, self.epoch = cubes, augment, seed, 0
 
     def __len__(self) -> int:
@@ -449,7 +449,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                                      norm=args.norm, freeze_encoder=args.freeze_encoder)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, args.optimizer, args.lr, args.weight_decay)
+    optimizer = finetune_optimizer(params, args.optimizer, args.lr, args.weight_decay)
 
     state = restore_state(args.resume, model, optimizer, out)
 

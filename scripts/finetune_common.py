@@ -18,7 +18,7 @@ from runtime.cli import nonneg_float, positive_float, positive_int, resume_path
 from runtime.errors import CheckpointError
 from runtime.files import output_session
 
-__all__ = ["add_model_flags", "add_optimizer_flags", "make_optimizer", "FinetuneState",
+__all__ = ["add_model_flags", "add_optimizer_flags", "finetune_optimizer", "FinetuneState",
            "finetune_session", "restore_state", "save_epoch", "load_best"]
 
 #: What a finished fine-tuning run leaves in --output_dir (kept unless --overwrite/--resume).
@@ -39,14 +39,14 @@ def add_model_flags(ap: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 
 def add_optimizer_flags(group: argparse._ArgumentGroup) -> None:
-    """``--optimizer``, ``--lr``, ``--weight_decay`` (see :func:`make_optimizer`)."""
+    """``--optimizer``, ``--lr``, ``--weight_decay`` (see :func:`finetune_optimizer`)."""
     group.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
                        help="sgd: momentum 0.9 as in the README snippet; adam")
     group.add_argument("--lr", type=positive_float, default=1e-2, help="learning rate")
     group.add_argument("--weight_decay", type=nonneg_float, default=0.0, help="L2 weight decay")
 
 
-def make_optimizer(params: list[nn.Parameter], name: str, lr: float,
+def finetune_optimizer(params: list[nn.Parameter], name: str, lr: float,
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """``sgd``: momentum 0.9, no Nesterov, as the original README's snippets; or ``adam``."""
     if name == "sgd":

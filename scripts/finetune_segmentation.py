@@ -60,9 +60,9 @@ from runtime.intensity import check_real_array, normalize_hu, within_unit_range
 from runtime.training import check_finite_training, summary_writer
 from scripts.ct_io import CTReadError, find_ct_inputs, read_ct, volume_stem
 from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_session,
-                                     load_best, make_optimizer, restore_state, save_epoch)
+                                     load_best, finetune_optimizer, restore_state, save_epoch)
 
-__all__ = ["Case", "MASK_SUFFIXES", "list_volumes", "pair_volumes", "load_cases", "sample_crop", "CropDataset",
+__all__ = ["Case", "MASK_SUFFIXES", "find_volume_files", "pair_volumes", "load_cases", "sample_crop", "CropDataset",
            "sliding_window_predict", "evaluate_cases", "build_parser", "run", "main"]
 
 #: Largest number of foreground coordinates kept per volume for oversampling.
@@ -85,7 +85,7 @@ class Case:
     mask_path: str
 
 
-def list_volumes(paths: Sequence[str | os.PathLike], flag: str) -> list[dict[str, Any]]:
+def find_volume_files(paths: Sequence[str | os.PathLike], flag: str) -> list[dict[str, Any]]:
     """Volumes under ``paths`` (files, folders of files, DICOM series folders), sorted by name."""
     items: list[dict[str, Any]] = []
     for p in paths:
@@ -222,8 +222,8 @@ def load_cases(images: Sequence[str], masks: Sequence[str], seed: int = 0,
                foreground_labels: Sequence[int] | None = None, what: str = "") -> list[Case]:
     """Read image/mask pairs (paired by name, see :func:`pair_volumes`), check grids, find
     foreground voxels."""
-    pairs = pair_volumes(list_volumes(images, f"--{what}images"),
-                         list_volumes(masks, f"--{what}masks"), what)
+    pairs = pair_volumes(find_volume_files(images, f"--{what}images"),
+                         find_volume_files(masks, f"--{what}masks"), what)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xF0E9]))
     cases = []
     for it_img, it_msk in pairs:
@@ -494,7 +494,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     model, loaded = build_segmentation_model(width=args.width, weights=args.weights, norm=args.norm,
                                              new_decoder=args.new_decoder)
     model.to(device)
-    optimizer = make_optimizer(list(model.parameters()), args.optimizer, args.lr, args.weight_decay)
+    optimizer = finetune_optimizer(list(model.parameters()), args.optimizer, args.lr, args.weight_decay)
     criterion = dice_coef_loss if args.loss == "dice" else bce_dice_loss
 
     state = restore_state(args.resume, model, optimizer, out)

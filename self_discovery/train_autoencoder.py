@@ -56,7 +56,7 @@ from runtime.images import middle_slice_grid
 from runtime.training import check_finite_training, early_stopping_update, summary_writer
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes
 
-__all__ = ["BEST_NAME", "LAST_NAME", "ARCH", "build_parser", "build_model", "model_config",
+__all__ = ["BEST_NAME", "LAST_NAME", "ARCH", "build_parser", "build_autoencoder", "model_config",
            "plateau_scheduler", "train_step", "train", "main", "BN_MOMENTUM", "BN_EPS"]
 
 BEST_NAME = "Unet_autoencoder.pt"
@@ -134,7 +134,7 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
             "in_channels": 1, "bn_momentum": BN_MOMENTUM, "bn_eps": BN_EPS}
 
 
-def build_model(width: int = 32, decoder: str = "upsampling", norm: str = NORM) -> UNet3D:
+def build_autoencoder(width: int = 32, decoder: str = "upsampling", norm: str = NORM) -> UNet3D:
     """The stage-1 autoencoder: (N, 1, X, Y, Z) -> (N, 1, X, Y, Z) in [0, 1] (sigmoid), with
     the Keras BatchNorm constants (``BN_MOMENTUM``, ``BN_EPS``)."""
     model = UNet3D(n_class=1, width=width, decoder=decoder, norm=norm)  # type: ignore[arg-type]
@@ -232,7 +232,7 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
     seed_everything(args.seed)   # same initial weights on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = build_model(args.width, args.decoder).to(device)
+    model = build_autoencoder(args.width, args.decoder).to(device)
     optimizer = make_optimizer(model, args.lr, device)  # fused Adam: no per-step host reads
     scheduler = plateau_scheduler(optimizer, args.lr_patience)
     start_epoch, best_loss, no_improve = 0, math.inf, 0

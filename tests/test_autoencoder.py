@@ -47,7 +47,7 @@ def test_loss_falls_over_a_few_steps(tmp_path):
     ds = ResizedVolumeDataset(list_volumes(data / "train"), (32, 32, 16))
     x = torch.stack([ds[0][0], ds[1][0]])                      # (2, 1, 32, 32, 16)
     torch.manual_seed(0)
-    model = ta.build_model(width=4)
+    model = ta.build_autoencoder(width=4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = [float(ta.train_step(model, opt, x)) for _ in range(6)]
     assert all(math.isfinite(v) for v in losses)
@@ -132,7 +132,7 @@ def test_batchnorm_constants_are_keras_and_reach_the_feature_extractor(trained):
 
     from self_discovery.feature_extractor import load_encoder
     root, _, _ = trained
-    model = ta.build_model(width=4)
+    model = ta.build_autoencoder(width=4)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm3d)]
     assert bns and all((m.momentum, m.eps) == (0.01, 1e-3) for m in bns)
     ckpt = load_checkpoint(root / "ckpt" / ta.BEST_NAME)

@@ -300,10 +300,10 @@ def _seg_folders(root: Path, images: list[str], masks: list[str]) -> tuple[Path,
 def test_segmentation_pairs_by_name_not_sort_order(tmp_path):
     """case1, case10, case2 sort differently from case1_mask, case10_mask, case2_mask."""
     from scripts.ct_io import volume_stem
-    from scripts.finetune_segmentation import list_volumes, pair_volumes
+    from scripts.finetune_segmentation import find_volume_files, pair_volumes
     img, msk = _seg_folders(tmp_path, ["case1", "case10", "case2"],
                             ["case2_seg", "case10_mask", "case1_label"])
-    pairs = pair_volumes(list_volumes([img], "--images"), list_volumes([msk], "--masks"))
+    pairs = pair_volumes(find_volume_files([img], "--images"), find_volume_files([msk], "--masks"))
     assert [(volume_stem(a["path"]), volume_stem(b["path"])) for a, b in pairs] == [
         ("case1", "case1_label"), ("case10", "case10_mask"), ("case2", "case2_seg")]
 

@@ -16,7 +16,7 @@ import torch
 from models.checkpoint import load_checkpoint, load_state_dict_checked
 from models.ynet3d import YNet3D
 from pytorch import train as train_cli
-from pytorch.data import BatchFeeder, CubeSet
+from pytorch.data import BatchFeeder, PretrainingCubes
 from pytorch.engine import (LossConfig, build_model, make_optimizer, perturb_inputs,
                             prepare_model_for_speed, summarize_stats, train_step)
 from pytorch.perturbations import (bezier_map, bezier_tables, elastic_displacement,
@@ -66,7 +66,7 @@ def test_perturbation_statistics_on_cuda():
 def test_training_step_never_synchronises(exp):
     """Feeder (fp16 on the GPU) + perturbations + bf16 channels_last step + fused Adam."""
     torch.manual_seed(0)
-    data = CubeSet(_smooth_cubes(24).to(CUDA, torch.float16),
+    data = PretrainingCubes(_smooth_cubes(24).to(CUDA, torch.float16),
                    torch.randint(0, 3, (24,)).to(CUDA))
     feeder = BatchFeeder(data, CUDA, max_batch=8)
     model = prepare_model_for_speed(build_model(exp, 3, width=4), CUDA)
@@ -95,7 +95,7 @@ def test_pinned_host_feeder_gathers_the_right_cubes():
     """Cubes in pinned host memory: two staging buffers, asynchronous copies, right rows."""
     cubes = _smooth_cubes(20).half().pin_memory()
     labels = torch.arange(20)
-    feeder = BatchFeeder(CubeSet(cubes, labels), CUDA, max_batch=6)
+    feeder = BatchFeeder(PretrainingCubes(cubes, labels), CUDA, max_batch=6)
     assert not feeder.on_device
     idx = torch.randperm(20)
     for s in range(0, 20, 6):                  # 4 batches: each buffer reused

@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("fe")
     data = make_dataset(root / "data", n_train=5, n_val=3, seed=1)
     torch.manual_seed(0)
-    model = ta.build_model(width=4)
+    model = ta.build_autoencoder(width=4)
     with torch.no_grad():
         model.train()
         model(torch.rand(3, 1, 32, 32, 16))  # update running statistics

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.ynet3d import ClassificationNet3D, UNet3D, YNet3D
 from pytorch import train as train_cli
-from pytorch.data import BatchFeeder, CubeSet
+from pytorch.data import BatchFeeder, PretrainingCubes
 from pytorch.engine import (LossConfig, build_model, eval_step, make_optimizer, perturb_inputs,
                             prepare_model_for_speed, train_step)
 from self_discovery import train_autoencoder, volumes
@@ -62,7 +62,7 @@ class RecordOps(TorchDispatchMode):
 def test_one_pretraining_step_reads_nothing_back(exp):
     """Batch gather, perturbations, forward, backward, fused Adam and eval: no host reads."""
     torch.manual_seed(0)
-    data = CubeSet(torch.rand(12, 1, 32, 32, 16).half(), torch.randint(0, 3, (12,)))
+    data = PretrainingCubes(torch.rand(12, 1, 32, 32, 16).half(), torch.randint(0, 3, (12,)))
     feeder = BatchFeeder(data, torch.device("cpu"), max_batch=6)
     model = prepare_model_for_speed(build_model(exp, 3, width=4), "cpu")
     optimizer = make_optimizer(model)

@@ -149,7 +149,7 @@ def features_setup(tmp_path):
     ckpts = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        ckpts.append(save_checkpoint(tmp_path / f"ae{seed}.pt", ta.build_model(width=4),
+        ckpts.append(save_checkpoint(tmp_path / f"ae{seed}.pt", ta.build_autoencoder(width=4),
                                      arch="UNet3D", model_config={"width": 4, "norm": "standard",
                                                                   "decoder": "upsampling"}))
     return tmp_path, data, ckpts

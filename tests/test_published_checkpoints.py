@@ -42,7 +42,7 @@ def published(tmp_path_factory) -> dict[str, Path]:
     out: dict = {"root": root, "state": {}}
     for name, model, kw in (("ynet", YNet3D(cls_classes=3, width=4), {}),
                             ("ynet_zip", YNet3D(cls_classes=3, width=4), {"legacy": False}),
-                            ("ae", ta.build_model(width=4), {}),
+                            ("ae", ta.build_autoencoder(width=4), {}),
                             ("en", ClassificationNet3D(cls_classes=3, width=4), {})):
         out["state"][name] = save_published(root / f"{name}.pt", model, **kw)
         out[name] = root / f"{name}.pt"
