@@ -63,6 +63,7 @@ class TargetClassifier(nn.Module):
             raise ValueError("base_model must be a Semantic Genesis network (UNet3D/YNet3D/Encoder3D)")
         self.dense_1 = nn.Linear(int(channels), n_class, bias=True)
         self.n_class = n_class
+        self.encoder_frozen = False
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, X, Y, Z) -> globally pooled bottleneck (N, 16w)."""
@@ -81,9 +82,18 @@ class TargetClassifier(nn.Module):
         return list(self.base_model.parameters())
 
     def freeze_encoder(self, frozen: bool = True) -> None:
-        """Stop (or restart) gradient flow into the encoder's parameters."""
+        """Stop (or restart) gradient flow into the encoder's parameters; a frozen encoder also
+        stays in eval mode under ``train()`` (its BatchNorm running statistics do not move)."""
+        self.encoder_frozen = frozen
         for p in self.base_model.parameters():
             p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "TargetClassifier":
+        super().train(mode)
+        if self.encoder_frozen:
+            self.base_model.eval()
+        return self
 
 
 def infer_width(state_dict: Mapping[str, torch.Tensor]) -> int | None:

@@ -41,17 +41,18 @@ import time
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from models.checkpoint import (DECODER_PREFIXES, load_checkpoint, load_pretrained,
-                               load_state_dict_checked, load_training_state, save_checkpoint,
-                               training_counters, unwrap_model)
+from models.checkpoint import DECODER_PREFIXES, load_pretrained
 from pytorch.data import (BatchFeeder, PretrainingCubes, derive_seed, epoch_permutation,
                           load_pretraining_data, validation_order)
+from pytorch.diagnostics import PretextDiagnostics
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
                             make_optimizer, make_scheduler, perturb_inputs, prepare_model_for_speed,
-                            restoration_gains, restoration_sums, summarize_stats, train_step)
+                            restoration_sums, summarize_stats, train_step)
 from pytorch.manifest import resolve_data_flags
 from pytorch.perturbations import OPERATIONS
+from pytorch.probe import load_probe_set
 from runtime import distributed as D
 from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
                          add_resume_flag, call_reporting_errors, nonneg_float, nonneg_int,
@@ -59,9 +60,11 @@ from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwr
 from runtime.devices import (device_name, enable_fast_math, full_device, resolve_amp,
                              resolve_device, seed_everything)
 from runtime.errors import InputError
-from runtime.files import output_session, save_json_atomic, write_run_config
+from runtime.files import output_session, write_run_config
 from runtime.images import middle_slice_grid
-from runtime.training import check_finite_training, early_stopping_update, summary_writer
+from runtime.training import (EarlyStopping, EpochCheckpoints, MetricLogger, RunState,
+                              check_finite_training, evaluate, restart_from_checkpoint,
+                              train_one_epoch)
 from self_discovery.fold_files import fold_blocks
 
 CHECKPOINT_NAME = "semantic_genesis_chest_ct"
@@ -230,33 +233,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError("--pre_path initialises --exp en_de from an en (or en_de) checkpoint")
 
 
-class _Logger:
-    """Rank-0 console lines and TensorBoard; other ranks get a silent instance."""
-
-    def __init__(self, enabled: bool, verbose: int, log_dir: Path | None) -> None:
-        self.enabled, self.verbose, self.writer = enabled, verbose, None
-        if enabled and log_dir is not None:
-            self.writer = summary_writer(log_dir, "--log_dir")
-
-    def line(self, msg: str, level: int = 1) -> None:
-        if self.enabled and self.verbose >= level:
-            from tqdm import tqdm
-            tqdm.write(msg)
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
-
-    def image(self, tag: str, img, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, img, step, dataformats="HW")
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def _run_name(args: argparse.Namespace) -> str:
     notes = re.sub(r"[^A-Za-z0-9_.-]+", "-", args.notes).strip("-")[:40]
     return f"{args.exp}_{time.strftime('%Y%m%d-%H%M%S')}" + (f"_{notes}" if notes else "")
@@ -312,62 +288,70 @@ def _diagnostics_path(config_path: Path) -> Path:
     return config_path.with_name(f"{CHECKPOINT_NAME}_diagnostics.json")
 
 
-def _run_probe(model, probe, args, device) -> dict[str, Any]:
-    """The representation probe on the current encoder (see ``pytorch/probe.py``)."""
-    from pytorch.probe import encoder_features, probe_score
-
-    cubes, labels = probe
-    return probe_score(encoder_features(model, cubes, max(2, args.batch_size), device), labels,
-                       seed=args.seed)
-
-
-def format_diagnostics(diag: dict[str, Any]) -> str:
-    """One epoch's diagnostics as the indented line printed under the epoch line."""
-    parts = [f"top-1 {100 * diag['cls_top1']:.1f}% (chance {100 * diag['cls_chance']:.1f}%)"]
-    if diag.get("restoration"):
-        short = {"local_pixel_shuffle": "shuffle", "nonlinear_intensity": "intensity",
-                 "in_painting": "in-paint", "out_painting": "out-paint"}
-        parts.append("restoration gain " + " ".join(
-            f"{short.get(k, k)} {100 * v['gain']:.0f}%" for k, v in diag["restoration"].items()))
-    if diag.get("probe"):
-        parts.append(f"probe {diag['probe']['metric']} {diag['probe']['value']:.3f}")
-    return "    diag: " + "; ".join(parts)
-
-
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run pretraining with parsed ``args``; returns a summary dict (best loss, epochs, paths).
 
-    Raises InputError / CheckpointError on bad input (``main`` prints them).
+    Raises a ``ReportedError`` on bad input or a diverged run (``main`` prints it).
     """
     args.data_flags_from = resolve_data_flags(args)  # also kept in the run's configuration
     _check_args(args)
-    device = resolve_device(args.device)
     if args.multi_gpu and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         print("note: --multi_gpu: multi-GPU training uses DistributedDataParallel; launch "
               "'torchrun --nproc_per_node=N pytorch/train.py ...'. Training in one process now.",
               file=sys.stderr)
-    info, device = D.init_distributed(device)
-    device = full_device(device)
     best_path, last_path, _ = _checkpoint_paths(args)
-    try:
-        with output_session(best_path.parent, "--output_dir", [best_path, last_path],
-                            args.overwrite, continuing=bool(args.resume), enabled=info.is_main):
-            return _train(args, info, device)
-    finally:
-        D.cleanup_distributed()
+    with D.distributed_session(resolve_device(args.device)) as (info, device), \
+            output_session(best_path.parent, "--output_dir", [best_path, last_path],
+                           args.overwrite, continuing=bool(args.resume), enabled=info.is_main), \
+            MetricLogger(Path(args.log_dir) / _run_name(args), args.verbose) as log:
+        return _train(args, info, full_device(device), log)
 
 
-def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> dict[str, Any]:
-    ws, rank, main_rank = info.world_size, info.rank, info.is_main
-    if args.sync_bn and not info.enabled and main_rank:
+def _per_rank_batch(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> int:
+    if args.sync_bn and not info.enabled and info.is_main:
         print("note: --sync_bn only matters under torchrun with several processes",
               file=sys.stderr)
     if args.sync_bn and info.enabled and device.type != "cuda":
         raise InputError("--sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
-    per_rank_batch = args.batch_size // ws
-    if per_rank_batch < 1:
-        raise InputError(f"--batch_size {args.batch_size} is smaller than the {ws} processes; "
-                         "each process needs at least one cube")
+    if args.batch_size // info.world_size < 1:
+        raise InputError(f"--batch_size {args.batch_size} is smaller than the "
+                         f"{info.world_size} processes; each process needs at least one cube")
+    return args.batch_size // info.world_size
+
+
+def _build(args: argparse.Namespace, info: D.DistInfo, device: torch.device, log: MetricLogger
+           ) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, Any, RunState]:
+    """(model, net, optimizer, scheduler, state): the unwrapped model on ``device``, the module
+    to train (DDP and/or compiled around it), and the run state (``--resume``d or new)."""
+    model = build_model(args.exp, args.cls_classes, args.width, args.norm)
+    resume = resume_path(args.resume, _checkpoint_paths(args)[1])
+    if resume is None and args.pre_path:
+        loaded = load_pretrained(model, args.pre_path, new_keys=DECODER_PREFIXES)
+        log.line(f"initialised {len(loaded)} tensors from {args.pre_path} (decoder new)")
+    if args.sync_bn and info.enabled:
+        model = convert_sync_batchnorm(model)
+    model = prepare_model_for_speed(model, device, args.channels_last, compile=False)
+    enable_fast_math(device)
+    optimizer = make_optimizer(model, args.lr, device)
+    scheduler = make_scheduler(optimizer, args.lr_step, args.lr_gamma)
+    state = RunState()
+    if resume is not None:
+        state = restart_from_checkpoint(resume, model, optimizer, scheduler)
+        log.line(f"resumed {resume}: {state.epoch} epochs done, best val loss "
+                 f"{state.best_loss:.5f}, {state.no_improve} epoch(s) without improvement")
+    net: torch.nn.Module = model
+    if info.enabled:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                      else None, gradient_as_bucket_view=True)
+    if args.compile:
+        net = torch.compile(net)
+    return model, net, optimizer, scheduler, state
+
+
+def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
+           log: MetricLogger) -> dict[str, Any]:
+    ws, rank = info.world_size, info.rank
+    per_rank_batch = _per_rank_batch(args, info, device)
     amp_dtype = resolve_amp(args.amp, device)
     best_path, last_path, config_path = _checkpoint_paths(args)
     seed_everything(args.seed)
@@ -381,181 +365,112 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> 
         args.nb_multires_patch, cube_shape, dtype=dtype, device=data_device,
         pin_memory=device.type == "cuda")
     val_set, val_choices = _fixed_val_inputs(val_set, args, device)
-    probe = None
-    if args.probe_data:
-        from pytorch.probe import load_probe_set
-        probe = load_probe_set(args.probe_data, args.probe_labels)
+    probe = load_probe_set(args.probe_data, args.probe_labels) if args.probe_data else None
 
-    # ---- model, optimiser, state -----------------------------------------------------------
-    model = build_model(args.exp, args.cls_classes, args.width, args.norm)
-    model_config = {"cls_classes": args.cls_classes, "width": args.width, "norm": args.norm,
-                    "n_class": 1, "in_channels": 1}
-    start_epoch, best_loss, no_improve, ckpt = 0, math.inf, 0, None
-    diag_history: list[dict[str, Any]] = []
-    resume = resume_path(args.resume, _checkpoint_paths(args)[1])
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        load_state_dict_checked(model, ckpt["state_dict"], source=str(resume))
-        start_epoch, best_loss, no_improve = training_counters(ckpt, str(resume))
-        diag_history = list((ckpt.get("extra") or {}).get("diagnostics", []))
-    elif args.pre_path:
-        loaded = load_pretrained(model, args.pre_path, new_keys=DECODER_PREFIXES)
-        if main_rank and args.verbose >= 1:
-            print(f"initialised {len(loaded)} tensors from {args.pre_path} (decoder new)")
-    if args.sync_bn and info.enabled:
-        model = convert_sync_batchnorm(model)
-    model = prepare_model_for_speed(model, device, args.channels_last, compile=False)
-    enable_fast_math(device)
-    optimizer = make_optimizer(model, args.lr, device)
-    scheduler = make_scheduler(optimizer, args.lr_step, args.lr_gamma)
-    if ckpt is not None:
-        load_training_state(ckpt, optimizer, scheduler, source=str(resume))
-    net: torch.nn.Module = model
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                  gradient_as_bucket_view=True)
-    if args.compile:
-        net = torch.compile(net)
-    eval_model = unwrap_model(net)  # evaluation per rank, no DDP collectives
-
+    # ---- model, optimiser, state, runtime --------------------------------------------------
+    model, net, optimizer, scheduler, state = _build(args, info, device, log)
     loss_cfg = LossConfig(args.exp, args.lambda_cls, args.lambda_rec)
     config = dict(vars(args), world_size=ws, per_rank_batch=per_rank_batch,
                   device_resolved=str(device), amp_resolved=str(amp_dtype or "fp32"),
                   cube_dtype_resolved=str(dtype).replace("torch.", ""),
                   data_device_resolved=str(data_device), n_train=len(train_set),
                   n_val=len(val_set), checkpoint=str(best_path), last_checkpoint=str(last_path))
-    log = _Logger(main_rank, args.verbose,
-                  Path(args.log_dir) / _run_name(args) if main_rank else None)
-    if main_rank:
+    if info.is_main:
         write_run_config(config, config_path.parent, name=config_path.name)
+    stopper = EarlyStopping(args.patience)
+    checkpoints = EpochCheckpoints(best_path, last_path, type(model).__name__,
+                                   {"cls_classes": args.cls_classes, "width": args.width,
+                                    "norm": args.norm, "n_class": 1, "in_channels": 1}, config)
+    diagnostics = PretextDiagnostics(args.cls_classes, _diagnostics_path(config_path),
+                                     state.extra.setdefault("diagnostics", []), probe,
+                                     args.probe_every, args.batch_size, args.seed)
     log.line(f"data: {len(train_set)} train / {len(val_set)} val cubes {cube_shape} "
              f"({str(dtype)[6:]} on {data_device}, {time.time() - t0:.1f} s); "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
              f"{ws} process(es) x batch {per_rank_batch}; amp {config['amp_resolved']}", 2)
     log.line("data flags: " + ", ".join(f"--{k} {getattr(args, k)} ({src})"
                                         for k, src in args.data_flags_from.items()))
-    if ckpt is not None:
-        log.line(f"resumed {resume}: {start_epoch} epochs done, best val loss "
-                 f"{best_loss:.5f}, {no_improve} epoch(s) without improvement")
 
     feeder = BatchFeeder(train_set, device, per_rank_batch)
     val_feeder = BatchFeeder(val_set, device, per_rank_batch)
     # One class-mixing order drawn from the seed, fixed for the run (as the inputs).
     val_idx = validation_order(len(val_set), args.seed, rank, ws).to(val_feeder.index_device)
-    epochs_run, stopped_early = 0, no_improve >= args.patience
-    if stopped_early:
-        log.line(f"early stopping already reached ({no_improve} >= --patience {args.patience})")
-    if probe is not None and main_rank and start_epoch == 0 and not stopped_early:
-        p0 = _run_probe(eval_model, probe, args, device)  # the random initialisation
-        diag_history.append({"epoch": 0, "probe": p0})
-        log.line(f"    diag: epoch 0 (initialisation) probe {p0['metric']} {p0['value']:.3f}")
-        log.scalars({f"diag/probe_{p0['metric']}": p0["value"]}, 0)
     val_choices = val_choices.to(val_feeder.index_device)
-    from tqdm import tqdm
+    start_epoch, stopped_early = state.epoch, stopper.stopped(state)
+    if stopped_early:
+        log.line(f"early stopping already reached ({state.no_improve} >= --patience "
+                 f"{args.patience})")
+    elif info.is_main and state.epoch == 0:
+        diagnostics.initial(model, device, log)
+    restoration = torch.zeros(3, len(OPERATIONS), device=device)  # per-transform val sums
 
-    for epoch in range(start_epoch, args.nb_epoch):
-        if stopped_early:
-            break
+    def train_batch(idx: torch.Tensor) -> torch.Tensor:
+        original, labels = feeder(idx)                       # (B, 1, X, Y, Z), (B,)
+        inputs = perturb_inputs(original, generator, args.augment)  # this epoch's generator
+        return train_step(net, optimizer, inputs, original, labels, loss_cfg, amp_dtype)
+
+    def val_batch(idx: torch.Tensor) -> torch.Tensor:
+        both, labels = val_feeder(idx)                       # (B, 2, X, Y, Z): original|input
+        stats, restored = eval_step(model, both[:, 1:2], both[:, 0:1], labels, loss_cfg,
+                                    amp_dtype)
+        if restored is not None:
+            ops = val_choices.index_select(0, idx).to(device, non_blocking=True)
+            restoration.add_(restoration_sums(restored, both[:, 1:2], both[:, 0:1], ops))
+        return stats
+
+    for epoch in range(state.epoch, 0 if stopped_early else args.nb_epoch):
         t_epoch = time.time()
-        # ---- train ------------------------------------------------------------------------
-        net.train()
-        idx = epoch_permutation(len(train_set), args.seed, epoch, rank, ws).to(
-            feeder.index_device)  # one copy per epoch, sliced on the device
-        gen = torch.Generator(device).manual_seed(derive_seed(args.seed, epoch, rank, 0xA11))
-        sums = torch.zeros(5, device=device)
-        steps = math.ceil(len(idx) / per_rank_batch)
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True,
-                   disable=None if (main_rank and args.verbose >= 1) else True)
-        for step in bar:
-            original, labels = feeder(idx[step * per_rank_batch:(step + 1) * per_rank_batch])
-            inputs = perturb_inputs(original, gen, args.augment)
-            sums += train_step(net, optimizer, inputs, original, labels, loss_cfg, amp_dtype)
-            if args.log_every > 0 and (step + 1) % args.log_every == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{(sums[0] / sums[4]).item():.4f}")  # sync: log interval
-        bar.close()
-        # ---- validate ---------------------------------------------------------------------
-        eval_model.eval()
-        vsums = torch.zeros(5, device=device)
-        rsums = torch.zeros(3, len(OPERATIONS), device=device)
-        for s in tqdm(range(0, len(val_idx), per_rank_batch), desc=f"epoch {epoch + 1} val",
-                      leave=False, disable=None if (main_rank and args.verbose >= 1) else True):
-            bidx = val_idx[s:s + per_rank_batch]
-            both, labels = val_feeder(bidx)
-            stats, restored = eval_step(eval_model, both[:, 1:2], both[:, 0:1], labels,
-                                        loss_cfg, amp_dtype)
-            vsums += stats
-            if restored is not None:
-                ops = val_choices.index_select(0, bidx).to(device, non_blocking=True)
-                rsums += restoration_sums(restored, both[:, 1:2], both[:, 0:1], ops)
-        D.all_reduce_sum(sums)
-        D.all_reduce_sum(vsums)
-        D.all_reduce_sum(rsums)
+        generator = torch.Generator(device).manual_seed(derive_seed(args.seed, epoch, rank, 0xA11))
+        order = epoch_permutation(len(train_set), args.seed, epoch, rank, ws)
+        sums = train_one_epoch(net, train_batch, order.to(feeder.index_device).split(per_rank_batch),
+                               log, f"epoch {epoch + 1} train", torch.zeros(5, device=device),
+                               args.log_every)
+        restoration.zero_()
+        vsums = evaluate(model, val_batch, val_idx.split(per_rank_batch), log,  # per rank, no DDP
+                         f"epoch {epoch + 1} val", torch.zeros(5, device=device))
+        for t in (sums, vsums, restoration):
+            D.all_reduce_sum(t)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         tr, va = summarize_stats(sums), summarize_stats(vsums)  # one host sync per epoch
         check_finite_training(model, epoch + 1, tr["loss"], va["loss"],
                               "lower --lr or use --amp fp32, then --resume the last checkpoint")
-        # ---- decisions (rank 0, shared) ---------------------------------------------------
-        decision = None
-        if main_rank:
-            decision = early_stopping_update(va["loss"], best_loss, no_improve, args.patience)
-        improved, best_loss, no_improve, stopped_early = D.broadcast_object(decision)
-        epochs_run += 1
-        seconds = time.time() - t_epoch
-        if main_rank:
-            diag: dict[str, Any] = {"epoch": epoch + 1, "cls_top1": va["acc"],
-                                    "cls_chance": 1.0 / args.cls_classes,
-                                    "restoration": restoration_gains(rsums)}
-            if probe is not None and ((epoch + 1) % args.probe_every == 0
-                                      or stopped_early or epoch + 1 == args.nb_epoch):
-                diag["probe"] = _run_probe(eval_model, probe, args, device)
-            diag_history.append(diag)
-            extra = {"world_size": ws, "train": tr, "val": va, "lr": lr,
-                     "diagnostics": diag_history}
-            kw = dict(optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
-                      best_loss=best_loss, num_epoch_no_improvement=no_improve,
-                      arch=type(model).__name__, model_config=model_config, config=config,
-                      extra=extra)
-            if improved:
-                save_checkpoint(best_path, net, **kw)
-            save_checkpoint(last_path, net, **kw)
-            log.line(f"epoch {epoch + 1:4d}  train loss {tr['loss']:.5f} (cls {tr['cls']:.4f}, "
-                     f"rec {tr['rec']:.5f})  val loss {va['loss']:.5f} (cls {va['cls']:.4f}, "
-                     f"rec {va['rec']:.5f}) acc {100 * va['acc']:.1f}%  lr {lr:.2e}  "
-                     f"{seconds:.1f} s" + ("  *best" if improved else
-                                           f"  ({no_improve}/{args.patience})"))
-            log.scalars({"loss/train": tr["loss"], "loss/val": va["loss"],
-                         "cls/train": tr["cls"], "cls/val": va["cls"], "rec/train": tr["rec"],
-                         "rec/val": va["rec"], "acc/train": tr["acc"], "acc/val": va["acc"],
-                         "lr": lr, "time/epoch_s": seconds,
-                         "time/train_cubes_per_s": tr["n"] / max(seconds, 1e-9)}, epoch + 1)
-            log.line(format_diagnostics(diag))
-            dscalars = {"diag/cls_top1": diag["cls_top1"], "diag/cls_chance": diag["cls_chance"]}
-            for op, v in diag["restoration"].items():
-                dscalars.update({f"diag/restoration_gain/{op}": v["gain"],
-                                 f"diag/mse_restored/{op}": v["mse_restored"],
-                                 f"diag/mse_perturbed/{op}": v["mse_perturbed"]})
-            if "probe" in diag:
-                dscalars[f"diag/probe_{diag['probe']['metric']}"] = diag["probe"]["value"]
-            log.scalars(dscalars, epoch + 1)
-            save_json_atomic(_diagnostics_path(config_path), diag_history)
-            if log.writer is not None and args.nb_preview > 0:
-                log.image("val/original_perturbed_restored",
-                          _preview(eval_model, val_set, args, device, amp_dtype, loss_cfg),
-                          epoch + 1)
-        if stopped_early:
+        decision = stopper.step(state, va["loss"])
+        stopped_early, seconds = decision.stop, time.time() - t_epoch
+        if info.is_main:
+            diagnostics.epoch(epoch + 1, va["acc"], restoration, model, device,
+                              decision.stop or epoch + 1 == args.nb_epoch, log)
+        checkpoints.save(state, decision.improved, model, optimizer, scheduler,
+                         extra={"world_size": ws, "train": tr, "val": va, "lr": lr})
+        _log_epoch(log, epoch + 1, tr, va, lr, seconds, decision.improved, state, args.patience)
+        if args.nb_preview > 0 and log.curves:
+            log.image("val/original_perturbed_restored",
+                      _preview(model, val_set, args, device, amp_dtype, loss_cfg), epoch + 1)
+        if decision.stop:
             log.line(f"early stopping: no lower validation loss for {args.patience} epochs")
+            break
     D.barrier()
-    log.close()
-    summary = {"best_loss": best_loss, "epochs_run": epochs_run,
-               "epoch": start_epoch + epochs_run, "stopped_early": stopped_early,
-               "best_checkpoint": str(best_path), "last_checkpoint": str(last_path),
-               "config": str(config_path), "diagnostics": diag_history}
-    if main_rank and args.verbose >= 0:
-        print(f"done: {start_epoch + epochs_run} epochs, best val loss {best_loss:.5f}; "
+    if info.is_main and args.verbose >= 0:
+        print(f"done: {state.epoch} epochs, best val loss {state.best_loss:.5f}; "
               f"best checkpoint {best_path}")
-    return summary
+    return {"best_loss": state.best_loss, "epochs_run": state.epoch - start_epoch,
+            "epoch": state.epoch, "stopped_early": stopped_early,
+            "best_checkpoint": str(best_path), "last_checkpoint": str(last_path),
+            "config": str(config_path), "diagnostics": diagnostics.history}
+
+
+def _log_epoch(log: MetricLogger, epoch: int, tr: dict[str, float], va: dict[str, float],
+               lr: float, seconds: float, improved: bool, state: RunState, patience: int) -> None:
+    """The epoch line and the TensorBoard curves of one pretraining epoch."""
+    log.line(f"epoch {epoch:4d}  train loss {tr['loss']:.5f} (cls {tr['cls']:.4f}, rec "
+             f"{tr['rec']:.5f})  val loss {va['loss']:.5f} (cls {va['cls']:.4f}, rec "
+             f"{va['rec']:.5f}) acc {100 * va['acc']:.1f}%  lr {lr:.2e}  {seconds:.1f} s"
+             + ("  *best" if improved else f"  ({state.no_improve}/{patience})"))
+    log.scalars({"loss/train": tr["loss"], "loss/val": va["loss"], "cls/train": tr["cls"],
+                 "cls/val": va["cls"], "rec/train": tr["rec"], "rec/val": va["rec"],
+                 "acc/train": tr["acc"], "acc/val": va["acc"], "lr": lr,
+                 "time/epoch_s": seconds,
+                 "time/train_cubes_per_s": tr["n"] / max(seconds, 1e-9)}, epoch)
 
 
 @torch.no_grad()

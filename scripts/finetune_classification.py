@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from models.targets import build_classifier
 from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, add_resume_flag,
@@ -52,9 +51,10 @@ from runtime.devices import device_name, resolve_device, seed_everything
 from runtime.errors import InputError
 from runtime.files import make_output_dir, save_json_atomic, write_run_config
 from runtime.intensity import check_real_array, within_unit_range
-from runtime.training import check_finite_training, summary_writer
-from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_session,
-                                     load_best, finetune_optimizer, restore_state, save_epoch)
+from runtime.training import (MetricLogger, check_finite_training, evaluate, per_sample_mean,
+                              train_one_epoch)
+from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_optimizer,
+                                     finetune_runtime, finetune_session, load_best, loss_step)
 
 __all__ = ["CubeFiles", "open_cube_files", "load_labels", "count_classes", "load_class_folders", "split_stratified",
            "classification_metrics", "build_parser", "run", "main"]
@@ -325,19 +325,23 @@ def _loss_and_probs(logits: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[t
     return F.cross_entropy(logits, y), torch.softmax(logits, 1)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, loss: str, device: torch.device) -> dict[str, Any]:
-    """Mean loss, AUC and accuracy of ``model`` over ``loader``."""
-    model.eval()
-    total, n, probs, labels = 0.0, 0, [], []
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device)
+def evaluate_classifier(model: nn.Module, loader: DataLoader, loss: str, device: torch.device,
+                        log: MetricLogger | None = None, desc: str = "evaluate") -> dict[str, Any]:
+    """Mean loss, AUC and accuracy of ``model`` over ``loader`` (one host read at the end)."""
+    probs: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+
+    def step(batch: Any) -> torch.Tensor:
+        x, y = (t.to(device, non_blocking=True) for t in batch)
         value, p = _loss_and_probs(model(x), y, loss)
-        total += float(value) * y.numel()
-        n += y.numel()
-        probs.append(p.float().cpu().numpy())
-        labels.append(y.cpu().numpy())
-    lab, pr = np.concatenate(labels), np.concatenate(probs)
+        probs.append(p.float())
+        labels.append(y)
+        n = torch.full((), y.numel(), dtype=torch.float32, device=device)
+        return torch.stack([value.float() * n, n])
+
+    total, n = evaluate(model, step, loader, log or MetricLogger(verbose=0), desc,
+                        torch.zeros(2, device=device)).tolist()
+    lab, pr = torch.cat(labels).cpu().numpy(), torch.cat(probs).cpu().numpy()
     return {"loss": total / max(n, 1), **classification_metrics(lab, pr), "n": int(n)}
 
 
@@ -451,7 +455,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = finetune_optimizer(params, args.optimizer, args.lr, args.weight_decay)
 
-    state = restore_state(args.resume, model, optimizer, out)
+    model_config = {"width": args.width, "n_class": n_out, "norm": args.norm, "in_channels": 1}
+    state, stopper, checkpoints = finetune_runtime(args, model, optimizer, "TargetClassifier",
+                                                   model_config)
 
     pin = device.type == "cuda"
     workers = max(0, args.num_workers)
@@ -462,74 +468,54 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                               drop_last=len(train) > args.batch_size and len(train) % args.batch_size == 1)
     eval_kw = dict(batch_size=args.batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
     val_loader = DataLoader(CubeDataset(val), persistent_workers=workers > 0, **eval_kw)
+    step = loss_step(model, optimizer, device, lambda out, y: _loss_and_probs(out, y, loss)[0])
 
     make_output_dir(out, "--output_dir")
     write_run_config(args, out)
-    writer = summary_writer(out / "tensorboard", "--output_dir")
-    model_config = {"width": args.width, "n_class": n_out, "norm": args.norm, "in_channels": 1}
-    stopped_early = False
-    t0 = time.time()
-    try:
-        for epoch in range(state.start_epoch, args.nb_epoch):
-            model.train()
-            if args.freeze_encoder:
-                model.base_model.eval()  # frozen: do not update its BatchNorm running statistics
+    stopped_early, t0 = stopper.stopped(state), time.time()  # resuming a finished run: no epoch
+    with MetricLogger(out / "tensorboard", 0 if args.quiet else 1, flag="--output_dir") as log:
+        for epoch in range(state.epoch, 0 if stopped_early else args.nb_epoch):
             train_ds.epoch = sampler.epoch = epoch
-            total, n = 0.0, 0
-            for x, y in tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.nb_epoch}", leave=False,
-                             disable=None if not args.quiet else True):
-                x, y = x.to(device, non_blocking=True), y.to(device)
-                value, _ = _loss_and_probs(model(x), y, loss)
-                optimizer.zero_grad(set_to_none=True)
-                value.backward()
-                optimizer.step()
-                total += float(value.detach()) * y.numel()
-                n += y.numel()
-            train_loss = total / max(n, 1)
-            v = evaluate(model, val_loader, loss, device)
+            train_loss = per_sample_mean(train_one_epoch(
+                model, step, train_loader, log, f"epoch {epoch + 1}/{args.nb_epoch}",
+                torch.zeros(2, device=device)))
+            v = evaluate_classifier(model, val_loader, loss, device, log, f"epoch {epoch + 1} val")
             check_finite_training(model, epoch + 1, train_loss, v["loss"],
                                   "lower --lr, then --resume the last checkpoint")
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": v["loss"],
-                   "val_auc": v["auc"], "val_accuracy": v["accuracy"],
-                   "lr": optimizer.param_groups[0]["lr"]}
-            state.history.append(row)
-            writer.add_scalar("loss/train", train_loss, epoch + 1)
-            writer.add_scalar("loss/val", v["loss"], epoch + 1)
-            writer.add_scalar("val/accuracy", v["accuracy"], epoch + 1)
-            if v["auc"] is not None:
-                writer.add_scalar("val/auc", v["auc"], epoch + 1)
             current = v["loss"] if args.monitor == "loss" else (v["auc"] if v["auc"] is not None else -v["loss"])
-            save_epoch(state, epoch + 1, current, v, higher_is_better=args.monitor != "loss",
-                       output_dir=out, model=model, optimizer=optimizer, arch="TargetClassifier",
-                       model_config=model_config, config=vars(args),
-                       best_extra={"classes": class_names, "loss": loss, "val": v})
-            no_improve = state.no_improve
-            if not args.quiet:
-                auc = "n/a" if v["auc"] is None else f"{v['auc']:.4f}"
-                print(f"epoch {epoch + 1}: train_loss {train_loss:.4f} val_loss {v['loss']:.4f} "
-                      f"val_auc {auc} val_acc {v['accuracy']:.4f}"
-                      + (" *" if no_improve == 0 else f" ({no_improve}/{args.patience})"), flush=True)
-            if no_improve >= args.patience:
+            decision = stopper.step(state, current, v["loss"])
+            if decision.improved:
+                state.extra["best_val"] = v
+            state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": v["loss"],
+                                  "val_auc": v["auc"], "val_accuracy": v["accuracy"],
+                                  "lr": optimizer.param_groups[0]["lr"]})
+            checkpoints.save(state, decision.improved, model, optimizer,
+                             extra={"classes": class_names, "loss": loss, "val": v})
+            log.scalars({"loss/train": train_loss, "loss/val": v["loss"],
+                         "val/accuracy": v["accuracy"], "val/auc": v["auc"]}, epoch + 1)
+            auc = "n/a" if v["auc"] is None else f"{v['auc']:.4f}"
+            log.line(f"epoch {epoch + 1}: train_loss {train_loss:.4f} val_loss {v['loss']:.4f} "
+                     f"val_auc {auc} val_acc {v['accuracy']:.4f}"
+                     + (" *" if decision.improved else f" ({state.no_improve}/{args.patience})"))
+            if decision.stop:
                 stopped_early = True
                 break
-    finally:
-        writer.close()
 
     metrics: dict[str, Any] = {
         "task": "classification", "weights": args.weights, "init": "pretrained" if args.weights else "scratch",
         "loaded_keys": len(loaded), "classes": class_names, "loss": loss,
         "n_train": len(train), "n_val": len(val), "n_test": len(test) if test is not None else 0,
         "best_epoch": state.best_epoch, "epochs_run": len(state.history),
-        "stopped_early": stopped_early, "monitor": args.monitor, "val": state.best_val,
+        "stopped_early": stopped_early, "monitor": args.monitor, "val": state.extra.get("best_val", {}),
         "history": state.history, "seconds": time.time() - t0,
     }
     if test is not None:
         load_best(model, out)
         test_loader = DataLoader(CubeDataset(test), **eval_kw)
-        metrics["test"] = evaluate(model, test_loader, loss, device)
+        metrics["test"] = evaluate_classifier(model, test_loader, loss, device)
     save_json_atomic(out / "metrics.json", metrics)
     if not args.quiet:
-        summary = metrics.get("test", state.best_val)
+        summary = metrics.get("test", metrics["val"])
         auc = "n/a" if summary.get("auc") is None else f"{summary['auc']:.4f}"
         print(f"best epoch {state.best_epoch}; {'test' if test is not None else 'val'} AUC {auc} "
               f"accuracy {summary.get('accuracy', float('nan')):.4f}; wrote {out / 'metrics.json'}")

@@ -1,25 +1,23 @@
-"""Pieces shared by the two fine-tuning scripts: optimiser and resumable run state."""
+"""Pieces shared by the two fine-tuning scripts: flags, optimiser, output folder and the loop
+runtime (``runtime.training``) set up for ``best.pt`` / ``last.pt``."""
 from __future__ import annotations
 
 import argparse
-import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from models.checkpoint import (load_checkpoint, load_state_dict_checked, load_training_state,
-                               save_checkpoint, training_counters)
+from models.checkpoint import load_checkpoint, load_state_dict_checked
 from runtime.cli import nonneg_float, positive_float, positive_int, resume_path
-from runtime.errors import CheckpointError
 from runtime.files import output_session
+from runtime.training import EarlyStopping, EpochCheckpoints, RunState, restart_from_checkpoint
 
-__all__ = ["add_model_flags", "add_optimizer_flags", "finetune_optimizer", "FinetuneState",
-           "finetune_session", "restore_state", "save_epoch", "load_best"]
+__all__ = ["add_model_flags", "add_optimizer_flags", "finetune_optimizer", "finetune_session",
+           "finetune_runtime", "loss_step", "load_best"]
 
 #: What a finished fine-tuning run leaves in --output_dir (kept unless --overwrite/--resume).
 RESULT_NAMES = ("metrics.json", "best.pt", "last.pt")
@@ -56,17 +54,6 @@ def finetune_optimizer(params: list[nn.Parameter], name: str, lr: float,
     raise ValueError(f"optimizer must be sgd or adam, got {name!r}")
 
 
-@dataclass
-class FinetuneState:
-    """Where a fine-tuning run stands; stored in ``last.pt`` (epoch, counters, ``extra``)."""
-    start_epoch: int = 0
-    best_value: float | None = None
-    best_epoch: int = -1
-    no_improve: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_val: dict[str, Any] = field(default_factory=dict)
-
-
 @contextmanager
 def finetune_session(args: argparse.Namespace) -> Iterator[Path]:
     """``output_session`` of a fine-tuning run: ``--output_dir`` locked, an earlier run's
@@ -81,59 +68,37 @@ def finetune_session(args: argparse.Namespace) -> Iterator[Path]:
         yield folder
 
 
-def restore_state(resume_flag: str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
-                  output_dir: Path) -> FinetuneState:
-    """Load ``--resume`` (a path, or ``auto`` for ``output_dir/last.pt``: model, optimizer,
-    epoch, history) or start fresh (an earlier run's results in ``output_dir`` were refused by
-    :func:`finetune_session` unless ``--overwrite``)."""
-    resume = resume_path(resume_flag, output_dir / "last.pt")
-    if resume is None:
-        return FinetuneState()
-    ckpt = load_checkpoint(resume)
-    load_state_dict_checked(model, ckpt["state_dict"], source=str(resume))
-    load_training_state(ckpt, optimizer, source=str(resume))
-    epoch, _, no_improve = training_counters(ckpt, str(resume))
-    extra = ckpt.get("extra") or {}
-    try:
-        best_value = extra.get("best_value")
-        state = FinetuneState(start_epoch=epoch,
-                              best_value=None if best_value is None else float(best_value),
-                              best_epoch=int(extra.get("best_epoch", -1)), no_improve=no_improve,
-                              history=list(extra.get("history", [])),
-                              best_val=dict(extra.get("best_val", {})))
-    except (AttributeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{resume}: the run state in 'extra' is damaged ({e}); resume "
-                              "from another last.pt or start again with --overwrite") from e
-    return state
+def finetune_runtime(args: argparse.Namespace, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, arch: str,
+                     model_config: dict[str, Any]) -> tuple[RunState, EarlyStopping,
+                                                            EpochCheckpoints]:
+    """The loop runtime of a fine-tuning run: its state (restored from ``--resume``: a path, or
+    ``auto`` for ``<output_dir>/last.pt``), the early-stopping rule on ``--monitor`` (loss
+    lower, anything else higher, by more than 1e-6) and the ``best.pt``/``last.pt`` pair."""
+    out = Path(args.output_dir)
+    resume = resume_path(args.resume, out / "last.pt")
+    state = RunState() if resume is None else restart_from_checkpoint(resume, model, optimizer)
+    stopper = EarlyStopping(args.patience, "min" if args.monitor == "loss" else "max",
+                            min_delta=1e-6)
+    checkpoints = EpochCheckpoints(out / "best.pt", out / "last.pt", arch, model_config,
+                                   vars(args))
+    return state, stopper, checkpoints
 
 
-def save_epoch(state: FinetuneState, epoch: int, current: float, val: dict[str, Any], *,
-               higher_is_better: bool, output_dir: Path, model: nn.Module,
-               optimizer: torch.optim.Optimizer, arch: str, model_config: dict[str, Any],
-               config: dict[str, Any], best_extra: dict[str, Any]) -> bool:
-    """Book-keeping after validating ``epoch`` (1-based); returns whether it improved.
-
-    ``current`` (the monitored value) improves on ``state.best_value`` by more than 1e-6 ->
-    ``best.pt`` (``extra=best_extra``) and the counter resets, else ``state.no_improve`` grows.
-    ``last.pt`` is written every epoch with what :func:`restore_state` reads back.
-    """
-    best = state.best_value
-    improved = best is None or (current > best + 1e-6 if higher_is_better
-                                else current < best - 1e-6)
-    common = dict(optimizer=optimizer, epoch=epoch, arch=arch, model_config=model_config,
-                  config=config)
-    if improved:
-        state.best_value, state.best_epoch, state.best_val = current, epoch, val
-        state.no_improve = 0
-        save_checkpoint(output_dir / "best.pt", model, best_loss=val["loss"],
-                        num_epoch_no_improvement=0, extra=best_extra, **common)
-    else:
-        state.no_improve += 1
-    save_checkpoint(output_dir / "last.pt", model, best_loss=state.best_val.get("loss", math.inf),
-                    num_epoch_no_improvement=state.no_improve,
-                    extra={"history": state.history, "best_value": state.best_value,
-                           "best_epoch": state.best_epoch, "best_val": state.best_val}, **common)
-    return improved
+def loss_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+              criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+              ) -> Callable[[Any], torch.Tensor]:
+    """A ``runtime.training`` step for batches ``(x, y)``: forward, ``criterion(x_out, y)``,
+    backward, optimiser; returns [loss x n, n] on the device (no host read)."""
+    def step(batch: Any) -> torch.Tensor:
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = torch.full((), x.shape[0], dtype=torch.float32, device=device)
+        return torch.stack([loss.detach().float() * n, n])
+    return step
 
 
 def load_best(model: nn.Module, output_dir: Path) -> None:

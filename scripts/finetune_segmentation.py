@@ -46,7 +46,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from models.targets import bce_dice_loss, binary_dice_iou, build_segmentation_model, dice_coef_loss
 from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, add_resume_flag,
@@ -57,10 +56,11 @@ from runtime.errors import InputError
 from runtime.files import (check_output_outside, make_output_dir, save_json_atomic, save_npy_atomic,
                            write_run_config)
 from runtime.intensity import check_real_array, normalize_hu, within_unit_range
-from runtime.training import check_finite_training, summary_writer
+from runtime.training import (MetricLogger, check_finite_training, per_sample_mean,
+                              train_one_epoch)
 from scripts.ct_io import CTReadError, find_ct_inputs, read_ct, volume_stem
-from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_session,
-                                     load_best, finetune_optimizer, restore_state, save_epoch)
+from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_optimizer,
+                                     finetune_runtime, finetune_session, load_best, loss_step)
 
 __all__ = ["Case", "MASK_SUFFIXES", "find_volume_files", "pair_volumes", "load_cases", "sample_crop", "CropDataset",
            "sliding_window_predict", "evaluate_cases", "build_parser", "run", "main"]
@@ -497,60 +497,45 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = finetune_optimizer(list(model.parameters()), args.optimizer, args.lr, args.weight_decay)
     criterion = dice_coef_loss if args.loss == "dice" else bce_dice_loss
 
-    state = restore_state(args.resume, model, optimizer, out)
+    model_config = {"width": args.width, "n_class": 1, "norm": args.norm, "in_channels": 1}
+    state, stopper, checkpoints = finetune_runtime(args, model, optimizer, "UNet3D", model_config)
 
     workers = max(0, args.num_workers)
     train_ds = CropDataset(train, crop, args.steps_per_epoch * args.batch_size, args.foreground_prob,
                            args.augment, args.seed)
     loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    step = loss_step(model, optimizer, device, lambda pred, y: criterion(y, pred))
 
     make_output_dir(out, "--output_dir")
     write_run_config(args, out)
-    writer = summary_writer(out / "tensorboard", "--output_dir")
-    model_config = {"width": args.width, "n_class": 1, "norm": args.norm, "in_channels": 1}
-    stopped_early = False
-    t0 = time.time()
-    try:
-        for epoch in range(state.start_epoch, args.nb_epoch):
-            model.train()
+    stopped_early, t0 = stopper.stopped(state), time.time()  # resuming a finished run: no epoch
+    with MetricLogger(out / "tensorboard", 0 if args.quiet else 1, flag="--output_dir") as log:
+        for epoch in range(state.epoch, 0 if stopped_early else args.nb_epoch):
             train_ds.epoch = epoch
-            total = 0.0
-            for x, y in tqdm(loader, desc=f"epoch {epoch + 1}/{args.nb_epoch}", leave=False,
-                             disable=None if not args.quiet else True):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                pred = model(x)                                   # (B, 1, *crop) in [0, 1]
-                loss = criterion(y, pred)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
-            train_loss = total / args.steps_per_epoch
+            train_loss = per_sample_mean(train_one_epoch(
+                model, step, loader, log, f"epoch {epoch + 1}/{args.nb_epoch}",
+                torch.zeros(2, device=device)))
             preview: list[np.ndarray] = []
             v = evaluate_cases(model, val, crop, args.overlap, args.batch_size, device, preview=preview)
             check_finite_training(model, epoch + 1, train_loss, v["loss"],
                                   "lower --lr, then --resume the last checkpoint")
-            writer.add_image("val/image_mask_probability", preview[0], epoch + 1, dataformats="HW")
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": v["loss"],
-                   "val_dice": v["dice"], "val_iou": v["iou"], "lr": optimizer.param_groups[0]["lr"]}
-            state.history.append(row)
-            for key, value in (("loss/train", train_loss), ("loss/val", v["loss"]),
-                               ("val/dice", v["dice"]), ("val/iou", v["iou"])):
-                writer.add_scalar(key, value, epoch + 1)
-            current = v["dice"] if args.monitor == "dice" else v["loss"]
-            save_epoch(state, epoch + 1, current, v, higher_is_better=args.monitor == "dice",
-                       output_dir=out, model=model, optimizer=optimizer, arch="UNet3D",
-                       model_config=model_config, config=vars(args), best_extra={"val": v})
-            no_improve = state.no_improve
-            if not args.quiet:
-                print(f"epoch {epoch + 1}: train_loss {train_loss:.4f} val_dice {v['dice']:.4f} "
-                      f"val_iou {v['iou']:.4f}"
-                      + (" *" if no_improve == 0 else f" ({no_improve}/{args.patience})"), flush=True)
-            if no_improve >= args.patience:
+            decision = stopper.step(state, v["dice"] if args.monitor == "dice" else v["loss"], v["loss"])
+            if decision.improved:
+                state.extra["best_val"] = v
+            state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": v["loss"],
+                                  "val_dice": v["dice"], "val_iou": v["iou"],
+                                  "lr": optimizer.param_groups[0]["lr"]})
+            checkpoints.save(state, decision.improved, model, optimizer, extra={"val": v})
+            log.image("val/image_mask_probability", preview[0], epoch + 1)
+            log.scalars({"loss/train": train_loss, "loss/val": v["loss"], "val/dice": v["dice"],
+                         "val/iou": v["iou"]}, epoch + 1)
+            log.line(f"epoch {epoch + 1}: train_loss {train_loss:.4f} val_dice {v['dice']:.4f} "
+                     f"val_iou {v['iou']:.4f}"
+                     + (" *" if decision.improved else f" ({state.no_improve}/{args.patience})"))
+            if decision.stop:
                 stopped_early = True
                 break
-    finally:
-        writer.close()
 
     metrics: dict[str, Any] = {
         "task": "segmentation", "weights": args.weights, "init": "pretrained" if args.weights else "scratch",
@@ -558,7 +543,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "n_test": len(test) if test is not None else 0,
         "train_cases": [c.name for c in train], "val_cases": [c.name for c in val],
         "best_epoch": state.best_epoch, "epochs_run": len(state.history),
-        "stopped_early": stopped_early, "monitor": args.monitor, "val": state.best_val,
+        "stopped_early": stopped_early, "monitor": args.monitor, "val": state.extra.get("best_val", {}),
         "history": state.history, "seconds": time.time() - t0,
     }
     if test is not None:
@@ -567,7 +552,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                                          out / "predictions" if args.save_predictions else None)
     save_json_atomic(out / "metrics.json", metrics)
     if not args.quiet:
-        s = metrics.get("test", state.best_val)
+        s = metrics.get("test", metrics["val"])
         print(f"best epoch {state.best_epoch}; {'test' if test is not None else 'val'} "
               f"Dice {s.get('dice', float('nan')):.4f} IoU {s.get('iou', float('nan')):.4f}; "
               f"wrote {out / 'metrics.json'}")

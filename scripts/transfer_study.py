@@ -544,7 +544,7 @@ def _executor(workers: int, threads: int):
 
 
 def _diagnostics_line(diag: dict[str, Any]) -> str:
-    from pytorch.train import format_diagnostics
+    from pytorch.diagnostics import format_diagnostics
     return format_diagnostics(diag) if "cls_top1" in diag else ""
 
 

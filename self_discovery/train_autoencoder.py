@@ -29,7 +29,6 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import math
 import time
 from contextlib import AbstractContextManager
 from typing import Any
@@ -40,20 +39,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from models.checkpoint import (checked_model_config, load_checkpoint, load_state_dict_checked,
-                               load_training_state, save_checkpoint, training_counters)
+from models.checkpoint import load_checkpoint, load_state_dict_checked
 from models.ynet3d import UNet3D, set_batchnorm
 from pytorch.engine import make_optimizer
 from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
                          add_resume_flag, call_reporting_errors, nonneg_int, positive_float,
                          positive_int, resume_path, seed_int)
 from runtime.devices import autocast, device_name, resolve_amp, resolve_device, seed_everything
-from runtime.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object,
-                                 distributed_session, shard_indices)
+from runtime.distributed import (DistInfo, all_reduce_sum, barrier, distributed_session,
+                                 shard_indices)
 from runtime.errors import InputError
-from runtime.files import make_output_dir, output_session, write_run_config
+from runtime.files import output_session, write_run_config
 from runtime.images import middle_slice_grid
-from runtime.training import check_finite_training, early_stopping_update, summary_writer
+from runtime.training import (EarlyStopping, EpochCheckpoints, MetricLogger, RunState,
+                              check_finite_training, evaluate, per_sample_mean,
+                              restart_from_checkpoint, train_one_epoch)
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes
 
 __all__ = ["BEST_NAME", "LAST_NAME", "ARCH", "build_parser", "build_autoencoder", "model_config",
@@ -186,10 +186,6 @@ def _check_args(args: argparse.Namespace) -> None:
                          "--weights only initialises a new one")
 
 
-def _resume_path(args: argparse.Namespace) -> Path | None:
-    return resume_path(args.resume, Path(args.output_dir) / LAST_NAME)
-
-
 def _loader(ds: ResizedVolumeDataset | Subset, sampler, batch_size: int, workers: int,
             device: torch.device) -> DataLoader:
     """DataLoader over ``ds`` in ``sampler`` order (None: file order); no workers once the
@@ -211,23 +207,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     ckpt_dir = Path(args.output_dir)
     with distributed_session(resolve_device(args.device)) as (info, device), \
             output_session(ckpt_dir, "--output_dir", [ckpt_dir / BEST_NAME, ckpt_dir / LAST_NAME],
-                           args.overwrite, continuing=bool(args.resume), enabled=info.is_main):
-        return _train(args, info, device)
+                           args.overwrite, continuing=bool(args.resume), enabled=info.is_main), \
+            MetricLogger(args.log_dir, args.verbose) as log:  # rank 0 only
+        return _train(args, info, device, log)
 
 
-def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> dict[str, Any]:
-    main_rank = info.is_main
-
-    def say(*msg: object) -> None:
-        if main_rank and args.verbose >= 1:
-            print(*msg, flush=True)
-
-    data_dir = Path(args.data_dir)
+def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
+           log: MetricLogger) -> dict[str, Any]:
+    data_dir, ckpt_dir = Path(args.data_dir), Path(args.output_dir)
     train_files = list_volumes(data_dir / "train")
     val_files = list_volumes(data_dir / "validation")
     size = (args.input_rows, args.input_cols, args.input_deps)
-    ckpt_dir = Path(args.output_dir)
-    best_path, last_path = ckpt_dir / BEST_NAME, ckpt_dir / LAST_NAME
 
     seed_everything(args.seed)   # same initial weights on every rank
     if device.type == "cuda":
@@ -235,36 +225,28 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
     model = build_autoencoder(args.width, args.decoder).to(device)
     optimizer = make_optimizer(model, args.lr, device)  # fused Adam: no per-step host reads
     scheduler = plateau_scheduler(optimizer, args.lr_patience)
-    start_epoch, best_loss, no_improve = 0, math.inf, 0
-
-    resume = _resume_path(args)
+    state = RunState()
+    resume = resume_path(args.resume, ckpt_dir / LAST_NAME)
     if resume is not None:
-        ckpt = load_checkpoint(resume)
-        cfg = checked_model_config(ckpt, str(resume))
-        for key in ("width", "decoder"):
-            if key in cfg and cfg[key] != getattr(args, key):
-                raise InputError(f"{resume}: made with --{key} {cfg[key]}, this run has "
-                                 f"--{key} {getattr(args, key)}; use the same value to resume")
-        load_state_dict_checked(model, ckpt["state_dict"], source=str(resume))
-        load_training_state(ckpt, optimizer, scheduler, source=str(resume))
-        start_epoch, best_loss, no_improve = training_counters(ckpt, str(resume))
-        say(f"resumed from {resume}: epoch {start_epoch}, best val loss {best_loss:.6f}")
+        state = restart_from_checkpoint(resume, model, optimizer, scheduler,
+                                        expect={"width": args.width, "decoder": args.decoder})
+        log.line(f"resumed from {resume}: epoch {state.epoch}, best val loss "
+                 f"{state.best_loss:.6f}")
     elif args.weights:
         ckpt = load_checkpoint(args.weights)
         load_state_dict_checked(model, ckpt["state_dict"], source=str(args.weights),
                                 ignore_unexpected=["clc_out"])
-        say(f"initial weights from {args.weights} (epoch counter and optimizer start fresh)")
-
-    ddp_model: nn.Module = model
+        log.line(f"initial weights from {args.weights} (epoch counter and optimizer start fresh)")
+    net: nn.Module = model
     if info.enabled:
-        ddp_model = nn.parallel.DistributedDataParallel(
+        net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     train_ds = ResizedVolumeDataset(train_files, size)
     val_ds = ResizedVolumeDataset(val_files, size)
     if args.cache:
-        train_ds.preload(main_rank and args.verbose >= 1, "caching train", device)
-        val_ds.preload(main_rank and args.verbose >= 1, "caching validation", device)
+        train_ds.preload(log.enabled and args.verbose >= 1, "caching train", device)
+        val_ds.preload(log.enabled and args.verbose >= 1, "caching validation", device)
     # DistributedSampler also for one process: epoch-seeded shuffles, reproducible on resume.
     train_sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
                                        shuffle=True, seed=args.seed, drop_last=False)
@@ -272,106 +254,75 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device) -> di
     val_part = Subset(val_ds, shard_indices(len(val_ds), info.rank, info.world_size))
     val_loader = _loader(val_part, None, args.batch_size, args.num_workers, device)
 
-    writer = None
-    if main_rank:
-        writer = summary_writer(args.log_dir, "--log_dir")
-        run_cfg = dict(vars(args), resolved_device=str(device), world_size=info.world_size,
-                       n_train=len(train_files), n_val=len(val_files))
-        make_output_dir(ckpt_dir, "--output_dir")
-        write_run_config(run_cfg, ckpt_dir)
-        say(f"autoencoder: {len(train_files)} train / {len(val_files)} validation volumes "
-            f"resized to {size}, width {args.width}, device {device}"
-            + (f" x {info.world_size} processes" if info.enabled else ""))
     config = dict(vars(args), world_size=info.world_size)
-    history: list[dict[str, Any]] = []
-    from tqdm import tqdm
-    show_bars = main_rank and args.verbose >= 1
-    epoch = start_epoch
-    stop = no_improve >= args.patience
-    while epoch < args.nb_epoch and not stop:
+    if info.is_main:
+        write_run_config(dict(config, resolved_device=str(device), n_train=len(train_files),
+                              n_val=len(val_files)), ckpt_dir)
+    log.line(f"autoencoder: {len(train_files)} train / {len(val_files)} validation volumes "
+             f"resized to {size}, width {args.width}, device {device}"
+             + (f" x {info.world_size} processes" if info.enabled else ""))
+    stopper = EarlyStopping(args.patience)
+    checkpoints = EpochCheckpoints(ckpt_dir / BEST_NAME, ckpt_dir / LAST_NAME, ARCH,
+                                   model_config(args), config)
+    grid_rows: list[list[torch.Tensor]] = []   # input | reconstruction of the first val volumes
+
+    def train_batch(batch: Any) -> torch.Tensor:
+        x = batch[0].to(device, non_blocking=True)                      # (N, 1, X, Y, Z)
+        loss = train_step(net, optimizer, x, args.amp)
+        n = torch.full((), x.shape[0], dtype=torch.float32, device=device)
+        return torch.stack([loss.float() * n, n])
+
+    def val_batch(batch: Any) -> torch.Tensor:
+        x = batch[0].to(device, non_blocking=True)
+        with _autocast(device, args.amp):
+            out = model(x)                                              # (N, 1, X, Y, Z)
+        if log.curves and len(grid_rows) < 4:
+            grid_rows.extend([x[i, 0].cpu(), out[i, 0].float().cpu()]
+                             for i in range(min(4 - len(grid_rows), x.shape[0])))
+        n = torch.full((), x.shape[0], dtype=torch.float32, device=device)
+        mse = F.mse_loss(out.float(), x, reduction="none").mean(dim=(1, 2, 3, 4)).sum()
+        return torch.stack([mse, n])
+
+    for epoch in range(state.epoch, 0 if stopper.stopped(state) else args.nb_epoch):
         t0 = time.perf_counter()
-        ddp_model.train()
         train_sampler.set_epoch(epoch)
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # train sum, n, val sum, n
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1} train", leave=False,
-                   disable=None if show_bars else True)
-        for step, (x, _) in enumerate(bar):
-            x = x.to(device, non_blocking=True)                     # (N, 1, X, Y, Z)
-            loss = train_step(ddp_model, optimizer, x, args.amp)
-            sums[0] += loss * x.shape[0]
-            sums[1] += x.shape[0]
-            if show_bars and step % 20 == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{float(loss):.5f}")          # rare sync, display only
+        sums = torch.zeros(4, device=device)               # train loss sum, n, val sum, n
+        train_one_epoch(net, train_batch, train_loader, log, f"epoch {epoch + 1} train", sums[:2])
         if info.enabled:  # BatchNorm running statistics of rank 0 everywhere before validating
             for buf in model.buffers():
                 torch.distributed.broadcast(buf, 0)
-        model.eval()  # unwrapped: validation shards may differ in length between ranks
-        grid_rows: list[list[torch.Tensor]] = []
-        with torch.no_grad():
-            for x, _ in tqdm(val_loader, desc=f"epoch {epoch + 1} val", leave=False,
-                             disable=None if show_bars else True):
-                x = x.to(device, non_blocking=True)
-                with _autocast(device, args.amp):
-                    out = model(x)                                  # (N, 1, X, Y, Z)
-                sums[2] += F.mse_loss(out.float(), x, reduction="none").mean(dim=(1, 2, 3, 4)).sum()
-                sums[3] += x.shape[0]
-                if main_rank and len(grid_rows) < 4:
-                    grid_rows += [[x[i, 0].cpu(), out[i, 0].float().cpu()]
-                                  for i in range(min(4 - len(grid_rows), x.shape[0]))]
-        all_reduce_sum(sums)
-        train_loss = float(sums[0] / sums[1].clamp(min=1))
-        val_loss = float(sums[2] / sums[3].clamp(min=1))
+        grid_rows.clear()
+        # unwrapped model: validation shards may differ in length between ranks
+        evaluate(model, val_batch, val_loader, log, f"epoch {epoch + 1} val", sums[2:])
+        train_loss, val_loss = (per_sample_mean(part) for part in all_reduce_sum(sums).split(2))
         check_finite_training(model, epoch + 1, train_loss, val_loss,
                               "lower --lr or try --amp fp32, then --resume the last checkpoint")
-        epoch += 1
-        # Decisions on rank 0, broadcast so every rank agrees.
-        decision = None
-        if main_rank:
-            old_lr = optimizer.param_groups[0]["lr"]
-            scheduler.step(val_loss)
-            lr = optimizer.param_groups[0]["lr"]
-            improved, best_loss, no_improve, stop = early_stopping_update(
-                val_loss, best_loss, no_improve, args.patience)
-            decision = {"lr": lr, "improved": improved, "best_loss": best_loss,
-                        "no_improve": no_improve, "stop": stop, "sched": scheduler.state_dict()}
-            if args.verbose >= 2 and lr != old_lr:
-                say(f"learning rate {old_lr:.2e} -> {lr:.2e}")
-        decision = broadcast_object(decision)
-        for group in optimizer.param_groups:
-            group["lr"] = decision["lr"]
-        scheduler.load_state_dict(decision["sched"])
-        best_loss, no_improve = decision["best_loss"], decision["no_improve"]
-        stop = decision["stop"]
+        decision = stopper.step(state, val_loss)
+        old_lr = optimizer.param_groups[0]["lr"]
+        scheduler.step(decision.value)                    # rank 0's value: the same on every rank
+        lr = optimizer.param_groups[0]["lr"]
+        if lr != old_lr:
+            log.line(f"learning rate {old_lr:.2e} -> {lr:.2e}", 2)
         seconds = time.perf_counter() - t0
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                        "lr": decision["lr"], "seconds": seconds})
-        if main_rank:
-            kw = dict(optimizer=optimizer, scheduler=scheduler, epoch=epoch, best_loss=best_loss,
-                      num_epoch_no_improvement=no_improve, arch=ARCH,
-                      model_config=model_config(args), config=config)
-            if decision["improved"]:
-                save_checkpoint(best_path, model, **kw)
-                if args.verbose >= 2:
-                    say(f"saved {best_path}")
-            save_checkpoint(last_path, model, **kw)
-            assert writer is not None
-            writer.add_scalar("loss/train", train_loss, epoch)
-            writer.add_scalar("loss/val", val_loss, epoch)
-            writer.add_scalar("lr", decision["lr"], epoch)
-            if grid_rows:
-                writer.add_image("val/input|reconstruction", middle_slice_grid(grid_rows), epoch,
-                                 dataformats="HW")
-            writer.flush()
-            say(f"epoch {epoch}/{args.nb_epoch}: train {train_loss:.6f} val {val_loss:.6f} "
-                f"lr {decision['lr']:.2e} {seconds:.1f}s"
-                + (" *best*" if decision["improved"] else f" ({no_improve} without improvement)"))
-        if stop:
-            say(f"early stopping: {no_improve} epochs without validation improvement")
+        state.history.append({"epoch": state.epoch, "train_loss": train_loss,
+                              "val_loss": val_loss, "lr": lr, "seconds": seconds})
+        checkpoints.save(state, decision.improved, model, optimizer, scheduler)
+        if decision.improved:
+            log.line(f"saved {checkpoints.best}", 2)
+        log.scalars({"loss/train": train_loss, "loss/val": val_loss, "lr": lr}, state.epoch)
+        if grid_rows:
+            log.image("val/input|reconstruction", middle_slice_grid(grid_rows), state.epoch)
+        log.flush()
+        log.line(f"epoch {state.epoch}/{args.nb_epoch}: train {train_loss:.6f} val {val_loss:.6f} "
+                 f"lr {lr:.2e} {seconds:.1f}s" + (" *best*" if decision.improved else
+                                                 f" ({state.no_improve} without improvement)"))
+        if decision.stop:
+            log.line(f"early stopping: {state.no_improve} epochs without validation improvement")
+            break
     barrier()
-    if writer is not None:
-        writer.close()
-    return {"history": history, "best_loss": best_loss, "epoch": epoch, "is_main": main_rank,
-            "best_path": str(best_path), "last_path": str(last_path)}
+    return {"history": state.history, "best_loss": state.best_loss, "epoch": state.epoch,
+            "is_main": info.is_main, "best_path": str(checkpoints.best),
+            "last_path": str(checkpoints.last)}
 
 
 def main(argv: list[str] | None = None) -> int:

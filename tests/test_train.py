@@ -85,12 +85,6 @@ def test_sync_batchnorm_keeps_batch_stats_and_keys():
         assert torch.allclose(model(x)[0], ref(x)[0], atol=1e-6)  # batch stats in eval too
 
 
-def test_early_stopping_rule():
-    assert train_cli.early_stopping_update(0.5, math.inf, 0, 2) == (True, 0.5, 0, False)
-    assert train_cli.early_stopping_update(0.6, 0.5, 0, 2) == (False, 0.5, 1, False)
-    assert train_cli.early_stopping_update(0.5, 0.5, 1, 2) == (False, 0.5, 2, True)
-
-
 def test_epoch_permutation_shards_evenly():
     full = epoch_permutation(11, seed=3, epoch=2)
     assert sorted(full.tolist()) == list(range(11))
