@@ -356,18 +356,14 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
     best_path, last_path, config_path = _checkpoint_paths(args)
     seed_everything(args.seed)
 
-    # ---- data ----------------------------------------------------------------------------
-    cube_shape = (args.input_rows, args.input_cols, args.input_deps)
     dtype, data_device = _choose_storage(args, device)
     t0 = time.time()
     train_set, val_set = load_pretraining_data(
         args.data_dir, args.cls_classes, args.nb_instances, args.nb_instances_val,
-        args.nb_multires_patch, cube_shape, dtype=dtype, device=data_device,
-        pin_memory=device.type == "cuda")
+        args.nb_multires_patch, (args.input_rows, args.input_cols, args.input_deps),
+        dtype=dtype, device=data_device, pin_memory=device.type == "cuda")
     val_set, val_choices = _fixed_val_inputs(val_set, args, device)
     probe = load_probe_set(args.probe_data, args.probe_labels) if args.probe_data else None
-
-    # ---- model, optimiser, state, runtime --------------------------------------------------
     model, net, optimizer, scheduler, state = _build(args, info, device, log)
     loss_cfg = LossConfig(args.exp, args.lambda_cls, args.lambda_rec)
     config = dict(vars(args), world_size=ws, per_rank_batch=per_rank_batch,
@@ -384,7 +380,8 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
     diagnostics = PretextDiagnostics(args.cls_classes, _diagnostics_path(config_path),
                                      state.extra.setdefault("diagnostics", []), probe,
                                      args.probe_every, args.batch_size, args.seed)
-    log.line(f"data: {len(train_set)} train / {len(val_set)} val cubes {cube_shape} "
+    log.line(f"data: {len(train_set)} train / {len(val_set)} val cubes "
+             f"{tuple(train_set.cubes.shape[2:])} "
              f"({str(dtype)[6:]} on {data_device}, {time.time() - t0:.1f} s); "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
              f"{ws} process(es) x batch {per_rank_batch}; amp {config['amp_resolved']}", 2)

@@ -417,11 +417,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return _run(args)
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    out = Path(args.output_dir)
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
-
+def _splits(args: argparse.Namespace) -> tuple[CubeFiles, CubeFiles, CubeFiles | None,
+                                                 list[str], str, int]:
+    """(train, validation, test or None, class names, loss "bce" | "ce", number of logits) from
+    the data flags; without explicit validation data a stratified ``--val_fraction`` of the
+    training cubes."""
     full = load_dataset(args.data, args.labels, args.data_dir)
     if full is None:
         raise InputError("no training data: give --data and --labels, or --data_dir")
@@ -446,9 +446,15 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     loss = args.loss if args.loss != "auto" else ("bce" if n_classes == 2 else "ce")
     if loss == "bce" and n_classes > 2:
         raise InputError(f"--loss bce needs 2 classes, the labels have {n_classes}; use --loss ce")
-    n_out = 1 if loss == "bce" else n_classes
     class_names = full.class_names or [str(c) for c in range(n_classes)]
+    return train, val, test, class_names, loss, 1 if loss == "bce" else n_classes
 
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.output_dir)
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    train, val, test, class_names, loss, n_out = _splits(args)
     model, loaded = build_classifier(width=args.width, weights=args.weights, n_class=n_out,
                                      norm=args.norm, freeze_encoder=args.freeze_encoder)
     model.to(device)

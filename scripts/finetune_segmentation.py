@@ -466,14 +466,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return _run(args)
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def _splits(args: argparse.Namespace) -> tuple[list[Case], list[Case], list[Case] | None]:
+    """(train, validation, test or None) volumes from the data flags; without explicit
+    validation volumes a seeded ``--val_fraction`` of the training volumes (at least one)."""
     if not args.images:
         raise InputError("no training data: give --images and --masks")
-    out = Path(args.output_dir)
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
-    crop = tuple(args.crop)
-
     cases = load_cases(args.images, args.masks, args.seed, args.foreground_labels)
     if args.val_images:
         train = cases
@@ -490,7 +487,15 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             if args.test_images else None)
     if not any(len(c.fg) for c in train):
         print("warning: no foreground voxel in any training mask", file=sys.stderr)
+    return train, val, test
 
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.output_dir)
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    crop = tuple(args.crop)
+    train, val, test = _splits(args)
     model, loaded = build_segmentation_model(width=args.width, weights=args.weights, norm=args.norm,
                                              new_decoder=args.new_decoder)
     model.to(device)

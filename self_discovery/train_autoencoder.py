@@ -212,13 +212,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         return _train(args, info, device, log)
 
 
-def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
-           log: MetricLogger) -> dict[str, Any]:
-    data_dir, ckpt_dir = Path(args.data_dir), Path(args.output_dir)
-    train_files = list_volumes(data_dir / "train")
-    val_files = list_volumes(data_dir / "validation")
-    size = (args.input_rows, args.input_cols, args.input_deps)
-
+def _build(args: argparse.Namespace, info: DistInfo, device: torch.device, log: MetricLogger
+           ) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, Any, RunState]:
+    """(model, net, optimizer, scheduler, state): the autoencoder on ``device``, the module to
+    train (DDP around it under torchrun), and the run state (``--resume``d or new)."""
     seed_everything(args.seed)   # same initial weights on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -226,7 +223,7 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
     optimizer = make_optimizer(model, args.lr, device)  # fused Adam: no per-step host reads
     scheduler = plateau_scheduler(optimizer, args.lr_patience)
     state = RunState()
-    resume = resume_path(args.resume, ckpt_dir / LAST_NAME)
+    resume = resume_path(args.resume, Path(args.output_dir) / LAST_NAME)
     if resume is not None:
         state = restart_from_checkpoint(resume, model, optimizer, scheduler,
                                         expect={"width": args.width, "decoder": args.decoder})
@@ -241,9 +238,17 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
     if info.enabled:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, net, optimizer, scheduler, state
 
-    train_ds = ResizedVolumeDataset(train_files, size)
-    val_ds = ResizedVolumeDataset(val_files, size)
+
+def _loaders(args: argparse.Namespace, info: DistInfo, device: torch.device, log: MetricLogger
+             ) -> tuple[DistributedSampler, DataLoader, DataLoader]:
+    """(train sampler, train loader, this rank's validation loader) over the resized volumes
+    of ``--data_dir``/train and /validation."""
+    data_dir = Path(args.data_dir)
+    size = (args.input_rows, args.input_cols, args.input_deps)
+    train_ds = ResizedVolumeDataset(list_volumes(data_dir / "train"), size)
+    val_ds = ResizedVolumeDataset(list_volumes(data_dir / "validation"), size)
     if args.cache:
         train_ds.preload(log.enabled and args.verbose >= 1, "caching train", device)
         val_ds.preload(log.enabled and args.verbose >= 1, "caching validation", device)
@@ -253,14 +258,22 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
     train_loader = _loader(train_ds, train_sampler, args.batch_size, args.num_workers, device)
     val_part = Subset(val_ds, shard_indices(len(val_ds), info.rank, info.world_size))
     val_loader = _loader(val_part, None, args.batch_size, args.num_workers, device)
+    log.line(f"autoencoder: {len(train_ds)} train / {len(val_ds)} validation volumes resized "
+             f"to {size}, width {args.width}, device {device}"
+             + (f" x {info.world_size} processes" if info.enabled else ""))
+    return train_sampler, train_loader, val_loader
 
+
+def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
+           log: MetricLogger) -> dict[str, Any]:
+    ckpt_dir = Path(args.output_dir)
+    model, net, optimizer, scheduler, state = _build(args, info, device, log)
+    train_sampler, train_loader, val_loader = _loaders(args, info, device, log)
     config = dict(vars(args), world_size=info.world_size)
     if info.is_main:
-        write_run_config(dict(config, resolved_device=str(device), n_train=len(train_files),
-                              n_val=len(val_files)), ckpt_dir)
-    log.line(f"autoencoder: {len(train_files)} train / {len(val_files)} validation volumes "
-             f"resized to {size}, width {args.width}, device {device}"
-             + (f" x {info.world_size} processes" if info.enabled else ""))
+        write_run_config(dict(config, resolved_device=str(device),
+                              n_train=len(train_loader.dataset),
+                              n_val=len(val_loader.dataset.dataset)), ckpt_dir)
     stopper = EarlyStopping(args.patience)
     checkpoints = EpochCheckpoints(ckpt_dir / BEST_NAME, ckpt_dir / LAST_NAME, ARCH,
                                    model_config(args), config)
