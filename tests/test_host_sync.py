@@ -1,4 +1,5 @@
-"""The training hot paths never wait for the device, checked on CPU.
+"""The training hot paths (pretraining, autoencoder, both fine-tuning loops) never wait for the
+device, checked on CPU.
 
 On a GPU, ``.item()``, ``bool(t)``, ``nonzero`` and boolean indexing stall the host until the
 device catches up; the training loop must do none between log intervals. A CPU run cannot see the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,6 +23,8 @@ from pytorch import train as train_cli
 from pytorch.data import BatchFeeder, PretrainingCubes
 from pytorch.engine import (LossConfig, build_model, eval_step, make_optimizer, perturb_inputs,
                             prepare_model_for_speed, train_step)
+from scripts import finetune_classification, finetune_segmentation
+from scripts.phantoms import make_nodule_cubes, write_phantom_dataset
 from self_discovery import train_autoencoder, volumes
 from tests.fold_fixtures import (autoencoder_args, make_fold_files, make_volume_dataset,
                                  train_args)
@@ -113,6 +117,45 @@ def test_autoencoder_epoch_host_reads_do_not_grow_with_steps(tmp_path, monkeypat
     """Stage 1 likewise: 2 and 4 training steps per epoch read the same."""
     assert (_autoencoder_reads(tmp_path, 4, monkeypatch)
             == _autoencoder_reads(tmp_path, 8, monkeypatch))
+
+
+def _classification_reads(root, n_train: int) -> dict[str, int]:
+    train_cubes, train_labels = make_nodule_cubes(n_train, (16, 16, 8), seed=0)
+    val_cubes, val_labels = make_nodule_cubes(4, (16, 16, 8), seed=1)
+    for name, arr in (("x", train_cubes), ("y", train_labels), ("vx", val_cubes),
+                      ("vy", val_labels)):
+        np.save(root / f"{name}{n_train}.npy", arr)
+    argv = ["--data", str(root / f"x{n_train}.npy"), "--labels", str(root / f"y{n_train}.npy"),
+            "--val_data", str(root / f"vx{n_train}.npy"), "--val_labels",
+            str(root / f"vy{n_train}.npy"), "--width", "4", "--nb_epoch", "1", "--batch_size",
+            "4", "--num_workers", "0", "--device", "cpu", "--quiet",
+            "--output_dir", str(root / f"cls{n_train}")]
+    with RecordOps() as rec:
+        assert finetune_classification.main(argv) == 0
+    return rec.host_reads()
+
+
+def test_classification_finetuning_host_reads_do_not_grow_with_steps(tmp_path):
+    """Fine-tuning sums its loss on the device: 2 and 4 steps per epoch read the same."""
+    assert _classification_reads(tmp_path, 8) == _classification_reads(tmp_path, 16)
+
+
+def _segmentation_reads(root, steps: int) -> dict[str, int]:
+    if not (root / "img").exists():
+        write_phantom_dataset(root / "img", 3, (24, 24, 16), seed=0, fmt="npy", nodules=1,
+                              mask_dir=root / "msk")
+    argv = ["--images", str(root / "img"), "--masks", str(root / "msk"), "--crop", "16", "16",
+            "8", "--steps_per_epoch", str(steps), "--batch_size", "2", "--width", "4",
+            "--nb_epoch", "1", "--num_workers", "0", "--device", "cpu", "--quiet",
+            "--output_dir", str(root / f"seg{steps}")]
+    with RecordOps() as rec:
+        assert finetune_segmentation.main(argv) == 0
+    return rec.host_reads()
+
+
+def test_segmentation_finetuning_host_reads_do_not_grow_with_steps(tmp_path):
+    """Likewise for segmentation: --steps_per_epoch 2 and 4 read the same."""
+    assert _segmentation_reads(tmp_path, 2) == _segmentation_reads(tmp_path, 4)
 
 
 @pytest.mark.parametrize("net", [
