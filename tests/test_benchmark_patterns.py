@@ -19,7 +19,7 @@ def test_synthetic_volume_has_lungs():
     assert 0.1 < lung.mean() < 0.6
 
 
-def test_benchmark_tiny(tmp_path, capsys):
+def test_pattern_benchmark_writes_its_numbers_and_removes_its_volumes(tmp_path, capsys):
     out = tmp_path / "bench.json"
     work = tmp_path / "work"
     assert bp.main(["--patients", "8", "--val_patients", "3", "--shape", "80", "80", "44",

@@ -143,7 +143,7 @@ def test_target_classifier_head_has_no_relu():
     assert all(p.requires_grad for p in frozen.dense_1.parameters())
 
 
-def test_dice_and_iou():
+def test_dice_loss_and_dice_iou_values_on_known_overlaps():
     t = torch.zeros(2, 1, 4, 4, 4)
     t[:, :, :2] = 1
     assert float(dice_coef_loss(t, t)) == pytest.approx(0.0)

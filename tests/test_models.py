@@ -64,7 +64,7 @@ def test_state_dict_keys_are_exactly_the_published_ones():
 
 
 @pytest.mark.parametrize("width", [4, 8])
-def test_forward_shapes(width):
+def test_ynet_and_unet_output_and_bottleneck_shapes(width):
     x = torch.rand(2, 1, 64, 64, 32)
     y = YNet3D(cls_classes=5, width=width)
     restored, logits = y(x)
@@ -125,6 +125,6 @@ def test_batch_stats_norm_is_used_in_eval():
     assert torch.allclose(std(x), x / (1 + 1e-5) ** 0.5, atol=1e-5)  # running stats (0, 1)
 
 
-def test_bad_input_shape():
+def test_input_sides_not_divisible_by_8_are_refused():
     with pytest.raises(ValueError, match="divisible by 8"):
         UNet3D(width=4)(torch.rand(1, 1, 30, 32, 16))

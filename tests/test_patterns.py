@@ -200,7 +200,7 @@ def test_same_seed_same_bytes(dataset, run3):
     assert c["coordinates.csv"] != a["coordinates.csv"]
 
 
-def test_resume_continues(dataset, run3):
+def test_prev_coordinates_resume_adds_classes_equal_to_a_fresh_run(dataset, run3):
     """C=2, then resume to C=3: same first two classes and a third; equal to a fresh C=3 run."""
     common = ["--multi_res", "--classes_per_file", "2"]
     assert pg.main(_args(dataset, "first2", *common, classes=2)) == 0

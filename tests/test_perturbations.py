@@ -90,7 +90,7 @@ def test_shuffle_block_size_range():
     assert ext[:, 0].max() == 6 and ext[:, 2].max() == 3
 
 
-def test_shuffle_mask():
+def test_local_shuffle_leaves_unmasked_cubes_unchanged():
     x = cubes(3)
     y = P.local_pixel_shuffle(x, gen(7), mask=torch.tensor([False, True, False]))
     assert torch.equal(y[0], x[0]) and torch.equal(y[2], x[2]) and not torch.equal(y[1], x[1])

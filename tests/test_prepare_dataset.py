@@ -54,7 +54,7 @@ def test_phantom_is_deterministic_anatomical_and_seeded():
     assert (xs < 24).any() and (xs > 40).any()
 
 
-def test_nodule_cubes():
+def test_nodule_cubes_are_balanced_in_range_and_brighter_at_the_centre():
     cubes, labels = make_nodule_cubes(6, size=(16, 16, 8), seed=1)
     assert cubes.shape == (6, 16, 16, 8) and cubes.dtype == np.float32
     assert labels.tolist().count(1) == 3 and 0.0 <= cubes.min() and cubes.max() <= 1.0

@@ -52,7 +52,7 @@ def test_summary_statistics():
     assert "80.00 +- 14.14" in tb.format_table(rows, 2)
 
 
-def test_bad_inputs(weights, tmp_path, capsys):
+def test_transfer_benchmark_bad_width_or_missing_weights_are_one_line_errors(weights, tmp_path, capsys):
     assert tb.main(["--weights", str(weights), "--width", "8", "--output_dir", str(tmp_path)] + TINY) == 2
     assert "pass --width 4" in capsys.readouterr().err
     assert tb.main(["--weights", str(tmp_path / "none.pt"), "--output_dir", str(tmp_path)] + TINY) == 2

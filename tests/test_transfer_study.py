@@ -95,7 +95,7 @@ def _png_size(path: Path) -> tuple[int, int, int]:
     return w, h, data[25]
 
 
-def test_plot_png(tmp_path):
+def test_study_plot_is_an_rgb_png_of_the_expected_size(tmp_path):
     rows = ts.summarize({"segmentation": {
         "scratch": {"0.05": [0.1, 0.2], "1": [0.5, 0.6]},
         "restoration_only": {"0.05": [0.2, 0.3], "1": [0.6, 0.6]}}})
