@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,13 +204,17 @@ class MetricLogger:
 
     ``verbose``: 0 errors only, 1 epoch lines and progress bars, 2 also details (a line's
     ``level``). ``log_dir``: TensorBoard folder (None: no curves). Bars switch themselves off
-    when the output is not a terminal. Use as a context manager (closes the writer).
+    when the output is not a terminal (a log file, a batch job); a long pass then prints a
+    plain progress line every ``heartbeat_s`` seconds instead, so a slow first epoch is never
+    silent. Use as a context manager (closes the writer).
     """
 
     def __init__(self, log_dir: str | os.PathLike | None = None, verbose: int = 1,
-                 enabled: bool | None = None, flag: str = "--log_dir") -> None:
+                 enabled: bool | None = None, flag: str = "--log_dir",
+                 heartbeat_s: float = 60.0) -> None:
         self.enabled = D.is_main() if enabled is None else enabled
         self.verbose, self.log_dir, self.flag = verbose, log_dir, flag
+        self.heartbeat_s = heartbeat_s
         self._writer: Any = None
 
     @property
@@ -272,11 +277,18 @@ StepFn = Callable[[Any], torch.Tensor]
 def _accumulate(step: StepFn, batches: Iterable[Any], log: MetricLogger, desc: str,
                 sums: torch.Tensor, log_every: int, total: int | None) -> torch.Tensor:
     bar = log.progress(batches, desc, total)
+    heartbeat = bar.disable and log.enabled and log.verbose >= 1   # no bar: plain lines
+    total = bar.total if total is None else total
+    last = time.monotonic()
     try:
         for i, batch in enumerate(bar):
             sums += step(batch)
             if log_every > 0 and (i + 1) % log_every == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{(sums[0] / sums[-1].clamp_min(1)).item():.4f}")  # display
+            if heartbeat and time.monotonic() - last >= log.heartbeat_s:
+                loss = (sums[0] / sums[-1].clamp_min(1)).item()   # one read a heartbeat
+                log.line(f"  {desc}: {i + 1}/{total if total else '?'} batches, loss {loss:.4f}")
+                last = time.monotonic()
     finally:
         bar.close()
     return sums

@@ -114,6 +114,21 @@ def test_epoch_loops_sum_step_statistics_on_the_device(capsys):
     assert "epoch 1 done" in capsys.readouterr().out
 
 
+def test_without_a_terminal_a_long_pass_prints_plain_progress_lines(capsys):
+    """Under pytest the output is no terminal, so the bar is off; heartbeat lines replace it."""
+    model = nn.Linear(2, 1)
+    step = lambda batch: torch.tensor([float(batch), 1.0])          # noqa: E731
+    evaluate(model, step, [1, 2, 3], MetricLogger(heartbeat_s=0.0), "epoch 4 val",
+             torch.zeros(2))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["  epoch 4 val: 1/3 batches, loss 1.0000",
+                     "  epoch 4 val: 2/3 batches, loss 1.5000",
+                     "  epoch 4 val: 3/3 batches, loss 2.0000"]
+    evaluate(model, step, [1, 2], MetricLogger(heartbeat_s=0.0, verbose=0), "quiet",
+             torch.zeros(2))
+    assert capsys.readouterr().out == ""
+
+
 def test_diverged_run_is_its_own_reported_error():
     model = _net()
     check_finite_training(model, 1, 0.5, 0.4, "lower --lr")
