@@ -45,16 +45,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from models.targets import build_classifier
-from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, add_resume_flag,
-                         call_reporting_errors, fraction, nonneg_int, positive_int, seed_int)
-from runtime.devices import device_name, resolve_device, seed_everything
+from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, fraction, nonneg_int, positive_int)
+from runtime.devices import resolve_device, seed_everything
 from runtime.errors import InputError
 from runtime.files import make_output_dir, save_json_atomic, write_run_config
 from runtime.intensity import check_real_array, within_unit_range
 from runtime.training import (MetricLogger, check_finite_training, evaluate, per_sample_mean,
                               train_one_epoch)
-from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_optimizer,
-                                     finetune_runtime, finetune_session, load_best, loss_step)
+from scripts.finetune_common import (add_model_flags, add_output_flags, add_training_flags,
+                                     finetune_optimizer, finetune_runtime, finetune_session,
+                                     load_best, loss_step)
 
 __all__ = ["CubeFiles", "open_cube_files", "load_labels", "count_classes", "load_class_folders", "split_stratified",
            "classification_metrics", "build_parser", "run", "main"]
@@ -379,23 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bce: one logit, binary cross-entropy (2 classes); ce: one logit per class, "
                         "cross-entropy; auto: bce for 2 classes else ce")
 
-    t = ap.add_argument_group("training")
-    t.add_argument("--nb_epoch", type=positive_int, default=100, help="maximum number of epochs")
-    t.add_argument("--patience", type=positive_int, default=10,
-                   help="stop after this many epochs without improvement of --monitor")
-    t.add_argument("--monitor", default="loss", choices=["loss", "auc"],
-                   help="validation value for early stopping and the best checkpoint")
-    t.add_argument("--batch_size", type=positive_int, default=16, help="cubes per batch")
-    add_optimizer_flags(t)
-    t.add_argument("--seed", type=seed_int, default=0, help="seed of the split, the shuffling and the head")
-    t.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda[:i]")
-    add_resume_flag(t, "<output_dir>/last.pt", "model, optimizer, epoch, history")
-    add_overwrite_flag(t, "metrics.json, best.pt and last.pt")
-
-    o = ap.add_argument_group("outputs")
-    o.add_argument("--output_dir", default="runs/finetune_classification",
-                   help="metrics.json, config.json, best.pt, last.pt and tensorboard/ go here")
-    o.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    add_training_flags(ap, epochs=100, patience=10, monitor=["loss", "auc"], batch_size=16,
+                       batch_help="cubes per batch",
+                       seed_help="seed of the split, the shuffling and the head")
+    add_output_flags(ap, "runs/finetune_classification")
     return ap
 
 

@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 from models.checkpoint import load_checkpoint, load_state_dict_checked
-from runtime.cli import nonneg_float, positive_float, positive_int, resume_path
+from runtime.cli import (add_overwrite_flag, add_resume_flag, nonneg_float, positive_float,
+                         positive_int, resume_path, seed_int)
+from runtime.devices import device_name
 from runtime.files import output_session
 from runtime.training import EarlyStopping, EpochCheckpoints, RunState, restart_from_checkpoint
 
-__all__ = ["add_model_flags", "add_optimizer_flags", "finetune_optimizer", "finetune_session",
+__all__ = ["add_model_flags", "add_training_flags", "add_output_flags", "add_optimizer_flags", "finetune_optimizer", "finetune_session",
            "finetune_runtime", "loss_step", "load_best"]
 
 #: What a finished fine-tuning run leaves in --output_dir (kept unless --overwrite/--resume).
@@ -34,6 +36,35 @@ def add_model_flags(ap: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     m.add_argument("--norm", default="batch_stats", choices=["batch_stats", "standard"],
                    help="BatchNorm: batch statistics also in eval (published) or running statistics")
     return m
+
+
+def add_training_flags(ap: argparse.ArgumentParser, *, epochs: int, patience: int,
+                       monitor: list[str], batch_size: int, batch_help: str,
+                       seed_help: str) -> argparse._ArgumentGroup:
+    """The "training" flag group both scripts share; ``monitor[0]`` is the default of
+    ``--monitor``."""
+    t = ap.add_argument_group("training")
+    t.add_argument("--nb_epoch", type=positive_int, default=epochs, help="maximum number of epochs")
+    t.add_argument("--patience", type=positive_int, default=patience,
+                   help="stop after this many epochs without improvement of --monitor")
+    t.add_argument("--monitor", default=monitor[0], choices=monitor,
+                   help="validation value for early stopping and the best checkpoint")
+    t.add_argument("--batch_size", type=positive_int, default=batch_size, help=batch_help)
+    add_optimizer_flags(t)
+    t.add_argument("--seed", type=seed_int, default=0, help=seed_help)
+    t.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda[:i]")
+    add_resume_flag(t, "<output_dir>/last.pt", "model, optimizer, epoch, history")
+    add_overwrite_flag(t, "metrics.json, best.pt and last.pt")
+    return t
+
+
+def add_output_flags(ap: argparse.ArgumentParser, default_dir: str) -> argparse._ArgumentGroup:
+    """The "outputs" flag group: ``--output_dir`` and ``--quiet``."""
+    o = ap.add_argument_group("outputs")
+    o.add_argument("--output_dir", default=default_dir,
+                   help="metrics.json, config.json, best.pt, last.pt and tensorboard/ go here")
+    o.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    return o
 
 
 def add_optimizer_flags(group: argparse._ArgumentGroup) -> None:

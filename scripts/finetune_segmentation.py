@@ -48,19 +48,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from models.targets import bce_dice_loss, binary_dice_iou, build_segmentation_model, dice_coef_loss
-from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, add_resume_flag,
-                         call_reporting_errors, fraction, nonneg_int, positive_int, probability,
-                         seed_int)
-from runtime.devices import device_name, resolve_device, seed_everything
+from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, fraction, nonneg_int, positive_int, probability)
+from runtime.devices import resolve_device, seed_everything
 from runtime.errors import InputError
 from runtime.files import (check_output_outside, make_output_dir, save_json_atomic, save_npy_atomic,
                            write_run_config)
 from runtime.intensity import check_real_array, normalize_hu, within_unit_range
-from runtime.training import (MetricLogger, check_finite_training, per_sample_mean,
-                              train_one_epoch)
+from runtime.training import MetricLogger, check_finite_training, per_sample_mean, train_one_epoch
 from scripts.ct_io import CTReadError, find_ct_inputs, read_ct, volume_stem
-from scripts.finetune_common import (add_model_flags, add_optimizer_flags, finetune_optimizer,
-                                     finetune_runtime, finetune_session, load_best, loss_step)
+from scripts.finetune_common import (add_model_flags, add_output_flags, add_training_flags,
+                                     finetune_optimizer, finetune_runtime, finetune_session,
+                                     load_best, loss_step)
 
 __all__ = ["Case", "MASK_SUFFIXES", "find_volume_files", "pair_volumes", "load_cases", "sample_crop", "CropDataset",
            "sliding_window_predict", "evaluate_cases", "build_parser", "run", "main"]
@@ -413,26 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--loss", default="dice", choices=["dice", "bce_dice"],
                    help="dice: the README's Dice loss; bce_dice: binary cross-entropy + Dice")
 
-    t = ap.add_argument_group("training")
-    t.add_argument("--nb_epoch", type=positive_int, default=200, help="maximum number of epochs")
-    t.add_argument("--steps_per_epoch", type=positive_int, default=50, help="training batches per epoch")
-    t.add_argument("--patience", type=positive_int, default=20,
-                   help="stop after this many epochs without improvement of --monitor")
-    t.add_argument("--monitor", default="dice", choices=["dice", "loss"],
-                   help="validation value for early stopping and the best checkpoint")
-    t.add_argument("--batch_size", type=positive_int, default=8, help="crops per batch (also windows per inference batch)")
-    add_optimizer_flags(t)
-    t.add_argument("--seed", type=seed_int, default=0, help="seed of the split, the crops and the initialisation")
-    t.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda[:i]")
-    add_resume_flag(t, "<output_dir>/last.pt", "model, optimizer, epoch, history")
-    add_overwrite_flag(t, "metrics.json, best.pt and last.pt")
-
-    o = ap.add_argument_group("outputs")
-    o.add_argument("--output_dir", default="runs/finetune_segmentation",
-                   help="metrics.json, config.json, best.pt, last.pt and tensorboard/ go here")
+    t = add_training_flags(ap, epochs=200, patience=20, monitor=["dice", "loss"], batch_size=8,
+                           batch_help="crops per batch (also windows per inference batch)",
+                           seed_help="seed of the split, the crops and the initialisation")
+    t.add_argument("--steps_per_epoch", type=positive_int, default=50,
+                   help="training batches per epoch")
+    o = add_output_flags(ap, "runs/finetune_segmentation")
     o.add_argument("--save_predictions", action="store_true",
                    help="write the test predictions as predictions/<name>.npy (uint8, (x, y, z))")
-    o.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     return ap
 
 

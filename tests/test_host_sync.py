@@ -119,43 +119,43 @@ def test_autoencoder_epoch_host_reads_do_not_grow_with_steps(tmp_path, monkeypat
             == _autoencoder_reads(tmp_path, 8, monkeypatch))
 
 
-def _classification_reads(root, n_train: int) -> dict[str, int]:
-    train_cubes, train_labels = make_nodule_cubes(n_train, (16, 16, 8), seed=0)
-    val_cubes, val_labels = make_nodule_cubes(4, (16, 16, 8), seed=1)
-    for name, arr in (("x", train_cubes), ("y", train_labels), ("vx", val_cubes),
-                      ("vy", val_labels)):
-        np.save(root / f"{name}{n_train}.npy", arr)
-    argv = ["--data", str(root / f"x{n_train}.npy"), "--labels", str(root / f"y{n_train}.npy"),
-            "--val_data", str(root / f"vx{n_train}.npy"), "--val_labels",
-            str(root / f"vy{n_train}.npy"), "--width", "4", "--nb_epoch", "1", "--batch_size",
-            "4", "--num_workers", "0", "--device", "cpu", "--quiet",
-            "--output_dir", str(root / f"cls{n_train}")]
+#: Flags of a one-epoch fine-tuning run on CPU with a width-4 network and no worker processes.
+FINETUNE_FLAGS = ["--width", "4", "--nb_epoch", "1", "--num_workers", "0", "--device", "cpu",
+                  "--quiet"]
+
+
+def _finetune_reads(main, argv: list[str]) -> dict[str, int]:
     with RecordOps() as rec:
-        assert finetune_classification.main(argv) == 0
+        assert main(argv + FINETUNE_FLAGS) == 0
     return rec.host_reads()
+
+
+def _classification_argv(root, n_train: int) -> list[str]:
+    arrays = dict(zip(("x", "y"), make_nodule_cubes(n_train, (16, 16, 8), seed=0)))
+    arrays.update(zip(("vx", "vy"), make_nodule_cubes(4, (16, 16, 8), seed=1)))
+    for name, arr in arrays.items():
+        np.save(root / f"{name}{n_train}.npy", arr)
+    flags = ("--data", "x", "--labels", "y", "--val_data", "vx", "--val_labels", "vy")
+    return [str(root / f"{v}{n_train}.npy") if i % 2 else v for i, v in enumerate(flags)] + [
+        "--batch_size", "4", "--output_dir", str(root / f"cls{n_train}")]
 
 
 def test_classification_finetuning_host_reads_do_not_grow_with_steps(tmp_path):
     """Fine-tuning sums its loss on the device: 2 and 4 steps per epoch read the same."""
-    assert _classification_reads(tmp_path, 8) == _classification_reads(tmp_path, 16)
-
-
-def _segmentation_reads(root, steps: int) -> dict[str, int]:
-    if not (root / "img").exists():
-        write_phantom_dataset(root / "img", 3, (24, 24, 16), seed=0, fmt="npy", nodules=1,
-                              mask_dir=root / "msk")
-    argv = ["--images", str(root / "img"), "--masks", str(root / "msk"), "--crop", "16", "16",
-            "8", "--steps_per_epoch", str(steps), "--batch_size", "2", "--width", "4",
-            "--nb_epoch", "1", "--num_workers", "0", "--device", "cpu", "--quiet",
-            "--output_dir", str(root / f"seg{steps}")]
-    with RecordOps() as rec:
-        assert finetune_segmentation.main(argv) == 0
-    return rec.host_reads()
+    main = finetune_classification.main
+    assert (_finetune_reads(main, _classification_argv(tmp_path, 8))
+            == _finetune_reads(main, _classification_argv(tmp_path, 16)))
 
 
 def test_segmentation_finetuning_host_reads_do_not_grow_with_steps(tmp_path):
     """Likewise for segmentation: --steps_per_epoch 2 and 4 read the same."""
-    assert _segmentation_reads(tmp_path, 2) == _segmentation_reads(tmp_path, 4)
+    write_phantom_dataset(tmp_path / "img", 3, (24, 24, 16), seed=0, fmt="npy", nodules=1,
+                          mask_dir=tmp_path / "msk")
+    reads = [_finetune_reads(finetune_segmentation.main, [
+        "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"), "--crop", "16",
+        "16", "8", "--steps_per_epoch", str(steps), "--batch_size", "2",
+        "--output_dir", str(tmp_path / f"seg{steps}")]) for steps in (2, 4)]
+    assert reads[0] == reads[1]
 
 
 @pytest.mark.parametrize("net", [
