@@ -256,7 +256,8 @@ def _choose_storage(args, device: torch.device) -> tuple[torch.dtype, torch.devi
 
 
 @torch.no_grad()
-def _fixed_val_inputs(val: PretrainingCubes, args, device: torch.device) -> tuple[PretrainingCubes, torch.Tensor]:
+def _fixed_val_inputs(val: PretrainingCubes, args: argparse.Namespace, device: torch.device
+                      ) -> tuple[PretrainingCubes, torch.Tensor]:
     """Validation cubes with their perturbed inputs stacked on channel 1: (N, 2, X, Y, Z), and
     the (N,) index into ``OPERATIONS`` of each cube's perturbation (on the cubes' device).
 
@@ -419,9 +420,9 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
         t_epoch = time.time()
         generator = torch.Generator(device).manual_seed(derive_seed(args.seed, epoch, rank, 0xA11))
         order = epoch_permutation(len(train_set), args.seed, epoch, rank, ws)
-        sums = train_one_epoch(net, train_batch, order.to(feeder.index_device).split(per_rank_batch),
-                               log, f"epoch {epoch + 1} train", torch.zeros(5, device=device),
-                               args.log_every)
+        batches = order.to(feeder.index_device).split(per_rank_batch)
+        sums = train_one_epoch(net, train_batch, batches, log, f"epoch {epoch + 1} train",
+                               torch.zeros(5, device=device), args.log_every)
         restoration.zero_()
         vsums = evaluate(model, val_batch, val_idx.split(per_rank_batch), log,  # per rank, no DDP
                          f"epoch {epoch + 1} val", torch.zeros(5, device=device))

@@ -114,8 +114,9 @@ def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
 def call_reporting_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
     """Call ``fn``; a ``ReportedError`` (bad input, a checkpoint that does not fit, a diverged
     run) and operating-system errors (read-only or full disk, missing permission: ``OSError``
-    naming the path) become one ``error: ...`` line on stderr (see ``one_line``) and ``(False, None)``, so every CLI's
-    ``main`` ends the same way (exit code 2, no traceback). Returns ``(True, result)`` otherwise."""
+    naming the path) become one ``error: ...`` line on stderr (see ``one_line``) and
+    ``(False, None)``, so every CLI's ``main`` ends the same way (exit code 2, no traceback).
+    Returns ``(True, result)`` otherwise."""
     try:
         return True, fn(*args, **kwargs)
     except ReportedError as e:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "distributed_session", "cleanup_distributed", "is_main", "all_reduce_mean",
-           "all_reduce_sum", "broadcast_object", "barrier", "all_gather_objects", "shard_indices"]
+__all__ = ["DistInfo", "init_distributed", "distributed_session", "cleanup_distributed", "is_main",
+           "all_reduce_mean", "all_reduce_sum", "broadcast_object", "barrier", "all_gather_objects", "shard_indices"]
 
 
 @dataclass(frozen=True)

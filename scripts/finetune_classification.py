@@ -45,7 +45,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from models.targets import build_classifier
-from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, fraction, nonneg_int, positive_int)
+from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, fraction, nonneg_int,
+                         positive_int)
 from runtime.devices import resolve_device, seed_everything
 from runtime.errors import InputError
 from runtime.files import make_output_dir, save_json_atomic, write_run_config

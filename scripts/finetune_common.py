@@ -18,8 +18,8 @@ from runtime.devices import device_name
 from runtime.files import output_session
 from runtime.training import EarlyStopping, EpochCheckpoints, RunState, restart_from_checkpoint
 
-__all__ = ["add_model_flags", "add_training_flags", "add_output_flags", "add_optimizer_flags", "finetune_optimizer", "finetune_session",
-           "finetune_runtime", "loss_step", "load_best"]
+__all__ = ["add_model_flags", "add_training_flags", "add_output_flags", "add_optimizer_flags",
+           "finetune_optimizer", "finetune_session", "finetune_runtime", "loss_step", "load_best"]
 
 #: What a finished fine-tuning run leaves in --output_dir (kept unless --overwrite/--resume).
 RESULT_NAMES = ("metrics.json", "best.pt", "last.pt")

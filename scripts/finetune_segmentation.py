@@ -48,7 +48,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from models.targets import bce_dice_loss, binary_dice_iou, build_segmentation_model, dice_coef_loss
-from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, fraction, nonneg_int, positive_int, probability)
+from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, fraction, nonneg_int,
+                         positive_int, probability)
 from runtime.devices import resolve_device, seed_everything
 from runtime.errors import InputError
 from runtime.files import (check_output_outside, make_output_dir, save_json_atomic, save_npy_atomic,
