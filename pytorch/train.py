@@ -435,12 +435,12 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
                               "lower --lr or use --amp fp32, then --resume the last checkpoint")
         decision = stopper.step(state, va["loss"])
         stopped_early, seconds = decision.stop, time.time() - t_epoch
-        if info.is_main:
+        _log_epoch(log, epoch + 1, tr, va, lr, seconds, decision.improved, state, args.patience)
+        if info.is_main:  # the diagnostics line goes under the epoch line
             diagnostics.epoch(epoch + 1, va["acc"], restoration, model, device,
                               decision.stop or epoch + 1 == args.nb_epoch, log)
         checkpoints.save(state, decision.improved, model, optimizer, scheduler,
                          extra={"world_size": ws, "train": tr, "val": va, "lr": lr})
-        _log_epoch(log, epoch + 1, tr, va, lr, seconds, decision.improved, state, args.patience)
         if args.nb_preview > 0 and log.curves:
             log.image("val/original_perturbed_restored",
                       _preview(model, val_set, args, device, amp_dtype, loss_cfg), epoch + 1)

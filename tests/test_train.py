@@ -339,6 +339,9 @@ def test_diagnostics_on_epoch_line_tensorboard_and_json(folds, tmp_path, capsys)
     lines = [l for l in (out.out + out.err).splitlines() if "diag:" in l]
     assert len(lines) == 3 and "epoch 0 (initialisation) probe auc" in lines[0]
     assert "(chance 33.3%)" in lines[1] and "restoration gain" in lines[1] and "probe auc" in lines[1]
+    printed = out.out.splitlines()
+    epoch_lines = [i for i, line in enumerate(printed) if line.startswith("epoch ")]
+    assert [printed[i + 1].startswith("    diag: top-1") for i in epoch_lines] == [True, True]
     diag = json.loads((tmp_path / "ckpt" / f"{CKPT}_diagnostics.json").read_text())
     assert [d["epoch"] for d in diag] == [0, 1, 2]
     assert 0.0 <= diag[2]["probe"]["value"] <= 1.0 and diag[2]["cls_chance"] == pytest.approx(1 / 3)
