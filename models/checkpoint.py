@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -127,10 +128,8 @@ def _numpy_scalar_globals() -> list[Any]:
     under both names, ``numpy.dtype``, and the dtype classes of bool, integer and float scalars
     (needed to restore a dtype's state). Nothing else: no arrays, no object dtype, no code.
     """
-    import numpy as np
-
     try:
-        from numpy._core import multiarray
+        from numpy._core import multiarray  # local: NumPy 1/2 fallback, needed only here
     except ImportError:  # NumPy < 2
         from numpy.core import multiarray  # type: ignore[no-redef]
     scalar = multiarray.scalar
@@ -164,8 +163,6 @@ def _is_truncated(path: Path, error: BaseException) -> bool:
 
 def _plain_scalar(value: Any) -> Any:
     """A NumPy scalar (published ``best_loss``/``best_acc``) as the Python number it holds."""
-    import numpy as np
-
     return value.item() if isinstance(value, np.generic) else value
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from models.checkpoint import unwrap_model
 from pytorch.engine import is_channels_last
 from runtime.errors import InputError
+from scripts.finetune_classification import load_dataset
 
 __all__ = ["load_probe_set", "encoder_features", "probe_score"]
 
@@ -29,8 +30,6 @@ def load_probe_set(data: str, labels: str | None) -> tuple[np.ndarray, np.ndarra
     """Cubes (N, X, Y, Z) float32 in [0, 1] and integer labels (N,) from ``--probe_data`` /
     ``--probe_labels`` (the fine-tuning scripts' formats and checks). At least two classes with
     two cubes each are needed for cross-validation."""
-    from scripts.finetune_classification import load_dataset
-
     ds = load_dataset([data], labels, None, "probe_")
     cubes = np.stack([ds.cube(i) for i in range(len(ds))]) if len(ds) else np.zeros((0, 8, 8, 8))
     counts = np.bincount(ds.labels) if len(ds) else np.zeros(0)
@@ -73,7 +72,7 @@ def probe_score(features: np.ndarray, labels: np.ndarray, seed: int = 0,
     Binary labels: ROC AUC of the out-of-fold probabilities; more classes: accuracy.
     Returns {"metric": "auc" | "accuracy", "value": float, "folds": k}.
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # local: sklearn is slow to import
     from sklearn.metrics import accuracy_score, roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline

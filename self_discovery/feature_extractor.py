@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
 from models.checkpoint import (DECODER_PREFIXES, checked_model_config, infer_model_config,
                                load_checkpoint, load_state_dict_checked)
@@ -145,7 +146,6 @@ def extract_features(model: UNet3D, dataset: ResizedVolumeDataset | Subset, batc
     float32, the items' indices in row order). With ``norm="batch_stats"`` models each volume runs alone, so a feature
     never depends on which volumes share its batch.
     """
-    from tqdm import tqdm
     device = torch.device(device)
     if getattr(model.down_tr64.ops[0].bn1, "norm", "standard") == "batch_stats" and batch_size > 1:
         warnings.warn("model normalises with batch statistics: extracting one volume at a time "

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from runtime.errors import InputError
 from runtime.intensity import (HU_MAX, HU_MIN, check_real_array, finite_range, is_unit_range,
@@ -243,7 +244,6 @@ class ResizedVolumeDataset(Dataset):
                 device: torch.device | str = "cpu") -> None:
         """Read and resize every volume now, resizing on ``device`` (e.g. the GPU), keeping the
         results in host memory (tqdm bar when ``progress``)."""
-        from tqdm import tqdm
         self._memory = [load_resized(f, self.size, device).cpu()
                         for f in tqdm(self.files, desc=desc, disable=not progress or None)]
 
