@@ -39,9 +39,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pytorch.data import BatchFeeder, PretrainingCubes
+from pytorch.engine import (LossConfig, build_model, make_optimizer, perturb_inputs,
+                            prepare_model_for_speed, train_step)
 from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, nonneg_int,
                          positive_int, seed_int)
-from runtime.devices import device_name, resolve_device
+from runtime.devices import device_name, enable_fast_math, resolve_amp, resolve_device
 from runtime.errors import InputError
 from runtime.files import save_json_atomic
 
@@ -166,9 +169,6 @@ def time_path(step: Callable[[], Any], device: torch.device, warmup: int, steps:
 
 def _model(args, device: torch.device, ours: bool):
     """(model, optimiser, amp dtype, loss config): ours = engine's fast setup, else published."""
-    from pytorch.engine import LossConfig, build_model, make_optimizer, prepare_model_for_speed
-    from runtime.devices import enable_fast_math, resolve_amp
-
     torch.manual_seed(args.seed)
     model = build_model(args.exp, args.cls_classes, args.width)
     loss_cfg = LossConfig(args.exp)
@@ -186,9 +186,7 @@ def _model(args, device: torch.device, ours: bool):
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """All requested paths; returns the results dict (also what ``--json`` writes)."""
-    from pytorch.data import BatchFeeder, PretrainingCubes
-    from pytorch.engine import perturb_inputs, train_step
-    from scripts.published_style import PublishedStyleDataset
+    from scripts.published_style import PublishedStyleDataset  # local: pulls in scipy.ndimage
 
     device = resolve_device(args.device)
     shape = parse_input(args.input)
@@ -278,7 +276,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             results["ours"] = time_path(ours_step, device, args.warmup, args.steps, B)
         del model, opt
     else:
-        from runtime.devices import resolve_amp
         amp = resolve_amp(args.amp, device)
     amp_name = str(amp).replace("torch.", "") if amp is not None else "fp32"
 

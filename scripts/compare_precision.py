@@ -43,10 +43,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from pytorch.data import derive_seed, epoch_permutation, load_pretraining_data
+from pytorch.engine import (LossConfig, build_model, make_optimizer, perturb_inputs,
+                            prepare_model_for_speed, train_step)
 from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, positive_float,
                          positive_int, seed_int)
-from runtime.devices import device_name, resolve_device
+from runtime.devices import device_name, enable_fast_math, resolve_device
 from runtime.errors import InputError
 from runtime.files import save_json_atomic
 from scripts.benchmark_pretrain import machine_name, parse_input
@@ -140,8 +144,6 @@ def load_data(args: argparse.Namespace, shape: tuple[int, int, int],
     if args.data_dir is None:
         x, y = synthetic_cubes(args.n_cubes, args.cls_classes, shape, args.seed, device)
         return x, y, f"synthetic ({args.n_cubes} cubes, {args.cls_classes} classes)"
-    from pytorch.data import load_pretraining_data
-
     train, _ = load_pretraining_data(args.data_dir, args.cls_classes, args.nb_instances, 1,
                                      args.nb_multires_patch, shape, torch.float32, device)
     return train.cubes.float(), train.labels, f"fold files in {args.data_dir} ({len(train)} cubes)"
@@ -149,8 +151,6 @@ def load_data(args: argparse.Namespace, shape: tuple[int, int, int],
 
 def build_model_state(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """Fresh initial weights of the network (from the global torch RNG; seed it first)."""
-    from pytorch.engine import build_model
-
     return copy.deepcopy(build_model(args.exp, args.cls_classes, args.width).state_dict())
 
 
@@ -163,13 +163,6 @@ def train_run(init_state: dict[str, torch.Tensor], args: argparse.Namespace,
     pass, last partial batch dropped so every step has ``batch_size`` cubes); perturbations
     from a generator seeded with ``data_seed`` on ``device``. Same ``data_seed`` -> same inputs.
     """
-    from tqdm import tqdm
-
-    from pytorch.data import derive_seed, epoch_permutation
-    from pytorch.engine import (LossConfig, build_model, make_optimizer, perturb_inputs,
-                                prepare_model_for_speed, train_step)
-    from runtime.devices import enable_fast_math
-
     model = build_model(args.exp, args.cls_classes, args.width)
     model.load_state_dict(init_state)
     model = prepare_model_for_speed(model, device, args.channels_last)

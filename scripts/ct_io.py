@@ -50,7 +50,7 @@ def volume_stem(path: str | os.PathLike) -> str:
 
 def dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str]]]:
     """The DICOM series directly inside ``folder``: a list of (series UID, sorted file names)."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # local: .npy-only callers never load SimpleITK
 
     folder = str(folder)
     out = []
@@ -71,7 +71,7 @@ def dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str]]]:
 
 def _dicom_subject(path: str) -> tuple[str, str]:
     """(PatientID, StudyInstanceUID) of one DICOM file, from its header ("" when absent)."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # local: .npy-only callers never load SimpleITK
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -140,7 +140,7 @@ def find_ct_inputs(root: str | os.PathLike) -> list[dict[str, Any]]:
 def read_sitk(path: str | os.PathLike, series_files: Sequence[str] | None = None):
     """Read a SimpleITK image from a file or a DICOM series folder (largest series when the
     folder holds several, or the given ``series_files``). Raises :class:`CTReadError`."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # local: .npy-only callers never load SimpleITK
 
     path = Path(path)
     try:
@@ -179,7 +179,7 @@ def read_ct(path: str | os.PathLike, series_files: Sequence[str] | None = None,
     Raises:
         CTReadError: unreadable, not 3D (a 2D image or a single slice), multi-component.
     """
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # local: .npy-only callers never load SimpleITK
 
     img = read_sitk(path, series_files)
     if img.GetDimension() == 4 and img.GetSize()[3] == 1:

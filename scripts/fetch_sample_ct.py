@@ -23,11 +23,14 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
+
+from runtime.cli import ArgumentParser, HelpFormatter, positive_float
 
 __all__ = ["PACKAGE", "SAMPLE_FILES", "IMAGES", "LABELS", "FetchError", "DownloadError",
            "default_cache_dir", "verify_sample_ct", "fetch_sample_ct", "main"]
@@ -142,8 +145,6 @@ def _pip_download(tmp: Path, timeout: float) -> Path:
 
 
 def _missing(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is None
 
 
@@ -196,8 +197,6 @@ def link_images(folder: Path, dest: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: fetch (or verify) the sample CTs; print their folder last. 0 ok, 2 failure."""
-    from runtime.cli import ArgumentParser, HelpFormatter, positive_float
-
     ap = ArgumentParser(prog="fetch_sample_ct.py", description=__doc__.split("\n\n")[0],
                         formatter_class=HelpFormatter)
     g = ap.add_argument_group("sample data")

@@ -29,11 +29,17 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 
 import argparse
 import os
+import shutil
+import tempfile
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
+from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, nonneg_int,
+                         positive_float, positive_int, seed_int)
+from runtime.errors import InputError
+from runtime.files import atomic_path, make_output_dir, save_npy_atomic
 from runtime.intensity import normalize_hu
 
 __all__ = ["HU_AIR", "HU_LUNG", "HU_FAT", "HU_SOFT", "HU_BONE", "DEFAULT_SPACING",
@@ -242,7 +248,7 @@ def phantom_lung_mask(shape: Sequence[int], seed: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 def _to_sitk(vol_xyz: np.ndarray, spacing: Sequence[float], origin: Sequence[float] | None = None):
     """(x, y, z) array -> SimpleITK image (SimpleITK arrays are (z, y, x))."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # local: the npy format and the nodule cubes never need it
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(vol_xyz, (2, 1, 0))))
     img.SetSpacing(tuple(float(s) for s in spacing))
@@ -257,10 +263,7 @@ def _write_dicom_series(hu: np.ndarray, spacing: Sequence[float], folder: Path,
 
     The slices go to a temporary folder renamed to ``folder`` at the end, so a crash never
     leaves a partial series that ``--skip_existing`` would keep."""
-    import shutil
-    import tempfile
-
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # local: the npy format and the nodule cubes never need it
 
     final = folder
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -308,11 +311,7 @@ def write_volume(path: str | os.PathLike, vol_xyz: np.ndarray,
                  spacing: Sequence[float] = DEFAULT_SPACING) -> Path:
     """Write one (x, y, z) volume with SimpleITK (format from the extension: .nrrd, .nii.gz,
     .mhd, ...), with its spacing, transposing to SimpleITK's (z, y, x)."""
-    import tempfile
-
-    import SimpleITK as sitk
-
-    from runtime.files import atomic_path
+    import SimpleITK as sitk  # local: the npy format and the nodule cubes never need it
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,8 +344,6 @@ def write_phantom_dataset(out_dir: str | os.PathLike, n: int, shape: Sequence[in
     ``overwrite=False`` keeps patients whose image already exists (re-runs are cheap).
     Returns the image paths (files, or series folders for ``dicom``).
     """
-    from runtime.files import save_npy_atomic
-
     if fmt not in PHANTOM_FORMATS:
         raise ValueError(f"fmt must be one of {PHANTOM_FORMATS}, got {fmt!r}")
     out = Path(out_dir)
@@ -419,9 +416,6 @@ def make_nodule_cubes(n: int, size: Sequence[int] = (64, 64, 32), seed: int = 0,
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python scripts/phantoms.py``."""
-    from runtime.cli import (ArgumentParser, HelpFormatter, nonneg_int, positive_float,
-                             positive_int, seed_int)
-
     ap = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = ap.add_argument_group("phantoms")
     g.add_argument("--output_dir", required=True, help="folder to write the phantom volumes into")
@@ -448,9 +442,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     """Write the phantom patients (or nodule cubes) that ``args`` ask for."""
-    from runtime.errors import InputError
-    from runtime.files import make_output_dir, save_npy_atomic
-
     for folder, flag in ((args.output_dir, "--output_dir"), (args.mask_dir, "--mask_dir")):
         if folder:
             make_output_dir(folder, flag)
@@ -472,8 +463,6 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: write a folder of phantom patients (for trying the pipeline without data)."""
-    from runtime.cli import call_reporting_errors
-
     ok, _ = call_reporting_errors(run, build_parser().parse_args(argv))
     return 0 if ok else 2
 

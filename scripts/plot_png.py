@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.images import save_png
+
 __all__ = ["Panel", "COLORS", "render_panels", "save_panels"]
 
 #: Series colours (RGB, 0-255), in order.
@@ -176,6 +178,4 @@ def render_panels(panels: list[Panel], panel_size: tuple[int, int] = (520, 380))
 
 def save_panels(path: str | os.PathLike, panels: list[Panel]) -> Path:
     """Render ``panels`` and write them as an RGB PNG (``runtime.images.save_png``)."""
-    from runtime.images import save_png
-
     return save_png(path, render_panels(panels).astype(np.float32) / 255.0)

@@ -40,6 +40,8 @@ from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, call
 from runtime.devices import device_name
 from runtime.errors import InputError
 from runtime.files import make_output_dir, save_json_atomic, save_npy_atomic, write_run_config
+from scripts import finetune_classification, finetune_segmentation
+from scripts.phantoms import make_nodule_cubes, write_phantom_dataset
 
 __all__ = ["build_classification_task", "build_segmentation_task", "summarize", "format_table",
            "build_parser", "run", "main"]
@@ -56,8 +58,6 @@ def build_classification_task(root: Path, n: tuple[int, int, int], cube: tuple[i
     """Write train/val/test nodule cubes and labels under ``root``; return the CLI flags.
     ``radius``: nodule radius range in voxels (default: scaled with the cube, see
     ``scripts.phantoms.make_nodule_cubes``)."""
-    from scripts.phantoms import make_nodule_cubes
-
     flags: dict[str, list[str]] = {}
     for k, (split, count) in enumerate(zip(("train", "val", "test"), n)):
         cubes, labels = make_nodule_cubes(count, cube, seed=seed * 10 + k, radius=radius)
@@ -73,8 +73,6 @@ def build_classification_task(root: Path, n: tuple[int, int, int], cube: tuple[i
 def build_segmentation_task(root: Path, n: tuple[int, int, int], shape: tuple[int, int, int],
                             nodules: int, seed: int) -> dict[str, list[str]]:
     """Write train/val/test phantom volumes ([0, 1] ``.npy``) and nodule masks; return the flags."""
-    from scripts.phantoms import write_phantom_dataset
-
     flags: dict[str, list[str]] = {}
     for k, (split, count) in enumerate(zip(("train", "val", "test"), n)):
         img, msk = root / split / "images", root / split / "masks"
@@ -186,8 +184,6 @@ def _flags(d: dict[str, list[str] | str | None]) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the tasks, run every (task, init, seed), write and return the summary."""
-    from scripts import finetune_classification, finetune_segmentation
-
     ckpt_width = infer_width(load_checkpoint(args.weights)["state_dict"])
     if args.width and ckpt_width and args.width != ckpt_width:
         raise InputError(f"{args.weights}: the checkpoint has width {ckpt_width}, --width is {args.width}; "

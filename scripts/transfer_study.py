@@ -41,8 +41,10 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 
 import argparse
 import ast
+import importlib
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shlex
@@ -51,12 +53,20 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from pytorch import train
+from pytorch.diagnostics import format_diagnostics
 from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, nonneg_int,
                          positive_int)
+from runtime.devices import resolve_device
 from runtime.errors import InputError
 from runtime.files import (atomic_path, make_output_dir, save_json_atomic, save_npy_atomic,
                            write_run_config)
+from scripts import finetune_classification, finetune_segmentation
+from scripts.plot_png import Panel, save_panels
+from scripts.transfer_benchmark import _flags, build_classification_task, build_segmentation_task
 
 __all__ = ["METHODS", "TASKS", "PRESETS", "resolve_config", "label_subset", "mean_ci",
            "summarize", "format_table", "plot_results", "study_json", "build_parser", "run",
@@ -208,8 +218,6 @@ def pretraining_data(out: Path, cfg: dict[str, Any], device: str) -> Path:
     """Run the pipeline's stages 0-3 on ``cfg["phantoms"]`` phantom patients (each skipped when
     done), in-process through each stage's ``main``; returns the folder of the
     anatomical-pattern fold files."""
-    import importlib
-
     ds = out / "pretraining_data" / "dataset"
     for name, module, done, argv in pretraining_stages(out, cfg, device):
         if done.exists():
@@ -242,8 +250,6 @@ def _phantom_seeds(cfg: dict[str, Any]) -> dict[str, set[int]]:
 
 def target_data(out: Path, cfg: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, list[str]]]:
     """Build (once) the target tasks' train pool / validation / test files; return their flags."""
-    from scripts.transfer_benchmark import build_classification_task, build_segmentation_task
-
     seeds = _phantom_seeds(cfg)
     for task in tasks:
         shared = seeds[task] & seeds["pretraining"]
@@ -340,8 +346,6 @@ def pretrain(out: Path, method: str, cfg: dict[str, Any], patterns: Path, probe:
              device: str, quiet: bool) -> dict[str, Any]:
     """Pretrain one method on the patterns (skipped when done); returns {"checkpoint",
     "diagnostics", "seconds"}."""
-    from pytorch import train
-
     folder = out / "pretrain" / method
     done = folder / "done.json"
     if done.exists():
@@ -361,8 +365,6 @@ def pretrain(out: Path, method: str, cfg: dict[str, Any], patterns: Path, probe:
 
 def _finetune_argv(task: str, method: str, cfg: dict[str, Any], data: dict[str, list[str]],
                    weights: str | None, seed: int, run_dir: Path, device: str) -> list[str]:
-    from scripts.transfer_benchmark import _flags
-
     common = {"--width": str(cfg["width"]), "--device": device, "--num_workers": "0",
               "--quiet": True, "--seed": str(seed), "--output_dir": str(run_dir),
               "--weights": weights, "--optimizer": "adam", "--augment": True,
@@ -384,8 +386,6 @@ def finetune_cell(out: Path, task: str, method: str, fraction: float, seed: int,
                   cfg: dict[str, Any], data: dict[str, list[str]], weights: str | None,
                   device: str, keep_checkpoints: bool = False) -> dict[str, Any]:
     """Fine-tune one cell (skipped when its result file exists); returns the result dict."""
-    from scripts import finetune_classification, finetune_segmentation
-
     cell = out / "cells" / task / method / f"f{_fraction_key(fraction)}" / f"seed{seed}.json"
     if cell.exists():
         return json.loads(cell.read_text())
@@ -415,7 +415,7 @@ def finetune_cell(out: Path, task: str, method: str, fraction: float, seed: int,
 # ------------------------------------------------------------------------------------------
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
     """(mean, lower, upper): Student-t interval of the mean of ``values`` (NaNs dropped)."""
-    from scipy import stats
+    from scipy import stats  # local: slow to import, needed only for the summary
 
     arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
     if arr.size == 0:
@@ -470,8 +470,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def plot_results(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """One panel per task: mean metric (%) vs. label fraction (log axis), one line per method,
     95 % error bars; written as an RGB PNG (``scripts/plot_png.py``, no plotting library)."""
-    from scripts.plot_png import Panel, save_panels
-
     panels = []
     for task in dict.fromkeys(r["task"] for r in rows):
         task_rows = [r for r in rows if r["task"] == task]
@@ -491,8 +489,6 @@ def study_json(cfg: dict[str, Any], command: str, results: dict[str, dict[str, d
                **extra: Any) -> dict[str, Any]:
     """The study's JSON: ``{"machine", "command", "tasks": {task: {"metric", "label_fractions",
     "results": {method: {fraction: [value per seed]}}}}, ...extra}``."""
-    import torch
-
     machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name(0)}"
@@ -523,7 +519,6 @@ class _InlineExecutor:
 
 
 def _init_worker(threads: int) -> None:
-    import torch
     torch.set_num_threads(max(1, threads))
 
 
@@ -538,13 +533,11 @@ class _Pool(ProcessPoolExecutor):
 def _executor(workers: int, threads: int):
     if workers <= 1:
         return _InlineExecutor()
-    import multiprocessing
     return _Pool(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                  initializer=_init_worker, initargs=(threads,))
 
 
 def _diagnostics_line(diag: dict[str, Any]) -> str:
-    from pytorch.diagnostics import format_diagnostics
     return format_diagnostics(diag) if "cls_top1" in diag else ""
 
 
@@ -588,13 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) the whole study; return the study's JSON dict."""
-    from tqdm import tqdm
-
-    from runtime.devices import resolve_device
-
     cfg = resolve_config(args.preset, args.overrides)
     if args.threads > 0:
-        import torch
         torch.set_num_threads(args.threads)
     device = str(resolve_device(args.device))
     out = make_output_dir(args.output_dir, "--output_dir")
