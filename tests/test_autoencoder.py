@@ -6,9 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from models.checkpoint import load_checkpoint
 from self_discovery import train_autoencoder as ta
+from self_discovery.feature_extractor import load_encoder
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes, load_resized
 from tests.fold_fixtures import autoencoder_args, make_volume_dataset as make_dataset
 
@@ -128,9 +130,6 @@ def test_reference_flags_and_defaults():
 
 
 def test_batchnorm_constants_are_keras_and_reach_the_feature_extractor(trained):
-    from torch import nn
-
-    from self_discovery.feature_extractor import load_encoder
     root, _, _ = trained
     model = ta.build_autoencoder(width=4)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm3d)]

@@ -6,6 +6,7 @@ fails before any training starts, so the whole file takes a few seconds.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import subprocess
 from pathlib import Path
@@ -14,10 +15,29 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from models.targets import build_classifier
 from models.ynet3d import UNet3D, YNet3D
+from pytorch import train as train_cli
+from runtime.devices import resolve_device
 from runtime.errors import CheckpointError, InputError
 from runtime.files import atomic_path, make_output_dir
+from scripts import finetune_classification as fc
+from scripts import finetune_segmentation as fs
+from scripts import phantoms
+from scripts import prepare_dataset as pd
+from scripts.benchmark_patterns import write_dataset
+from scripts.ct_io import volume_stem
+from scripts.finetune_classification import count_classes
+from scripts.finetune_segmentation import find_volume_files, pair_volumes
+from scripts.phantoms import make_nodule_cubes, write_phantom_dataset, write_volume
+from self_discovery import feature_extractor as fe
+from self_discovery import pattern_generator_3D as pg
+from self_discovery import train_autoencoder as ta
+from self_discovery.volumes import list_volumes, open_volume
+from tests.fold_fixtures import (autoencoder_args, make_fold_files, make_volume_dataset,
+                                 tiny_pretraining, train_args)
+from tests.test_patterns import _args, make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (16, 16, 8)
@@ -61,7 +81,6 @@ def junk(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory) -> Path:
     """data_dir/{train,validation}/patient_*.npy, 4 + 2 volumes in [0, 1]."""
-    from tests.fold_fixtures import make_volume_dataset
     return make_volume_dataset(tmp_path_factory.mktemp("vols"), 4, 2, SHAPE)
 
 
@@ -110,8 +129,7 @@ def test_truncated_checkpoint_message_is_short(junk):
 
 
 def test_autoencoder_weights_text_file(volumes, junk, tmp_path, capsys):
-    from self_discovery import train_autoencoder as ae
-    rc = ae.main(["--data_dir", str(volumes), "--weights", str(junk["text"]), "--width", "4",
+    rc = ta.main(["--data_dir", str(volumes), "--weights", str(junk["text"]), "--width", "4",
                   "--input_rows", "16", "--input_cols", "16", "--input_deps", "8",
                   "--device", "cpu", "--num_workers", "0", "--nb_epoch", "1",
                   "--output_dir", str(tmp_path / "ck"), "--log_dir", str(tmp_path / "tb")])
@@ -119,9 +137,8 @@ def test_autoencoder_weights_text_file(volumes, junk, tmp_path, capsys):
 
 
 def test_autoencoder_wrong_width_names_the_width(volumes, tmp_path, capsys):
-    from self_discovery import train_autoencoder as ae
     ckpt = save_checkpoint(tmp_path / "ae4.pt", UNet3D(width=4, decoder="upsampling"))
-    rc = ae.main(["--data_dir", str(volumes), "--weights", str(ckpt), "--width", "8",
+    rc = ta.main(["--data_dir", str(volumes), "--weights", str(ckpt), "--width", "8",
                   "--input_rows", "16", "--input_cols", "16", "--input_deps", "8",
                   "--device", "cpu", "--num_workers", "0", "--nb_epoch", "1",
                   "--output_dir", str(tmp_path / "ck"), "--log_dir", str(tmp_path / "tb")])
@@ -130,8 +147,6 @@ def test_autoencoder_wrong_width_names_the_width(volumes, tmp_path, capsys):
 
 
 def test_finetune_width_hint_given_once(junk, tmp_path, capsys):
-    from scripts import finetune_classification as fc
-    from scripts.phantoms import make_nodule_cubes
     c, lab = make_nodule_cubes(4, SHAPE, seed=0)
     np.save(tmp_path / "c.npy", c)
     np.save(tmp_path / "l.npy", lab)
@@ -145,16 +160,13 @@ def test_finetune_width_hint_given_once(junk, tmp_path, capsys):
 # --- pretraining / pattern generation -------------------------------------------------------
 
 def test_train_log_dir_under_a_file(junk, tmp_path, capsys):
-    from pytorch import train
-    from tests.fold_fixtures import tiny_pretraining
     args = tiny_pretraining(tmp_path)
     args[args.index("--log_dir") + 1] = str(junk["text"])
-    rc = train.main(args)
+    rc = train_cli.main(args)
     one_error_line(capsys, rc, str(junk["text"]), "--log_dir")
 
 
 def test_pattern_generator_nan_features(volumes, tmp_path, capsys):
-    from self_discovery import pattern_generator_3D as pg
     feats = np.random.default_rng(0).random((4, 8)).astype(np.float32)
     feats[2, 3] = np.nan
     np.save(tmp_path / "train_features.npy", feats)
@@ -171,7 +183,6 @@ def test_pattern_generator_nan_features(volumes, tmp_path, capsys):
 
 def test_classification_nan_in_any_cube(tmp_path, capsys):
     """The value check probes every few cubes; NaN in a skipped cube must still be caught."""
-    from scripts import finetune_classification as fc
     c = np.random.default_rng(0).random((24, *SHAPE)).astype(np.float32)
     c[1, 0, 0, 0] = np.nan
     np.save(tmp_path / "c.npy", c)
@@ -183,7 +194,6 @@ def test_classification_nan_in_any_cube(tmp_path, capsys):
 
 
 def test_classification_empty_data_dir_names_it(tmp_path, capsys):
-    from scripts import finetune_classification as fc
     (tmp_path / "empty").mkdir()
     rc = fc.main(["--data_dir", str(tmp_path / "empty"), "--device", "cpu", "--quiet",
                   "--output_dir", str(tmp_path / "out")])
@@ -192,7 +202,6 @@ def test_classification_empty_data_dir_names_it(tmp_path, capsys):
 
 
 def test_segmentation_nan_image(tmp_path, capsys):
-    from scripts import finetune_segmentation as fs
     rng = np.random.default_rng(0)
     for d in ("img", "msk"):
         (tmp_path / d).mkdir()
@@ -211,7 +220,6 @@ def test_segmentation_nan_image(tmp_path, capsys):
 # --- data preparation, phantoms, output folders ---------------------------------------------
 
 def test_prepare_dataset_all_skipped_names_the_file(tmp_path, capsys):
-    from scripts import prepare_dataset as pd
     (tmp_path / "in").mkdir()
     np.save(tmp_path / "in" / "flat.npy", np.zeros((16, 16), np.float32))
     rc = pd.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
@@ -225,7 +233,6 @@ def test_output_folder_under_a_file(junk, tmp_path, capsys):
     with pytest.raises(InputError, match="not a folder"):
         with atomic_path(junk["text"] / "x.json") as tmp:
             tmp.write_text("{}")
-    from scripts import phantoms
     rc = phantoms.main(["--output_dir", str(junk["text"] / "x"), "--n", "1",
                         "--shape", "16", "16", "8", "--format", "npy"])
     one_error_line(capsys, rc, str(junk["text"] / "x"), "--output_dir")
@@ -233,9 +240,7 @@ def test_output_folder_under_a_file(junk, tmp_path, capsys):
 
 @pytest.mark.parametrize("ext", ["nrrd", "nii.gz", "mhd"])
 def test_write_volume_is_atomic_and_readable(tmp_path, ext):
-    import SimpleITK as sitk
-
-    from scripts.phantoms import write_volume
+    import SimpleITK as sitk  # local: only this test reads images back
     vol = np.arange(8 * 8 * 4, dtype=np.int16).reshape(8, 8, 4)
     path = write_volume(tmp_path / f"v.{ext}", vol)
     back = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))  # (z, y, x)
@@ -244,7 +249,6 @@ def test_write_volume_is_atomic_and_readable(tmp_path, ext):
 
 
 def test_benchmark_patterns_dataset_written_atomically(tmp_path):
-    from scripts.benchmark_patterns import write_dataset
     root = write_dataset(tmp_path, 2, 1, (8, 8, 8), feat_dim=4, distinct=1)
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     assert files == ["data/train/p0000.npy", "data/train/p0001.npy", "data/validation/p0000.npy",
@@ -254,8 +258,6 @@ def test_benchmark_patterns_dataset_written_atomically(tmp_path):
 
 def test_width_hint_for_prefixed_keys():
     """A fine-tuning model keeps the encoder under ``base_model.``: the hint still appears."""
-    from models.checkpoint import load_state_dict_checked
-    from models.targets import build_classifier
     (small, _), (big, _) = build_classifier(width=4), build_classifier(width=8)
     with pytest.raises(CheckpointError, match="pass --width 4"):
         load_state_dict_checked(big, small.state_dict(), source="last.pt")
@@ -263,14 +265,12 @@ def test_width_hint_for_prefixed_keys():
 
 def test_list_volumes_skips_leftovers_of_killed_atomic_writes(tmp_path):
     """A SIGKILL during save_npy_atomic leaves ``.p1.npy.XXXX.tmp.npy``; it is never a patient."""
-    from self_discovery.volumes import list_volumes
     np.save(tmp_path / "p0.npy", np.zeros(SHAPE, np.float32))
     np.save(tmp_path / ".p1.npy.abcd.tmp.npy", np.zeros(SHAPE, np.float32))
     assert [p.name for p in list_volumes(tmp_path)] == ["p0.npy"]
 
 
 def test_dicom_phantom_series_written_via_a_temporary_folder(tmp_path):
-    from scripts.phantoms import write_phantom_dataset
     (path,) = write_phantom_dataset(tmp_path, 1, (24, 24, 4), fmt="dicom")
     (path,) = write_phantom_dataset(tmp_path, 1, (24, 24, 4), fmt="dicom")  # overwrite
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
@@ -278,7 +278,6 @@ def test_dicom_phantom_series_written_via_a_temporary_folder(tmp_path):
 
 
 def test_phantoms_without_patients_is_a_one_line_error(tmp_path, capsys):
-    from scripts import phantoms
     assert phantoms.main(["--output_dir", str(tmp_path / "p"), "--n", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --n 0") and "\n" not in err
@@ -299,8 +298,6 @@ def _seg_folders(root: Path, images: list[str], masks: list[str]) -> tuple[Path,
 
 def test_segmentation_pairs_by_name_not_sort_order(tmp_path):
     """case1, case10, case2 sort differently from case1_mask, case10_mask, case2_mask."""
-    from scripts.ct_io import volume_stem
-    from scripts.finetune_segmentation import find_volume_files, pair_volumes
     img, msk = _seg_folders(tmp_path, ["case1", "case10", "case2"],
                             ["case2_seg", "case10_mask", "case1_label"])
     pairs = pair_volumes(find_volume_files([img], "--images"), find_volume_files([msk], "--masks"))
@@ -314,7 +311,6 @@ def test_segmentation_pairs_by_name_not_sort_order(tmp_path):
     (["case1_mask"], "image(s) without a mask: "),
 ])
 def test_segmentation_unmatched_or_ambiguous_masks_are_listed(tmp_path, capsys, masks, needle):
-    from scripts import finetune_segmentation as fs
     img, msk = _seg_folders(tmp_path, ["case1", "case2"], masks)
     rc = fs.main(["--images", str(img), "--masks", str(msk), "--width", "4", "--device", "cpu",
                   "--nb_epoch", "1", "--quiet", "--crop", "16", "16", "8",
@@ -324,7 +320,6 @@ def test_segmentation_unmatched_or_ambiguous_masks_are_listed(tmp_path, capsys, 
 
 def test_segmentation_same_image_name_in_two_folders_is_refused(tmp_path, capsys):
     """Two test images named p0 would also write one predictions/p0.npy over the other."""
-    from scripts import finetune_segmentation as fs
     img, msk = _seg_folders(tmp_path / "a", ["p0", "p1"], ["p0_mask", "p1_mask"])
     img2, msk2 = _seg_folders(tmp_path / "b", ["p0"], ["p0_mask"])
     rc = fs.main(["--images", str(img), "--masks", str(msk), "--test_images", str(img), str(img2),
@@ -341,7 +336,6 @@ def test_segmentation_same_image_name_in_two_folders_is_refused(tmp_path, capsys
     ([0, 5000] * 3, "found 2 distinct label(s): 0, 5000"),
 ])
 def test_classification_labels_must_be_0_to_k_minus_1(tmp_path, capsys, labels, needle):
-    from scripts import finetune_classification as fc
     np.save(tmp_path / "c.npy", np.random.default_rng(0).random((6, *SHAPE)).astype(np.float32))
     np.save(tmp_path / "l.npy", np.array(labels, np.int64))
     rc = fc.main(["--data", str(tmp_path / "c.npy"), "--labels", str(tmp_path / "l.npy"),
@@ -351,7 +345,6 @@ def test_classification_labels_must_be_0_to_k_minus_1(tmp_path, capsys, labels, 
 
 
 def test_count_classes_with_explicit_num_classes():
-    from scripts.finetune_classification import count_classes
     assert count_classes(np.array([0, 2, 2, 0]), num_classes=3) == 3
     assert count_classes(np.array([1, 0, 2])) == 3
     with pytest.raises(InputError, match=r"do not all lie in \[0, --num_classes 2\)"):
@@ -401,7 +394,6 @@ def test_bad_numeric_flags_are_one_line_errors_at_parse_time(module, argv, flag,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_gpu_is_refused(capsys):
-    from runtime.devices import resolve_device
     with pytest.raises(SystemExit):
         importlib.import_module("pytorch.train").main(["--data_dir", "x", "--device", "cuda:0"])
     assert "no CUDA device" in capsys.readouterr().err
@@ -412,8 +404,6 @@ def test_cuda_device_without_gpu_is_refused(capsys):
 # --- arrays, workers, disks, checkpoints -----------------------------------------------------
 
 def test_error_in_a_dataloader_worker_is_the_same_one_line_error(tmp_path, capsys):
-    from self_discovery import train_autoencoder as ta
-    from tests.fold_fixtures import autoencoder_args, make_volume_dataset
     data = make_volume_dataset(tmp_path / "data", 2, 1, (32, 32, 16))
     bad = np.load(data / "train" / "patient_001.npy")
     bad[3, 3, 3] = np.nan
@@ -425,9 +415,6 @@ def test_error_in_a_dataloader_worker_is_the_same_one_line_error(tmp_path, capsy
 
 
 def test_full_disk_is_one_line_naming_the_path(volumes, tmp_path, capsys, monkeypatch):
-    import errno
-
-    from self_discovery import feature_extractor as fe
     ckpt = save_checkpoint(tmp_path / "ae.pt", UNet3D(width=4, decoder="upsampling"),
                            model_config={"width": 4, "decoder": "upsampling"})
 
@@ -447,10 +434,8 @@ def test_full_disk_is_one_line_naming_the_path(volumes, tmp_path, capsys, monkey
     ("state_dict", "bad-value", "not tensors"),
 ])
 def test_malformed_resume_checkpoint_fields(tmp_path, capsys, field, value, needle):
-    from pytorch import train
-    from tests.fold_fixtures import tiny_pretraining
     args = tiny_pretraining(tmp_path)
-    assert train.main(args) == 0
+    assert train_cli.main(args) == 0
     last = tmp_path / "ckpt" / "semantic_genesis_chest_ct_last.pt"
     ckpt = torch.load(last)
     if field == "state_dict":
@@ -459,7 +444,7 @@ def test_malformed_resume_checkpoint_fields(tmp_path, capsys, field, value, need
         ckpt[field] = value
     torch.save(ckpt, tmp_path / "odd.pt")
     args[args.index("--nb_epoch") + 1] = "2"
-    one_error_line(capsys, train.main(args + ["--resume", str(tmp_path / "odd.pt")]),
+    one_error_line(capsys, train_cli.main(args + ["--resume", str(tmp_path / "odd.pt")]),
                    str(tmp_path / "odd.pt"), needle)
 
 
@@ -467,7 +452,6 @@ def test_malformed_resume_checkpoint_fields(tmp_path, capsys, field, value, need
                                             ({"width": 4, "decoder": "foo"}, "'decoder' is 'foo'"),
                                             ({"width": 4, "norm": "bar"}, "'norm' is 'bar'")])
 def test_malformed_model_config(volumes, tmp_path, capsys, config, needle):
-    from self_discovery import feature_extractor as fe
     ckpt = save_checkpoint(tmp_path / "ae.pt", UNet3D(width=4, decoder="upsampling"),
                            model_config=config)
     rc = fe.main(["--data_dir", str(volumes), "--weights", str(ckpt), "--output_dir",
@@ -484,13 +468,11 @@ def test_nan_weights_are_refused_by_both_finetuning_scripts(tmp_path, capsys, ta
     common = ["--weights", str(ckpt), "--width", "4", "--device", "cpu", "--nb_epoch", "1",
               "--quiet", "--num_workers", "0", "--output_dir", str(tmp_path / "out")]
     if task == "classification":
-        from scripts import finetune_classification as fc
         np.save(tmp_path / "c.npy", np.random.default_rng(0).random((6, *SHAPE)).astype(np.float32))
         np.save(tmp_path / "l.npy", np.arange(6) % 2)
         rc = fc.main(["--data", str(tmp_path / "c.npy"), "--labels", str(tmp_path / "l.npy")]
                      + common)
     else:
-        from scripts import finetune_segmentation as fs
         img, msk = _seg_folders(tmp_path, ["a", "b"], ["a_mask", "b_mask"])
         rc = fs.main(["--images", str(img), "--masks", str(msk), "--crop", "16", "16", "8"]
                      + common)
@@ -498,18 +480,14 @@ def test_nan_weights_are_refused_by_both_finetuning_scripts(tmp_path, capsys, ta
 
 
 def test_batch_of_one_under_batch_statistics_is_a_clear_error(tmp_path, capsys):
-    from pytorch import train
-    from tests.fold_fixtures import make_fold_files, train_args
     data = make_fold_files(tmp_path / "folds", classes=2, instances=1, val_instances=1,
                            resolutions=1, shape=(8, 8, 8))
     args = train_args(data, tmp_path, classes=2, instances=1, val_instances=1, resolutions=1,
                       epochs=1, width=4, batch_size=1, shape=(8, 8, 8))
-    one_error_line(capsys, train.main(args), "a batch of one cube", "batches of 2 or more")
+    one_error_line(capsys, train_cli.main(args), "a batch of one cube", "batches of 2 or more")
 
 
 def test_pattern_generator_reads_every_voxel_for_nan(tmp_path, capsys):
-    from self_discovery import pattern_generator_3D as pg
-    from tests.test_patterns import _args, make_dataset
     root = make_dataset(tmp_path, n_train=4, n_val=2)
     vol = np.load(root / "data" / "train" / "p001.npy")
     vol[1::2] = np.nan                                 # odd rows only: a strided sample misses it
@@ -519,19 +497,14 @@ def test_pattern_generator_reads_every_voxel_for_nan(tmp_path, capsys):
 
 
 def test_huge_class_count_gives_a_readable_line(tmp_path, capsys):
-    from pytorch import train
-    from tests.fold_fixtures import train_args
     args = train_args(tmp_path / "none", tmp_path)
     args[args.index("--cls_classes") + 1] = "1000000"
-    line = one_error_line(capsys, train.main(args), "more characters", "--cls_classes")
+    line = one_error_line(capsys, train_cli.main(args), "more characters", "--cls_classes")
     assert len(line) < 800
 
 
 @pytest.mark.parametrize("dtype", [np.complex64, "<U3"])
 def test_string_or_complex_arrays_are_refused_by_every_reader(tmp_path, capsys, dtype):
-    from scripts import finetune_classification as fc
-    from scripts import finetune_segmentation as fs
-    from self_discovery.volumes import open_volume
     arr = np.zeros((4, *SHAPE)).astype(dtype)
     np.save(tmp_path / "c.npy", arr)
     np.save(tmp_path / "l.npy", np.arange(4) % 2)
@@ -548,7 +521,6 @@ def test_string_or_complex_arrays_are_refused_by_every_reader(tmp_path, capsys, 
 
 
 def test_segmentation_nan_mask_is_refused(tmp_path, capsys):
-    from scripts import finetune_segmentation as fs
     img, msk = _seg_folders(tmp_path, ["a", "b"], [])
     for name in ("a", "b"):
         m = np.zeros(SHAPE, np.float32)
@@ -560,7 +532,6 @@ def test_segmentation_nan_mask_is_refused(tmp_path, capsys):
 
 
 def test_state_dict_with_a_non_string_key(tmp_path, capsys):
-    from scripts import finetune_classification as fc
     sd = YNet3D(cls_classes=2, width=4).state_dict()
     sd[3] = torch.zeros(1)
     torch.save({"state_dict": sd}, tmp_path / "odd.pt")
@@ -575,9 +546,6 @@ def test_state_dict_with_a_non_string_key(tmp_path, capsys):
 def test_outputs_inside_the_folders_a_stage_reads_are_refused(volumes, tmp_path, capsys):
     """Features or fold files written into train/ would be read as patients by the next run;
     predictions inside --images as images."""
-    from scripts import finetune_segmentation as fs
-    from self_discovery import feature_extractor as fe
-    from self_discovery import pattern_generator_3D as pg
     rc = fe.main(["--data_dir", str(volumes), "--weights", "w.pt",
                   "--output_dir", str(volumes / "train")])
     one_error_line(capsys, rc, "--output_dir", "overlap")

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from scripts import compare_precision as cp
+from tests.fold_fixtures import make_fold_files
 
 # 24 x 24 x 8 gives a 3 x 3 x 1 bottleneck. Not 16 x 16 x 8: on CPU (oneDNN 3.12, torch 2.13),
 # the bf16 weight gradient of a 3x3x3 conv on a 2 x 2 x Z input is sometimes garbage (~2-15 %).
@@ -74,8 +75,6 @@ def test_synthetic_cubes_in_range_and_seeded():
 
 
 def test_fold_files_as_data(tmp_path):
-    from tests.fold_fixtures import make_fold_files
-
     data = make_fold_files(tmp_path / "folds", classes=3, instances=4, shape=(24, 24, 8))
     out = tmp_path / "p.json"
     args = ["--device", "cpu", "--width", "4", "--batch_size", "4", "--input", "24x24x8",

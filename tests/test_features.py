@@ -17,6 +17,7 @@ from models.checkpoint import save_checkpoint
 from runtime.errors import InputError
 from self_discovery import feature_extractor as fe
 from self_discovery import train_autoencoder as ta
+from self_discovery.volumes import load_resized
 from tests.fold_fixtures import make_volume_dataset as make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,6 @@ def test_features_shape_order_index_and_batch_independence(setup, tmp_path):
     assert (tmp_path / "b3" / "config.json").is_file()
     # row i is the feature of file i: recompute one volume alone
     model, _ = fe.load_encoder(weights)
-    from self_discovery.volumes import load_resized
     x = load_resized(data / "train" / "patient_003.npy", (32, 32, 16))[None]
     with torch.no_grad():
         one = model.encode(x).mean(dim=(2, 3, 4))[0].numpy()

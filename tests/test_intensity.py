@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from runtime import intensity
 from runtime.errors import InputError
 from runtime.intensity import (UNIT_TOLERANCE, finite_range, is_unit_range, normalize_hu,
                                within_unit_range)
@@ -40,7 +41,6 @@ def test_one_tolerance_decides_unit_range_everywhere():
 
 
 def test_the_range_of_a_volume_is_read_whole_in_slabs(monkeypatch):
-    import runtime.intensity as intensity
     monkeypatch.setattr(intensity, "_SLAB_VALUES", 8)   # slabs of one x-plane (4 x 2 values)
     vol = np.zeros((5, 4, 2), np.float32)
     vol[4, 3, 1] = 2.5                                  # only in the last slab

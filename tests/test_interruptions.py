@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,21 @@ import pytest
 import torch
 
 from models.checkpoint import save_checkpoint
+from models.ynet3d import YNet3D
+from pytorch import train as train_cli
 from runtime.errors import InputError
 from runtime.files import LOCK_NAME, output_session
-from tests.fold_fixtures import make_volume_dataset, tiny_pretraining, train_args
+from scripts import convert_checkpoint as cc
+from scripts import finetune_classification as fc
+from scripts import prepare_dataset as pd
+from scripts.phantoms import make_nodule_cubes, write_phantom_dataset
+from self_discovery import feature_extractor as fe
+from self_discovery import pattern_generator_3D as pg
+from self_discovery import train_autoencoder as ta
+from self_discovery.fold_files import check_fold_index
+from self_discovery.volumes import list_volumes
+from tests.fold_fixtures import autoencoder_args, make_volume_dataset, tiny_pretraining, train_args
+from tests.test_patterns import _args, make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,29 +94,24 @@ def test_finished_result_is_kept_unless_overwrite(tmp_path):
 
 
 def test_pretraining_never_replaces_the_published_checkpoint(tmp_path, capsys):
-    from pytorch import train
     args = tiny_pretraining(tmp_path)
     published = tmp_path / "ckpt" / "semantic_genesis_chest_ct.pt"
     published.parent.mkdir()
     published.write_bytes(b"the published weights")
-    one_error_line(capsys, train.main(args), str(published), "--overwrite", "--resume")
+    one_error_line(capsys, train_cli.main(args), str(published), "--overwrite", "--resume")
     assert published.read_bytes() == b"the published weights"
     assert not (tmp_path / "ckpt" / LOCK_NAME).exists()
-    assert train.main(args + ["--overwrite"]) == 0
+    assert train_cli.main(args + ["--overwrite"]) == 0
     assert "--overwrite: replacing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stage", ["autoencoder", "classification"])
 def test_training_stages_keep_finished_results(tmp_path, capsys, stage):
     if stage == "autoencoder":
-        from self_discovery import train_autoencoder as ta
-        from tests.fold_fixtures import autoencoder_args
         data = make_volume_dataset(tmp_path / "data", 2, 1, (32, 32, 16))
         args = autoencoder_args(data, tmp_path, "--nb_epoch", "1")
         main, kept = ta.main, tmp_path / "ckpt" / "Unet_autoencoder.pt"
     else:
-        from scripts import finetune_classification as fc
-        from scripts.phantoms import make_nodule_cubes
         c, lab = make_nodule_cubes(6, (16, 16, 8), seed=0)
         np.save(tmp_path / "c.npy", c)
         np.save(tmp_path / "l.npy", lab)
@@ -120,12 +128,11 @@ def test_training_stages_keep_finished_results(tmp_path, capsys, stage):
 
 def test_non_finite_weights_stop_training_and_keep_the_last_good_checkpoint(tmp_path, capsys,
                                                                            monkeypatch):
-    from pytorch import train
     args = tiny_pretraining(tmp_path)
-    assert train.main(args) == 0
+    assert train_cli.main(args) == 0
     last = tmp_path / "ckpt" / "semantic_genesis_chest_ct_last.pt"
     good = last.read_bytes()
-    real_step = train.train_step
+    real_step = train_cli.train_step
 
     def diverging_step(net, *a, **k):
         out = real_step(net, *a, **k)
@@ -133,9 +140,9 @@ def test_non_finite_weights_stop_training_and_keep_the_last_good_checkpoint(tmp_
             next(net.parameters()).fill_(float("inf"))   # what an exploding lr does
         return out
 
-    monkeypatch.setattr(train, "train_step", diverging_step)
+    monkeypatch.setattr(train_cli, "train_step", diverging_step)
     args[args.index("--nb_epoch") + 1] = "3"
-    rc = train.main(args + ["--resume", str(last)])
+    rc = train_cli.main(args + ["--resume", str(last)])
     one_error_line(capsys, rc, "epoch 2: non-finite", "last good epoch are kept")
     assert last.read_bytes() == good
 
@@ -144,7 +151,6 @@ def test_non_finite_weights_stop_training_and_keep_the_last_good_checkpoint(tmp_
 
 @pytest.fixture()
 def features_setup(tmp_path):
-    from self_discovery import train_autoencoder as ta
     data = make_volume_dataset(tmp_path / "data", 3, 2, (32, 32, 16))
     ckpts = []
     for seed in (0, 1):
@@ -162,7 +168,6 @@ def _features_argv(data: Path, weights: Path, out: Path) -> list[str]:
 
 
 def test_features_killed_between_the_two_files_are_refused_then_redone(features_setup):
-    from self_discovery import feature_extractor as fe
     root, data, (w0, w1) = features_setup
     out = root / "features"
     assert fe.main(_features_argv(data, w0, out)) == 0
@@ -189,8 +194,6 @@ def test_features_killed_between_the_two_files_are_refused_then_redone(features_
 
 
 def test_pattern_generator_killed_after_one_block_is_refused_then_resumed(tmp_path, capsys):
-    from pytorch import train
-    from tests.test_patterns import _args, make_dataset
     root = make_dataset(tmp_path, n_train=6, n_val=3)
     argv = _args(root, "out", "--classes_per_file", "1", classes=2, inst=3, inst_val=2)
     save = root / "out"
@@ -206,21 +209,18 @@ def test_pattern_generator_killed_after_one_block_is_refused_then_resumed(tmp_pa
     """)
     targs = train_args(save, tmp_path, classes=1, instances=3, val_instances=2, resolutions=1,
                        epochs=1, shape=(64, 64, 32))
-    one_error_line(capsys, train.main(targs), str(save), "not finished", "--prev_coordinates")
-    from self_discovery import pattern_generator_3D as pg
+    one_error_line(capsys, train_cli.main(targs), str(save), "not finished", "--prev_coordinates")
     one_error_line(capsys, pg.main(argv), "coordinates.csv", "--overwrite")  # kept, not replaced
     assert pg.main(argv + ["--prev_coordinates", str(save / "coordinates.csv")]) == 0
     assert (save / "fold_index.json").is_file() and not (save / LOCK_NAME).exists()
-    assert train.main(targs + ["--overwrite"]) == 0
+    assert train_cli.main(targs + ["--overwrite"]) == 0
     np.save(save / "val_label1_vwGen_ex_ref_fold1.0.npy", np.zeros((3, 1), np.int64))
-    one_error_line(capsys, train.main(targs + ["--overwrite"]),
+    one_error_line(capsys, train_cli.main(targs + ["--overwrite"]),
                    "val_label1_vwGen_ex_ref_fold1.0.npy",
                    "not the file the pattern generator finished with")
 
 
 def test_prepare_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
-    from scripts import prepare_dataset as pd
-    from scripts.phantoms import write_phantom_dataset
     src = tmp_path / "in"
     write_phantom_dataset(src, 5, (24, 24, 10), seed=0, fmt="nrrd")
     base = ["--input_dir", str(src), "--val_fraction", "0.4", "--seed", "5"]
@@ -238,7 +238,6 @@ def test_prepare_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path)
         pd.main({base + ["--output_dir", str(killed)]!r})
     """)
     assert len(json.loads((killed / "manifest.json").read_text())["volumes"]) == 2
-    from self_discovery.volumes import list_volumes
 
     # the split hashes the source paths, so the two patients done may both be train patients
     (killed / "validation").mkdir(exist_ok=True)
@@ -260,10 +259,6 @@ def test_prepare_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path)
 
 def test_second_pattern_generator_into_one_folder_is_refused_while_the_first_runs(tmp_path,
                                                                                   capsys):
-    import time
-
-    from self_discovery import pattern_generator_3D as pg
-    from tests.test_patterns import _args, make_dataset
     root = make_dataset(tmp_path, n_train=6, n_val=3)
     argv = _args(root, "out", classes=2, inst=3, inst_val=2)
     started = tmp_path / "started"
@@ -296,9 +291,6 @@ def test_second_pattern_generator_into_one_folder_is_refused_while_the_first_run
 
 
 def test_fold_files_of_an_earlier_larger_run_are_not_read_with_the_new_ones(tmp_path):
-    from self_discovery import pattern_generator_3D as pg
-    from self_discovery.fold_files import check_fold_index
-    from tests.test_patterns import _args, make_dataset
     root = make_dataset(tmp_path, n_train=6, n_val=3)
     save = root / "out"
     assert pg.main(_args(root, "out", "--classes_per_file", "1", classes=2, inst=3,
@@ -314,8 +306,6 @@ def test_fold_files_of_an_earlier_larger_run_are_not_read_with_the_new_ones(tmp_
 
 
 def test_convert_checkpoint_keeps_an_existing_output(tmp_path, capsys):
-    from models.ynet3d import YNet3D
-    from scripts import convert_checkpoint as cc
     src = tmp_path / "published.pt"
     torch.save({"state_dict": YNet3D(cls_classes=2, width=4).state_dict()}, src)
     out = tmp_path / "en_de" / "semantic_genesis_chest_ct.pt"

@@ -8,10 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pytorch.data import load_pretraining_data
 from self_discovery.coordinates import plans_from_csv, read_coordinates, write_coordinates
 from self_discovery.discovery import (ClassPlan, CoordinateBounds, CubeSpec, class_rng,
                                       multi_res_crop)
-from self_discovery.fold_files import block_complete, file_keys, open_block
+from self_discovery.fold_files import (CLASSES_PER_BLOCK, block_complete, check_fold_index,
+                                       file_keys, fold_blocks, fold_file_names, open_block,
+                                       write_fold_index)
 from self_discovery.lung_test import lung_test_weight_sum, passes_lung_test
 
 
@@ -87,9 +90,6 @@ def test_a_block_is_renamed_with_its_labels_only_when_complete(tmp_path: Path):
 def test_fold_contract_round_trip_written_by_stage_3_read_by_pretraining(tmp_path: Path):
     """Blocks written through the contract (two blocks of 2 and 1 classes), indexed, then loaded
     by the pretraining reader: classes and cubes come back in file order."""
-    from pytorch.data import load_pretraining_data
-    from self_discovery.fold_files import (CLASSES_PER_BLOCK, check_fold_index, fold_blocks,
-                                           fold_file_names, write_fold_index)
     keys, counts, cube = file_keys(2), {"train": 2, "validation": 1}, (8, 8, 8)
     assert fold_blocks(3, 2) == [(1, 2), (2, 1)]
     assert fold_blocks(CLASSES_PER_BLOCK + 1) == [(1, CLASSES_PER_BLOCK), (2, 1)]

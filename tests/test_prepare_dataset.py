@@ -6,6 +6,7 @@ keeps the physical extent, bad files are skipped with a message, re-runs skip fi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,8 @@ import SimpleITK as sitk
 from runtime.intensity import normalize_hu
 from scripts import prepare_dataset as pd
 from scripts.ct_io import find_ct_inputs, read_ct, resample, resampled_shape
-from scripts.phantoms import (make_chest_phantom, make_nodule_cubes, phantom_lung_mask,
-                              write_phantom_dataset, write_volume)
+from scripts.phantoms import (_write_dicom_series, make_chest_phantom, make_nodule_cubes,
+                              phantom_lung_mask, write_phantom_dataset, write_volume)
 
 SHAPE = (40, 36, 12)
 SPACING = (0.8, 0.9, 2.5)
@@ -241,7 +242,6 @@ def test_output_inside_input_is_refused(tmp_path, capsys):
 
 
 def test_odd_arrays_and_pipes_are_skipped_not_fatal(tmp_path, capsys):
-    import os
     src = tmp_path / "in"
     write_phantom_dataset(src, 1, (24, 24, 10), seed=0, fmt="nrrd")
     np.save(src / "complex.npy", np.ones((24, 24, 10), np.complex64))
@@ -260,7 +260,6 @@ def test_odd_arrays_and_pipes_are_skipped_not_fatal(tmp_path, capsys):
 
 
 def test_dicom_series_uid_shared_by_two_patients_is_not_merged(tmp_path, capsys):
-    from scripts.phantoms import _write_dicom_series, make_chest_phantom
     folder = tmp_path / "in" / "series"
     folder.mkdir(parents=True)
     for patient, seed in (("alice", 0), ("bob", 1)):

@@ -24,6 +24,7 @@ from scripts import convert_checkpoint as cc
 from scripts import finetune_classification as fc
 from scripts import finetune_segmentation as fs
 from scripts import transfer_benchmark as tb
+from scripts.phantoms import make_nodule_cubes, write_phantom_dataset
 from self_discovery import feature_extractor as fe
 from self_discovery import train_autoencoder as ta
 from tests.checkpoint_fixtures import WritesMarker, save_malicious, save_published
@@ -52,7 +53,6 @@ def published(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     """Volumes for stages 1-2 and fine-tuning, fold files for pretraining, nodule cubes."""
-    from scripts.phantoms import make_nodule_cubes, write_phantom_dataset
     root = tmp_path_factory.mktemp("data")
     c, lab = make_nodule_cubes(8, CUBE, seed=0)
     np.save(root / "cubes.npy", c)

@@ -19,7 +19,12 @@ import numpy as np
 import pytest
 
 from models.checkpoint import load_checkpoint
+from pytorch import train as pretrain
+from scripts import finetune_classification as ft
 from scripts import phantoms, prepare_dataset
+from self_discovery import feature_extractor as fe
+from self_discovery import pattern_generator_3D as pg
+from self_discovery import train_autoencoder as ae
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "scripts" / "quickstart.sh"
@@ -36,12 +41,6 @@ STAGE_MODULES = {
 
 
 def test_pipeline_end_to_end_on_tiny_phantoms(tmp_path):
-    from pytorch import train as pretrain
-    from scripts import finetune_classification as ft
-    from self_discovery import feature_extractor as fe
-    from self_discovery import pattern_generator_3D as pg
-    from self_discovery import train_autoencoder as ae
-
     out = tmp_path / "qs"
     dev = ["--device", "cpu"]
     # 0. data: 8 phantom patients in HU (NRRD), as the quickstart writes them

@@ -17,8 +17,10 @@ from models.ynet3d import ContBatchNorm3d, YNet3D
 from pytorch import train as train_cli
 from pytorch.data import epoch_permutation, load_pretraining_data, validation_order
 from pytorch.engine import (LossConfig, SyncContBatchNorm3d, build_model, convert_sync_batchnorm,
-                            eval_step, make_optimizer, perturb_inputs, summarize_stats,
-                            train_step)
+                            eval_step, make_optimizer, perturb_inputs, restoration_gains,
+                            restoration_sums, summarize_stats, train_step)
+from pytorch.perturbations import OPERATIONS
+from scripts.phantoms import make_nodule_cubes
 from self_discovery.fold_files import fold_file_names
 from tests.fold_fixtures import SHAPE, make_fold_files, train_args
 
@@ -300,9 +302,6 @@ def test_more_cubes_per_class_than_nb_instances_keeps_every_class(tmp_path):
 
 # ------------------------------------------------------------------------------ diagnostics
 def test_restoration_gain_per_transform():
-    from pytorch.engine import restoration_gains, restoration_sums
-    from pytorch.perturbations import OPERATIONS
-
     g = torch.Generator().manual_seed(0)
     orig = torch.rand(6, 1, 8, 8, 8, generator=g)
     pert = orig + 0.1
@@ -327,8 +326,6 @@ def test_perturb_inputs_choices_do_not_change_the_inputs(folds):
 
 
 def test_diagnostics_on_epoch_line_tensorboard_and_json(folds, tmp_path, capsys):
-    from scripts.phantoms import make_nodule_cubes
-
     cubes, labels = make_nodule_cubes(12, SHAPE, seed=5)
     np.save(tmp_path / "probe.npy", cubes)
     np.save(tmp_path / "probe_labels.npy", labels)
@@ -348,7 +345,7 @@ def test_diagnostics_on_epoch_line_tensorboard_and_json(folds, tmp_path, capsys)
     assert set(diag[1]["restoration"]) <= {"local_pixel_shuffle", "nonlinear_intensity",
                                            "in_painting", "out_painting"}
     assert all(v["mse_perturbed"] > 0 for v in diag[1]["restoration"].values())
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # slow
     ev = EventAccumulator(str(next((tmp_path / "runs").iterdir())))
     ev.Reload()
     tags = ev.Tags()["scalars"]

@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pytorch import train as train_cli
+from scripts import finetune_classification, finetune_segmentation
 from scripts import transfer_study as ts
+from scripts.phantoms import make_nodule_cubes
 from tests.fold_fixtures import make_fold_files
 
 
@@ -68,14 +71,11 @@ def test_presets_and_overrides(capsys):
 def test_every_preset_builds_valid_command_lines(preset, tmp_path):
     """Each stage, pretraining and fine-tuning argv the preset makes parses with its CLI, and
     target patients never coincide with pretraining patients."""
-    from pytorch import train
-    from scripts import finetune_classification, finetune_segmentation
-
     cfg = ts.resolve_config(preset)
     for _, module, _, argv in ts.pretraining_stages(tmp_path, cfg, "cpu"):
         importlib.import_module(module).build_parser().parse_args(argv)
     for method in ts.PRETRAIN_FLAGS:
-        train.build_parser().parse_args(ts._pretrain_argv(method, cfg, tmp_path, tmp_path, tmp_path,
+        train_cli.build_parser().parse_args(ts._pretrain_argv(method, cfg, tmp_path, tmp_path, tmp_path,
                                                           ("p.npy", "l.npy"), "cpu", True))
     cls_data, seg_data = {"--data": ["a.npy"], "--labels": ["b.npy"]}, {"--images": ["i"], "--masks": ["m"]}
     for method in ts.METHODS:
@@ -138,9 +138,7 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
 
     def boom(*a, **k):
         raise AssertionError("a finished step ran again")
-    from pytorch import train
-    from scripts import finetune_classification, finetune_segmentation
-    for module, name in ((train, "train"), (finetune_classification, "run"), (finetune_segmentation, "run")):
+    for module, name in ((train_cli, "train"), (finetune_classification, "run"), (finetune_segmentation, "run")):
         monkeypatch.setattr(module, name, boom)
     assert ts.main(argv) == 0
     assert json.loads(results.read_text())["tasks"] == study["tasks"]
@@ -156,8 +154,6 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
 
 
 def test_nodule_radius_of_the_classification_cubes():
-    from scripts.phantoms import make_nodule_cubes
-
     small, lab = make_nodule_cubes(16, (32, 32, 16), seed=2)
     big, lab2 = make_nodule_cubes(16, (32, 32, 16), seed=2, radius=(5.0, 5.0))
     assert np.array_equal(lab, lab2)
