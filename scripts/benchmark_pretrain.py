@@ -119,10 +119,11 @@ def machine_name(device: torch.device) -> str:
     return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
-def synthetic_cubes(n: int, shape: tuple[int, int, int],
-                    seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Smooth random volumes (n, X, Y, Z) float32 in [0, 1] and labels (n,) int64 (cheap to make:
-    coarse noise upsampled), so intensity and shuffling act on realistic-looking values."""
+def smooth_random_cubes(n: int, shape: tuple[int, int, int],
+                        seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth random volumes (n, X, Y, Z) float32 in [0, 1] (cheap to make: coarse noise
+    upsampled), so intensity and shuffling act on realistic-looking values, and labels
+    ``arange(n)`` int64: no class structure, the cubes are for timing only."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand((n, 1, *(max(1, s // 8) for s in shape)), generator=g)
     fine = torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear",
@@ -198,7 +199,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError("--batch_size and --steps must be >= 1, --warmup and --workers >= 0")
     B = args.batch_size
     n_cubes = max(args.n_cubes, B)
-    cubes_np, labels_np = synthetic_cubes(n_cubes, shape, args.seed)
+    cubes_np, labels_np = smooth_random_cubes(n_cubes, shape, args.seed)
     labels_np = labels_np % args.cls_classes
     results: dict[str, Any] = {}
 

@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def synthetic_cubes(n: int, classes: int, shape: tuple[int, int, int], seed: int,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def class_blob_cubes(n: int, classes: int, shape: tuple[int, int, int], seed: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Learnable synthetic cubes: (n, 1, X, Y, Z) float32 in [0, 1] and labels (n,) int64.
 
     Each cube is a smooth random background (low-resolution uniform noise, trilinearly
@@ -142,7 +142,7 @@ def load_data(args: argparse.Namespace, shape: tuple[int, int, int],
               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(cubes (N, 1, X, Y, Z) float32, labels (N,) int64, description) on ``device``."""
     if args.data_dir is None:
-        x, y = synthetic_cubes(args.n_cubes, args.cls_classes, shape, args.seed, device)
+        x, y = class_blob_cubes(args.n_cubes, args.cls_classes, shape, args.seed, device)
         return x, y, f"synthetic ({args.n_cubes} cubes, {args.cls_classes} classes)"
     train, _ = load_pretraining_data(args.data_dir, args.cls_classes, args.nb_instances, 1,
                                      args.nb_multires_patch, shape, torch.float32, device)

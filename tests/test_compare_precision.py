@@ -48,7 +48,7 @@ def test_main_writes_both_curves(tmp_path, capsys):
 def test_same_seed_same_fp32_curve():
     """The fp32 run is reproducible: the comparison is paired, step for step."""
     args = cp.build_parser().parse_args(TINY[:-4] + ["--steps", "2"])
-    cubes, labels = cp.synthetic_cubes(16, 4, (24, 24, 8), 3, torch.device("cpu"))
+    cubes, labels = cp.class_blob_cubes(16, 4, (24, 24, 8), 3, torch.device("cpu"))
     torch.manual_seed(3)
     init = cp.build_model_state(args)
     a, b = (cp.train_run(init, args, None, cubes, labels, 3, torch.device("cpu"))
@@ -67,11 +67,11 @@ def test_compare_curves_ratio():
                                     "rec": [1.0, 1.0]}) == 1
 
 
-def test_synthetic_cubes_in_range_and_seeded():
-    x, y = cp.synthetic_cubes(10, 3, (16, 16, 8), 5, torch.device("cpu"))
+def test_class_blob_cubes_in_range_and_seeded():
+    x, y = cp.class_blob_cubes(10, 3, (16, 16, 8), 5, torch.device("cpu"))
     assert x.shape == (10, 1, 16, 16, 8) and y.tolist() == [i % 3 for i in range(10)]
     assert float(x.min()) >= 0 and float(x.max()) <= 1
-    assert torch.equal(x, cp.synthetic_cubes(10, 3, (16, 16, 8), 5, torch.device("cpu"))[0])
+    assert torch.equal(x, cp.class_blob_cubes(10, 3, (16, 16, 8), 5, torch.device("cpu"))[0])
 
 
 def test_fold_files_as_data(tmp_path):

@@ -21,7 +21,7 @@ from pytorch.engine import (LossConfig, build_model, make_optimizer, perturb_inp
                             prepare_model_for_speed, summarize_stats, train_step)
 from pytorch.perturbations import (bezier_map, bezier_tables, elastic_displacement,
                                    local_pixel_shuffle, perturb_batch_with_choices, warp_inplane)
-from scripts.benchmark_pretrain import synthetic_cubes
+from scripts.benchmark_pretrain import smooth_random_cubes
 from self_discovery import train_autoencoder
 from tests.fold_fixtures import (autoencoder_args, make_fold_files, make_volume_dataset,
                                  train_args)
@@ -32,7 +32,7 @@ CUDA = torch.device("cuda")
 
 def _smooth_cubes(n: int, shape=(32, 32, 16), seed: int = 0) -> torch.Tensor:
     """(n, 1, X, Y, Z) float32 in [0, 1]: the benchmark's smooth synthetic cubes."""
-    return torch.from_numpy(synthetic_cubes(n, shape, seed)[0])[:, None]
+    return torch.from_numpy(smooth_random_cubes(n, shape, seed)[0])[:, None]
 
 
 def test_perturbation_kernels_match_cpu():
