@@ -303,7 +303,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     AUC is None when the labels hold a single class (it is undefined); multi-class AUC is the
     one-vs-rest macro average.
     """
-    from sklearn.metrics import accuracy_score, roc_auc_score
+    from sklearn.metrics import accuracy_score, roc_auc_score  # local: sklearn is slow to import
 
     labels = np.asarray(labels).reshape(-1)
     probs = np.asarray(probs, dtype=np.float64)
