@@ -18,7 +18,7 @@ import torch
 
 from runtime.devices import full_device
 from runtime.errors import InputError
-from runtime.intensity import within_unit_range
+from runtime.intensity import finite_range, within_unit_range
 from self_discovery.fold_files import (CLASSES_PER_BLOCK, check_fold_index, file_keys, fold_blocks,
                                        fold_file_names)
 
@@ -133,12 +133,8 @@ def read_fold_cubes(pairs: list[tuple[Path, Path, range, int]], cube_shape: tupl
             contiguous = part[-1] - part[0] == len(part) - 1
             block = data[part[0]:part[-1] + 1] if contiguous else data[part]
             chunk = np.array(block, dtype=np.float32).reshape(e - s, 1, *cube_shape)
-            finite = np.isfinite(chunk).reshape(e - s, -1).all(1)
-            if not finite.all():
-                first = int(part[int(np.nonzero(~finite)[0][0])])
-                raise InputError(f"{data_path}: NaN or inf in cube {first} (row index); "
-                                 "re-create the file")
-            lo, hi = float(chunk.min()), float(chunk.max())
+            lo, hi = finite_range(chunk, data_path, "re-create the file", rows="cube",
+                                  row_index=part)
             if not within_unit_range(lo, hi):   # then clipped to [0, 1] exactly
                 raise InputError(
                     f"{data_path}: values in [{lo:g}, {hi:g}], expected normalised intensities in "

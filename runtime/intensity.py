@@ -6,13 +6,15 @@
 * ``within_unit_range`` / ``is_unit_range``: values within [0, 1] give or take
   ``UNIT_TOLERANCE`` are normalised intensities; a maximum above ``HU_DETECT_MAX`` means HU;
   anything else is neither (an error naming the file).
-* ``finite_range``: (min, max) of a whole volume, read slab by slab (memory stays small even
-  for a memory-mapped volume), refusing NaN or inf.
+* ``finite_range``: (min, max) of a whole volume or stack of cubes, read slab by slab (memory
+  stays small even for a memory-mapped file), refusing NaN or inf with the count and the first
+  index; every stage checks what it reads with it.
 """
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -74,17 +76,29 @@ def is_unit_range(lo: float, hi: float, path: str | os.PathLike = "volume") -> b
 
 
 def finite_range(vol: np.ndarray, path: str | os.PathLike = "volume",
-                 fix: str = "re-create it with scripts/prepare_dataset.py") -> tuple[float, float]:
-    """(min, max) of all values of ``vol`` (N, ...), read in slabs along axis 0 so a
-    memory-mapped volume is never loaded whole; an ``InputError`` naming ``path`` and the first
-    slab with NaN or inf (``fix`` says what to do)."""
-    lo, hi = math.inf, -math.inf
+                 fix: str = "re-create it with scripts/prepare_dataset.py", rows: str = "x-slice",
+                 row_index: Sequence[int] | np.ndarray | None = None) -> tuple[float, float]:
+    """(min, max) of all values of ``vol`` (N, ...), the one finiteness and range check of
+    every stage: read in slabs along axis 0, so a memory-mapped file is never loaded whole.
+
+    NaN or inf anywhere is an ``InputError`` naming ``path``, how many of the N ``rows`` (what
+    axis 0 holds: x-slices of a volume, cubes of a stack) hold any, the first of them
+    (``row_index[k]`` for row k when the rows were taken from a larger file), and ``fix``.
+    """
+    lo, hi, bad, first = math.inf, -math.inf, 0, -1
     step = max(1, _SLAB_VALUES // max(1, vol[0].size)) if len(vol) else 1
     for x0 in range(0, vol.shape[0], step):
         slab = np.asarray(vol[x0:x0 + step], dtype=np.float32)
-        if not np.isfinite(slab).all():
-            raise InputError(f"{path}: NaN or inf values (first in rows/x >= {x0}); {fix}")
-        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+        finite = np.isfinite(slab).reshape(len(slab), -1).all(axis=1)
+        if not finite.all():
+            first = first if bad else x0 + int(np.argmin(finite))
+            bad += int((~finite).sum())
+        elif not bad:
+            lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+    if bad:
+        where = int(row_index[first]) if row_index is not None else first
+        raise InputError(f"{path}: NaN or inf in {bad} {rows}(s), the first at index {where}; "
+                         f"{fix}")
     return lo, hi
 
 

@@ -32,7 +32,6 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -50,7 +49,7 @@ from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, f
 from runtime.devices import resolve_device, seed_everything
 from runtime.errors import InputError
 from runtime.files import make_output_dir, save_json_atomic, write_run_config
-from runtime.intensity import check_real_array, within_unit_range
+from runtime.intensity import check_real_array, finite_range, within_unit_range
 from runtime.training import (MetricLogger, check_finite_training, evaluate, per_sample_mean,
                               train_one_epoch)
 from scripts.finetune_common import (add_model_flags, add_output_flags, add_training_flags,
@@ -134,15 +133,7 @@ def _open_cubes(path: Path) -> np.ndarray:
     if any(s % 8 for s in arr.shape[1:]):
         raise InputError(f"{path}: cube sides {arr.shape[1:]} must be divisible by 8 (the encoder "
                          "pools three times); crop or pad the cubes, e.g. to 64 x 64 x 32")
-    finite, lo, hi = [], math.inf, -math.inf
-    for cube in arr:                         # every cube, one at a time (memory-mapped file)
-        cube = np.asarray(cube, dtype=np.float32)
-        finite.append(bool(np.isfinite(cube).all()))
-        if finite[-1]:
-            lo, hi = min(lo, float(cube.min())), max(hi, float(cube.max()))
-    if not all(finite):
-        raise InputError(f"{path}: NaN or inf in {finite.count(False)} cube(s), the first at "
-                         f"index {finite.index(False)}; re-create the cubes or drop those rows")
+    lo, hi = finite_range(arr, path, "re-create the cubes or drop those rows", rows="cube")
     # The shared rule (one tolerance): fine-tuning cubes come from the same [0, 1]
     # preparation as the pretraining cubes.
     if not within_unit_range(lo, hi):

@@ -54,7 +54,7 @@ from runtime.devices import resolve_device, seed_everything
 from runtime.errors import InputError
 from runtime.files import (check_output_outside, make_output_dir, save_json_atomic, save_npy_atomic,
                            write_run_config)
-from runtime.intensity import check_real_array, normalize_hu, within_unit_range
+from runtime.intensity import check_real_array, finite_range, normalize_hu, within_unit_range
 from runtime.training import MetricLogger, check_finite_training, per_sample_mean, train_one_epoch
 from scripts.ct_io import CTReadError, find_ct_inputs, read_ct, volume_stem
 from scripts.finetune_common import (add_model_flags, add_output_flags, add_training_flags,
@@ -101,10 +101,9 @@ def find_volume_files(paths: Sequence[str | os.PathLike], flag: str) -> list[dic
     return sorted(items, key=lambda it: (volume_stem(it["path"]), str(it["path"])))
 
 
-def _check_finite(arr: np.ndarray, path: Path) -> None:
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise InputError(f"{path}: NaN or inf in {int((~np.isfinite(arr)).sum())} voxel(s); "
-                         "re-create the volume (or give the HU volume in a SimpleITK format)")
+def _finite_range(arr: np.ndarray, path: Path) -> tuple[float, float]:
+    return finite_range(arr, path, "re-create the volume (or give the HU volume in a SimpleITK "
+                        "format)")
 
 
 def _read(item: dict[str, Any], is_mask: bool) -> tuple[np.ndarray, dict[str, Any] | None]:
@@ -120,12 +119,11 @@ def _read(item: dict[str, Any], is_mask: bool) -> tuple[np.ndarray, dict[str, An
             arr = arr[0]
         if arr.ndim != 3:
             raise InputError(f"{path}: expected a volume (X, Y, Z), got shape {arr.shape}")
-        _check_finite(arr, path)
+        lo, hi = _finite_range(arr, path)
         if not is_mask:
             arr = arr.astype(np.float32, copy=False)
-            lo, hi = float(arr.min()), float(arr.max())
-            # NaN / inf were rejected above. The shared rule (one tolerance): fine-tuning images
-            # come from the same [0, 1] preparation as the pretraining cubes.
+            # The shared rule (one tolerance): fine-tuning images come from the same [0, 1]
+            # preparation as the pretraining cubes.
             if not within_unit_range(lo, hi):
                 raise InputError(f"{path}: .npy image values in [{lo:.4g}, {hi:.4g}], expected [0, 1]; "
                                  "clip HU to [-1000, 1000] and scale to [0, 1], or give the HU volume "
@@ -137,7 +135,7 @@ def _read(item: dict[str, Any], is_mask: bool) -> tuple[np.ndarray, dict[str, An
         raise InputError(str(e)) from e
     grid = {"spacing": list(spacing), "origin": meta.get("origin"),
             "direction": meta.get("original_direction"), "shape": list(arr.shape)}
-    _check_finite(arr, path)
+    _finite_range(arr, path)
     if not is_mask:
         arr = normalize_hu(arr)
     return arr, grid

@@ -47,7 +47,7 @@ from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, f
 from runtime.errors import InputError
 from runtime.files import (atomic_path, check_output_outside, output_session, save_json_atomic,
                            save_npy_atomic)
-from runtime.intensity import normalize_hu, within_unit_range
+from runtime.intensity import finite_range, normalize_hu, within_unit_range
 from scripts.ct_io import CTReadError, find_ct_inputs, read_ct, resample, volume_stem, volume_suffix
 
 __all__ = ["build_parser", "prepare_dataset", "check_ct_range", "patient_name", "source_identity",
@@ -164,8 +164,10 @@ def _check_volume(path: Path, vol: np.ndarray, args: argparse.Namespace) -> None
     if min(vol.shape) < args.min_size:
         raise CTReadError(f"{path}: shape {vol.shape} has an axis shorter than --min_size "
                           f"{args.min_size} (a 2D image or a few slices?)")
-    if vol.dtype.kind == "f" and not np.isfinite(vol).all():
-        raise CTReadError(f"{path}: holds NaN or infinite values")
+    try:
+        finite_range(vol, path, "skipped")
+    except InputError as e:   # a bad input volume is skipped with its line, not fatal
+        raise CTReadError(str(e)) from None
 
 
 def _read_item(item: dict[str, Any], args: argparse.Namespace

@@ -205,14 +205,13 @@ def load_resized(path: str | os.PathLike, size: Sequence[int],
     resizing runs there). Raises InputError naming the file when it holds NaN or inf values.
     """
     path = Path(path)
-    vol = torch.from_numpy(np.ascontiguousarray(open_volume(path, mmap=False), dtype=np.float32))
-    if vol.numel() == 0 or min(vol.shape) < 1:
-        raise InputError(f"{path}: empty volume {tuple(vol.shape)}; re-create it with "
+    arr = np.ascontiguousarray(open_volume(path, mmap=False), dtype=np.float32)
+    if arr.size == 0 or min(arr.shape) < 1:
+        raise InputError(f"{path}: empty volume {tuple(arr.shape)}; re-create it with "
                          "scripts/prepare_dataset.py")
-    if not bool(torch.isfinite(vol).all()):
-        raise InputError(f"{path}: volume contains NaN or inf values; re-create it with "
-                         "scripts/prepare_dataset.py or remove it from the folder")
-    vol = to_unit_range(vol.to(device), path)
+    finite_range(arr, path, "re-create it with scripts/prepare_dataset.py or remove it from the "
+                 "folder")
+    vol = to_unit_range(torch.from_numpy(arr).to(device), path)
     return resize_volume(vol, size).unsqueeze(0).contiguous()      # (1, rows, cols, depth)
 
 

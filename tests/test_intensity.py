@@ -47,5 +47,8 @@ def test_the_range_of_a_volume_is_read_whole_in_slabs(monkeypatch):
     vol[0, 0, 0] = -1.0
     assert finite_range(vol) == (-1.0, 2.5)
     vol[3, 0, 0] = np.nan
-    with pytest.raises(InputError, match=r"v\.npy: NaN or inf values \(first in rows/x >= 3\)"):
+    vol[1, 2, 0] = np.inf
+    with pytest.raises(InputError, match=r"v\.npy: NaN or inf in 2 x-slice\(s\), the first at index 1; "):
         finite_range(vol, "v.npy")
+    with pytest.raises(InputError, match=r"NaN or inf in 2 cube\(s\), the first at index 11; drop"):
+        finite_range(vol, "c.npy", "drop them", rows="cube", row_index=[10, 11, 12, 13, 14])

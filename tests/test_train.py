@@ -264,7 +264,7 @@ def test_bad_fold_file_named(tmp_path, capsys, defect):
     if defect == "label_range":
         assert "--cls_classes" in err
     if defect == "nan":
-        assert "NaN" in err and "cube 4" in err
+        assert "NaN" in err and "the first at index 4" in err
 
 
 def test_incompatible_pre_path_and_resume_list_keys(folds, tmp_path, capsys):
