@@ -401,10 +401,11 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
     elif info.is_main and state.epoch == 0:
         diagnostics.initial(model, device, log)
     restoration = torch.zeros(3, len(OPERATIONS), device=device)  # per-transform val sums
+    generator = torch.Generator(device)                  # reseeded every epoch
 
     def train_batch(idx: torch.Tensor) -> torch.Tensor:
         original, labels = feeder(idx)                       # (B, 1, X, Y, Z), (B,)
-        inputs = perturb_inputs(original, generator, args.augment)  # this epoch's generator
+        inputs = perturb_inputs(original, generator, args.augment)
         return train_step(net, optimizer, inputs, original, labels, loss_cfg, amp_dtype)
 
     def val_batch(idx: torch.Tensor) -> torch.Tensor:
@@ -418,7 +419,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
 
     for epoch in range(state.epoch, 0 if stopped_early else args.nb_epoch):
         t_epoch = time.time()
-        generator = torch.Generator(device).manual_seed(derive_seed(args.seed, epoch, rank, 0xA11))
+        generator.manual_seed(derive_seed(args.seed, epoch, rank, 0xA11))
         order = epoch_permutation(len(train_set), args.seed, epoch, rank, ws)
         batches = order.to(feeder.index_device).split(per_rank_batch)
         sums = train_one_epoch(net, train_batch, batches, log, f"epoch {epoch + 1} train",
