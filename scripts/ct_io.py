@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from runtime.errors import InputError
+
 __all__ = ["IMAGE_SUFFIXES", "IGNORED_SUFFIXES", "CTReadError", "read_ct", "read_sitk",
            "resample", "resampled_shape", "find_ct_inputs", "dicom_series",
            "split_by_subject",
@@ -28,8 +30,9 @@ IGNORED_SUFFIXES = (".raw", ".zraw", ".img", ".raw.gz", ".json", ".csv", ".txt",
                     ".zip", ".tar", ".gz", ".bz2")
 
 
-class CTReadError(ValueError):
-    """A file or folder that cannot be read as a CT volume; the message says why."""
+class CTReadError(InputError):
+    """A file or folder that cannot be read as a CT volume; the message says why. Stage 0 skips
+    such an input with its line; elsewhere it is bad input like any other."""
 
 
 def volume_suffix(path: str | os.PathLike) -> str:

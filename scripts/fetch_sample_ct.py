@@ -22,6 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import from the repository root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import argparse
 import hashlib
 import importlib.util
 import os
@@ -30,7 +31,8 @@ import subprocess
 import tarfile
 import tempfile
 
-from runtime.cli import ArgumentParser, HelpFormatter, positive_float
+from runtime.cli import ArgumentParser, HelpFormatter, call_reporting_errors, positive_float
+from runtime.errors import ReportedError
 
 __all__ = ["PACKAGE", "SAMPLE_FILES", "IMAGES", "LABELS", "FetchError", "DownloadError",
            "default_cache_dir", "verify_sample_ct", "fetch_sample_ct", "main"]
@@ -51,7 +53,7 @@ IMAGES = ("lung1_image.nrrd", "lung2_image.nrrd")
 LABELS = ("lung1_label.nrrd", "lung2_label.nrrd")
 
 
-class FetchError(RuntimeError):
+class FetchError(ReportedError, RuntimeError):
     """The sample CTs could not be downloaded or verified; the message says why."""
 
 
@@ -209,16 +211,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="also link (or copy) the two CT images, without masks, into DIR")
     g.add_argument("--timeout", type=positive_float, default=600.0, help="seconds allowed for pip download")
     g.add_argument("--quiet", action="store_true", help="print only the folder")
-    args = ap.parse_args(argv)
-    try:
-        folder = fetch_sample_ct(args.cache_dir, args.tarball, args.timeout, args.quiet)
-    except FetchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ok, _ = call_reporting_errors(_fetch_and_link, ap.parse_args(argv))
+    return 0 if ok else 2
+
+
+def _fetch_and_link(args: argparse.Namespace) -> Path:
+    folder = fetch_sample_ct(args.cache_dir, args.tarball, args.timeout, args.quiet)
     if args.images_only:
         link_images(folder, Path(args.images_only))
     print(folder)
-    return 0
+    return folder
 
 
 if __name__ == "__main__":

@@ -129,10 +129,7 @@ def _read(item: dict[str, Any], is_mask: bool) -> tuple[np.ndarray, dict[str, An
                                  "clip HU to [-1000, 1000] and scale to [0, 1], or give the HU volume "
                                  "in a SimpleITK format (.nii.gz, .nrrd, .mhd)")
         return arr, None
-    try:
-        arr, spacing, meta = read_ct(path, item.get("files"))
-    except CTReadError as e:
-        raise InputError(str(e)) from e
+    arr, spacing, meta = read_ct(path, item.get("files"))
     grid = {"spacing": list(spacing), "origin": meta.get("origin"),
             "direction": meta.get("original_direction"), "shape": list(arr.shape)}
     _finite_range(arr, path)
