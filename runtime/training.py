@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -231,9 +232,11 @@ class MetricLogger:
         return self._writer
 
     def line(self, message: str, level: int = 1) -> None:
-        """Print ``message`` (through tqdm, so an open bar is redrawn below it)."""
+        """Print ``message`` (through tqdm, so an open bar is redrawn below it), flushed: a
+        batch job's log file shows it at once."""
         if self.enabled and self.verbose >= level:
-            tqdm.write(message)
+            tqdm.write(message, file=sys.stdout)
+            sys.stdout.flush()
 
     def progress(self, iterable: Iterable[Any], desc: str, total: int | None = None) -> tqdm:
         """A progress bar over ``iterable`` (inert on other ranks and with ``verbose`` 0)."""
