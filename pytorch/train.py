@@ -79,7 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "self-restoration) on the fold files of self-discovered anatomical "
                     "patterns. Run with torchrun for multi-GPU (DistributedDataParallel).",
         formatter_class=HelpFormatter)
-    g = p.add_argument_group("data")
+    _data_flags(p.add_argument_group("data"))
+    _model_flags(p.add_argument_group("model and loss"))
+    _optimisation_flags(p.add_argument_group("optimisation"))
+    _device_flags(p.add_argument_group("device and speed"))
+    _diagnostics_flags(p.add_argument_group("diagnostics"))
+    _output_flags(p.add_argument_group("outputs and logging"))
+    return p
+
+
+def _data_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--data_dir", required=True,
                    help="folder with the fold files train_data{r}_vwGen_ex_ref_fold{k}.0.npy, "
                         "train_label{r}_..., val_data1_..., val_label1_... (written by "
@@ -121,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="elastic deformation before the perturbation (published: always on; "
                         "--no-augment leaves only the four perturbations)")
 
-    g = p.add_argument_group("model and loss")
+
+def _model_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--exp", choices=("en_de", "en"), default="en_de",
                    help="en_de: Y-Net 3D (classification + restoration); en: encoder + "
                         "classification head only (cross-entropy, accuracy)")
@@ -139,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initialise en_de from this checkpoint (e.g. an --exp en run): encoder "
                         "and head are loaded, the decoder is new; mismatched keys are an error")
 
-    g = p.add_argument_group("optimisation")
+
+def _optimisation_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--batch_size", type=positive_int, default=64,
                    help="effective (global) batch size; under torchrun with N processes each "
                         "process takes batch_size // N cubes per step (the remainder is "
@@ -156,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of initialisation, shuffling and perturbations; the same seed "
                         "gives the same run (on the same device and process count)")
 
-    g = p.add_argument_group("device and speed")
+
+def _device_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--device", type=device_name, default="auto", help="auto (CUDA if available), cpu or cuda")
     add_amp_flag(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -174,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch_size // N cubes. The published batch-statistics mode is kept in "
                         "eval (local batch statistics). CUDA only")
 
-    g = p.add_argument_group("diagnostics")
+
+def _diagnostics_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--probe_data", default=None,
                    help="labelled target cubes (.npy (N, X, Y, Z) in [0, 1], sides divisible by "
                         "8) for the representation probe: frozen encoder, global average "
@@ -186,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--probe_every", type=positive_int, default=1,
                    help="run the probe every this many epochs (and before the first)")
 
-    g = p.add_argument_group("outputs and logging")
+
+def _output_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--output_dir", "--checkpoint_dir", dest="output_dir", default=None,
                    help="folder of the checkpoints [default: Checkpoints/<exp>]; best-by-val "
                         f"is {CHECKPOINT_NAME}.pt, the last epoch {CHECKPOINT_NAME}_last.pt, "
@@ -208,7 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verbose", type=int, nargs="?", const=2, default=1,
                    help="0: errors and the final line only; 1: progress bars and one line per "
                         "epoch; 2 (or --verbose alone): also the data and model summary")
-    return p
 
 
 def _check_args(args: argparse.Namespace) -> None:
