@@ -53,7 +53,7 @@ from runtime.files import make_output_dir
 
 __all__ = ["RunState", "restart_from_checkpoint", "EarlyStopping", "Decision",
            "EpochCheckpoints", "MetricLogger", "summary_writer", "train_one_epoch", "evaluate",
-           "per_sample_mean", "check_finite_training"]
+           "batch_sums", "per_sample_mean", "check_finite_training"]
 
 #: Keys of a checkpoint's ``extra`` that hold the run state (besides the published counters).
 _STATE_KEYS = ("history", "best_value", "best_epoch")
@@ -314,6 +314,14 @@ def evaluate(model: nn.Module, step: StepFn, batches: Iterable[Any], log: Metric
     added into ``sums``; returns ``sums`` (a process with no batch returns them unchanged)."""
     model.eval()
     return _accumulate(step, batches, log, desc, sums, 0, total)
+
+
+def batch_sums(loss: torch.Tensor, n: int, summed: bool = False) -> torch.Tensor:
+    """What a step returns for a batch of ``n`` samples: [loss x n, n] (float32, on the loss's
+    device, no host copy) from the batch's mean ``loss``, or [loss, n] when ``summed``."""
+    count = torch.full((), n, dtype=torch.float32, device=loss.device)
+    total = loss.detach().float()
+    return torch.stack([total if summed else total * count, count])
 
 
 def per_sample_mean(sums: torch.Tensor) -> float:

@@ -50,8 +50,8 @@ from runtime.devices import resolve_device, seed_everything
 from runtime.errors import InputError
 from runtime.files import make_output_dir, save_json_atomic, write_run_config
 from runtime.intensity import check_real_array, finite_range, within_unit_range
-from runtime.training import (MetricLogger, check_finite_training, evaluate, per_sample_mean,
-                              train_one_epoch)
+from runtime.training import (MetricLogger, batch_sums, check_finite_training, evaluate,
+                              per_sample_mean, train_one_epoch)
 from scripts.finetune_common import (add_model_flags, add_output_flags, add_training_flags,
                                      finetune_optimizer, finetune_runtime, finetune_session,
                                      load_best, loss_step)
@@ -328,8 +328,7 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, loss: str, device:
         value, p = _loss_and_probs(model(x), y, loss)
         probs.append(p.float())
         labels.append(y)
-        n = torch.full((), y.numel(), dtype=torch.float32, device=device)
-        return torch.stack([value.float() * n, n])
+        return batch_sums(value, y.numel())
 
     total, n = evaluate(model, step, loader, log or MetricLogger(verbose=0), desc,
                         torch.zeros(2, device=device)).tolist()

@@ -16,7 +16,8 @@ from runtime.cli import (add_overwrite_flag, add_resume_flag, nonneg_float, posi
                          positive_int, resume_path, seed_int)
 from runtime.devices import device_name
 from runtime.files import output_session
-from runtime.training import EarlyStopping, EpochCheckpoints, RunState, restart_from_checkpoint
+from runtime.training import (EarlyStopping, EpochCheckpoints, RunState, batch_sums,
+                              restart_from_checkpoint)
 
 __all__ = ["add_model_flags", "add_training_flags", "add_output_flags", "add_optimizer_flags",
            "finetune_optimizer", "finetune_session", "finetune_runtime", "loss_step", "load_best"]
@@ -76,7 +77,7 @@ def add_optimizer_flags(group: argparse._ArgumentGroup) -> None:
 
 
 def finetune_optimizer(params: list[nn.Parameter], name: str, lr: float,
-                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+                       weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """``sgd``: momentum 0.9, no Nesterov, as the original README's snippets; or ``adam``."""
     if name == "sgd":
         return torch.optim.SGD(params, lr, momentum=0.9, weight_decay=weight_decay, nesterov=False)
@@ -127,8 +128,7 @@ def loss_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        n = torch.full((), x.shape[0], dtype=torch.float32, device=device)
-        return torch.stack([loss.detach().float() * n, n])
+        return batch_sums(loss, x.shape[0])
     return step
 
 

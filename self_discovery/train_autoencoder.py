@@ -51,7 +51,7 @@ from runtime.distributed import (DistInfo, all_reduce_sum, barrier, distributed_
 from runtime.errors import InputError
 from runtime.files import output_session, write_run_config
 from runtime.images import middle_slice_grid
-from runtime.training import (EarlyStopping, EpochCheckpoints, MetricLogger, RunState,
+from runtime.training import (EarlyStopping, EpochCheckpoints, MetricLogger, RunState, batch_sums,
                               check_finite_training, evaluate, per_sample_mean,
                               restart_from_checkpoint, train_one_epoch)
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes
@@ -281,9 +281,7 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
 
     def train_batch(batch: Any) -> torch.Tensor:
         x = batch[0].to(device, non_blocking=True)                      # (N, 1, X, Y, Z)
-        loss = train_step(net, optimizer, x, args.amp)
-        n = torch.full((), x.shape[0], dtype=torch.float32, device=device)
-        return torch.stack([loss.float() * n, n])
+        return batch_sums(train_step(net, optimizer, x, args.amp), x.shape[0])
 
     def val_batch(batch: Any) -> torch.Tensor:
         x = batch[0].to(device, non_blocking=True)
@@ -292,9 +290,8 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
         if log.curves and len(grid_rows) < 4:
             grid_rows.extend([x[i, 0].cpu(), out[i, 0].float().cpu()]
                              for i in range(min(4 - len(grid_rows), x.shape[0])))
-        n = torch.full((), x.shape[0], dtype=torch.float32, device=device)
         mse = F.mse_loss(out.float(), x, reduction="none").mean(dim=(1, 2, 3, 4)).sum()
-        return torch.stack([mse, n])
+        return batch_sums(mse, x.shape[0], summed=True)
 
     for epoch in range(state.epoch, 0 if stopper.stopped(state) else args.nb_epoch):
         t0 = time.perf_counter()

@@ -76,11 +76,13 @@ def open_volume(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
 
 
 def to_unit_range(vol: np.ndarray | torch.Tensor, path: str | os.PathLike = "volume",
-                  hu_min: float = HU_MIN, hu_max: float = HU_MAX) -> np.ndarray | torch.Tensor:
+                  hu_min: float = HU_MIN, hu_max: float = HU_MAX,
+                  value_range: tuple[float, float] | None = None) -> np.ndarray | torch.Tensor:
     """Return ``vol`` unchanged when it is normalised (``is_unit_range``); otherwise treat it as
-    HU: ``normalize_hu`` (float32) and warn naming ``path``."""
-    hi = float(vol.max())
-    if is_unit_range(float(vol.min()), hi, path):
+    HU: ``normalize_hu`` (float32) and warn naming ``path``. ``value_range``: its (min, max)
+    when already known (e.g. from ``finite_range``), so the volume is not read again."""
+    lo, hi = value_range if value_range is not None else (float(vol.min()), float(vol.max()))
+    if is_unit_range(lo, hi, path):
         return vol
     warnings.warn(f"{path}: values up to {hi:.0f} look like Hounsfield units; "
                   f"clipping to [{hu_min:g}, {hu_max:g}] and scaling to [0, 1] (prepare volumes "
@@ -209,9 +211,9 @@ def load_resized(path: str | os.PathLike, size: Sequence[int],
     if arr.size == 0 or min(arr.shape) < 1:
         raise InputError(f"{path}: empty volume {tuple(arr.shape)}; re-create it with "
                          "scripts/prepare_dataset.py")
-    finite_range(arr, path, "re-create it with scripts/prepare_dataset.py or remove it from the "
-                 "folder")
-    vol = to_unit_range(torch.from_numpy(arr).to(device), path)
+    value_range = finite_range(arr, path, "re-create it with scripts/prepare_dataset.py or "
+                               "remove it from the folder")
+    vol = to_unit_range(torch.from_numpy(arr).to(device), path, value_range=value_range)
     return resize_volume(vol, size).unsqueeze(0).contiguous()      # (1, rows, cols, depth)
 
 

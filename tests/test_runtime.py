@@ -8,7 +8,7 @@ from torch import nn
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from runtime.errors import CheckpointError, InputError, ReportedError, TrainingDiverged
-from runtime.training import (EarlyStopping, EpochCheckpoints, MetricLogger, RunState,
+from runtime.training import (EarlyStopping, EpochCheckpoints, MetricLogger, RunState, batch_sums,
                               check_finite_training, evaluate, per_sample_mean,
                               restart_from_checkpoint, train_one_epoch)
 
@@ -105,6 +105,8 @@ def test_epoch_loops_sum_step_statistics_on_the_device(capsys):
         optimizer.step()
         return torch.stack([loss.detach() * 4, torch.tensor(4.0)])
 
+    assert batch_sums(torch.tensor(0.5, requires_grad=True), 4).tolist() == [2.0, 4.0]
+    assert batch_sums(torch.tensor(3.0), 4, summed=True).tolist() == [3.0, 4.0]
     log = MetricLogger(verbose=1)
     sums = train_one_epoch(model, step, batches, log, "train", torch.zeros(2), log_every=0)
     assert model.training and sums[1] == 12 and math.isfinite(per_sample_mean(sums))
