@@ -1,6 +1,6 @@
 """Reusable pieces of Semantic Genesis pretraining: model, optimiser, one training step, eval.
 
-``pytorch/train.py`` runs its loop over these, and ``scripts/benchmark_pretrain.py`` imports the
+``pytorch/train.py`` runs its loop over these, and ``experiments/benchmark_pretrain.py`` imports the
 same functions to time "ours", so the two cannot drift apart. Stable API (keep signatures):
 
 ``build_model(exp, cls_classes, width=32, norm="batch_stats") -> nn.Module``

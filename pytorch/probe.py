@@ -21,7 +21,7 @@ from torch import nn
 from models.checkpoint import unwrap_model
 from pytorch.engine import is_channels_last
 from runtime.errors import InputError
-from scripts.finetune_classification import load_dataset
+from finetune.classification import load_dataset
 
 __all__ = ["load_probe_set", "encoder_features", "probe_score"]
 

@@ -55,7 +55,7 @@ from pytorch.perturbations import OPERATIONS
 from pytorch.probe import load_probe_set
 from runtime import distributed as D
 from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
-                         add_resume_flag, call_reporting_errors, nonneg_float, nonneg_int,
+                         add_resume_flag, run_cli, nonneg_float, nonneg_int,
                          positive_float, positive_int, resume_path, seed_int)
 from runtime.devices import (device_name, enable_fast_math, full_device, resolve_amp,
                              resolve_device, seed_everything)
@@ -502,8 +502,8 @@ def _preview(model, val_set: PretrainingCubes, args, device, amp_dtype, loss_cfg
 
 
 def main(argv: list[str] | None = None) -> int:
-    ok, _ = call_reporting_errors(train, build_parser().parse_args(argv))
-    return 0 if ok else 2
+    return run_cli(build_parser, train, argv,
+                   interrupted="continue from the last complete epoch with --resume")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from runtime.errors import ReportedError
 
 __all__ = ["ArgumentParser", "HelpFormatter", "positive_int", "nonneg_int", "seed_int",
            "positive_float", "nonneg_float", "finite_float", "fraction", "probability",
-           "MAX_MESSAGE", "one_line", "call_reporting_errors", "add_overwrite_flag",
+           "MAX_MESSAGE", "one_line", "call_reporting_errors", "run_cli", "add_overwrite_flag",
            "AMP_CHOICES", "add_amp_flag", "add_resume_flag", "resume_path"]
 
 
@@ -128,6 +128,28 @@ def call_reporting_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> 
         fix = "check that the path exists, is writable and the disk has free space"
         print(f"error: {one_line(f'{where}: {why}; {fix}')}", file=sys.stderr)
         return False, None
+
+
+def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[..., Any],
+            argv: list[str] | None = None,
+            report: Callable[[argparse.Namespace, Any], int | None] | None = None,
+            interrupted: str = "run it again to start over") -> int:
+    """The one entry of every CLI's ``main``: parse ``argv``, call ``run(args)``, and return
+    the exit code. A ``ReportedError`` or ``OSError`` is one ``error: ...`` line and exit code
+    2 (``call_reporting_errors``); Ctrl-C is one ``interrupted; <interrupted>`` line and exit
+    code 130, no traceback (what the run wrote so far is left as its atomic writes left it).
+    ``report(args, result)``, when given, prints the result and may return another exit code.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        ok, result = call_reporting_errors(run, args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {interrupted}", file=sys.stderr)
+        return 130
+    if not ok:
+        return 2
+    code = report(args, result) if report is not None else None
+    return 0 if code is None else int(code)
 
 
 def add_overwrite_flag(group: Any, what: str) -> None:

@@ -7,9 +7,9 @@ line (exit code 2, no traceback); anything else is a bug and keeps its traceback
 * ``TrainingDiverged``: a run's loss or weights stopped being finite; the last good
   checkpoints are kept and the message says what to change before ``--resume``.
 
-Stage-specific errors derive from these: ``scripts.ct_io.CTReadError`` (an input that is not a
+Stage-specific errors derive from these: ``preparation.ct_io.CTReadError`` (an input that is not a
 readable CT: an ``InputError`` that stage 0 skips with its line) and
-``scripts.fetch_sample_ct.FetchError`` (the sample CTs could not be downloaded or verified).
+``preparation.sample_ct.FetchError`` (the sample CTs could not be downloaded or verified).
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ from models.checkpoint import (DECODER_PREFIXES, checked_model_config, infer_mod
                                load_checkpoint, load_state_dict_checked)
 from models.ynet3d import UNet3D, set_batchnorm
 from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
-                         call_reporting_errors, nonneg_int, positive_int)
+                         run_cli, nonneg_int, positive_int)
 from runtime.devices import autocast, device_name, resolve_amp, resolve_device
 from runtime.distributed import (DistInfo, all_gather_objects, barrier, distributed_session,
                                  is_main, shard_indices)
@@ -346,8 +346,7 @@ def load_features(train_features_path: str | os.PathLike, val_features_path: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    ok, _ = call_reporting_errors(run, build_parser().parse_args(argv))
-    return 0 if ok else 2
+    return run_cli(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
-from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, call_reporting_errors,
+from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, run_cli,
                          finite_float, nonneg_float, nonneg_int, positive_int, probability,
                          seed_int)
 from runtime.errors import InputError
@@ -328,12 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: returns 0, or 2 after a one-line error on bad input."""
-    args = build_parser().parse_args(argv)
-    ok, plans = call_reporting_errors(generate_patterns, args)
-    if not ok:
-        return 2
-    print(f"wrote {len(plans)} classes to {args.output_dir}")
-    return 0
+    return run_cli(build_parser, generate_patterns, argv,
+                   lambda args, plans: print(f"wrote {len(plans)} classes to {args.output_dir}"),
+                   "continue with --prev_coordinates <output_dir>/coordinates.csv")
 
 
 if __name__ == "__main__":

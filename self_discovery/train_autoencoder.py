@@ -43,7 +43,7 @@ from models.checkpoint import load_checkpoint, load_state_dict_checked
 from models.ynet3d import UNet3D, set_batchnorm
 from pytorch.engine import make_optimizer
 from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
-                         add_resume_flag, call_reporting_errors, nonneg_int, positive_float,
+                         add_resume_flag, run_cli, nonneg_int, positive_float,
                          positive_int, resume_path, seed_int)
 from runtime.devices import autocast, device_name, resolve_amp, resolve_device, seed_everything
 from runtime.distributed import (DistInfo, all_reduce_sum, barrier, distributed_session,
@@ -336,14 +336,14 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    ok, result = call_reporting_errors(train, args)
-    if not ok:
-        return 2
+    return run_cli(build_parser, train, argv, _report,
+                   "continue from the last complete epoch with --resume")
+
+
+def _report(args: argparse.Namespace, result: dict[str, Any]) -> None:
     if result["is_main"] and result["epoch"] and args.verbose >= 1:
         print(f"best validation loss {result['best_loss']:.6f}; checkpoint {result['best_path']}",
               flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""scripts/benchmark_patterns.py in a tiny configuration (no timings are asserted).
+"""experiments/benchmark_patterns.py in a tiny configuration (no timings are asserted).
 
 ``naive_weight_sum`` is checked against the vectorised lung test in tests/test_patterns.py.
 """
@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from scripts import benchmark_patterns as bp
+from experiments import benchmark_patterns as bp
 
 
 def test_synthetic_volume_has_lungs():

@@ -1,8 +1,8 @@
 """The pretraining benchmark runs end to end on the CPU with tiny settings (no timing checks)."""
 import json
 
-from scripts import benchmark_pretrain as bench
-from scripts.published_style import PublishedStyleDataset, perturb_cube_numpy
+from experiments import benchmark_pretrain as bench
+from experiments.published_style import PublishedStyleDataset, perturb_cube_numpy
 
 import numpy as np
 

@@ -22,15 +22,15 @@ from pytorch import train as train_cli
 from runtime.devices import resolve_device
 from runtime.errors import CheckpointError, InputError
 from runtime.files import atomic_path, make_output_dir
-from scripts import finetune_classification as fc
-from scripts import finetune_segmentation as fs
-from scripts import phantoms
-from scripts import prepare_dataset as pd
-from scripts.benchmark_patterns import write_dataset
-from scripts.ct_io import volume_stem
-from scripts.finetune_classification import count_classes
-from scripts.finetune_segmentation import find_volume_files, pair_volumes
-from scripts.phantoms import make_nodule_cubes, write_phantom_dataset, write_volume
+from finetune import classification as fc
+from finetune import segmentation as fs
+from preparation import phantoms
+from preparation import prepare as pd
+from experiments.benchmark_patterns import write_dataset
+from preparation.ct_io import volume_stem
+from finetune.classification import count_classes
+from finetune.segmentation import find_volume_files, pair_volumes
+from preparation.phantoms import make_nodule_cubes, write_phantom_dataset, write_volume
 from self_discovery import feature_extractor as fe
 from self_discovery import pattern_generator_3D as pg
 from self_discovery import train_autoencoder as ta
@@ -45,11 +45,11 @@ SHAPE = (16, 16, 8)
 # modules with build_parser(); phantoms and fetch_sample_ct build theirs inside main()
 PARSER_MODULES = ["pytorch.train", "self_discovery.train_autoencoder",
                   "self_discovery.feature_extractor", "self_discovery.pattern_generator_3D",
-                  "scripts.prepare_dataset", "scripts.finetune_classification",
-                  "scripts.finetune_segmentation", "scripts.transfer_benchmark",
-                  "scripts.benchmark_patterns", "scripts.benchmark_pretrain",
-                  "scripts.compare_precision", "scripts.convert_checkpoint",
-                  "scripts.transfer_study"]
+                  "preparation.prepare", "finetune.classification",
+                  "finetune.segmentation", "experiments.transfer_benchmark",
+                  "experiments.benchmark_patterns", "experiments.benchmark_pretrain",
+                  "experiments.compare_precision", "models.convert",
+                  "experiments.transfer_study"]
 
 
 def one_error_line(capsys, rc: int, *needles: str) -> str:
@@ -97,7 +97,7 @@ def test_help_explains_every_flag_without_none_defaults(name):
         assert all(flag in text for flag in action.option_strings), (name, action.dest)
 
 
-@pytest.mark.parametrize("name", ["scripts.phantoms", "scripts.fetch_sample_ct"])
+@pytest.mark.parametrize("name", ["preparation.phantoms", "preparation.sample_ct"])
 def test_help_of_main_built_parsers(name, capsys):
     with pytest.raises(SystemExit) as e:
         importlib.import_module(name).main(["--help"])
@@ -368,18 +368,18 @@ BAD_FLAGS = [
                                           "--batch_size", "0"], "--batch_size"),
     ("self_discovery.pattern_generator_3D", ["--hu_max", "inf"], "--hu_max"),
     ("self_discovery.pattern_generator_3D", ["--lung_threshold", "1.5"], "--lung_threshold"),
-    ("scripts.prepare_dataset", ["--input_dir", "x", "--spacing", "1", "0", "1"], "--spacing"),
-    ("scripts.prepare_dataset", ["--input_dir", "x", "--hu_min", "nan"], "--hu_min"),
-    ("scripts.finetune_segmentation", ["--crop", "16", "-16", "8"], "--crop"),
-    ("scripts.finetune_segmentation", ["--overlap", "1"], "--overlap"),
-    ("scripts.finetune_classification", ["--val_fraction", "nan"], "--val_fraction"),
-    ("scripts.finetune_classification", ["--weight_decay", "-1"], "--weight_decay"),
-    ("scripts.benchmark_pretrain", ["--seed", "-1"], "--seed"),
-    ("scripts.benchmark_pretrain", ["--device", "mps"], "--device"),
-    ("scripts.benchmark_patterns", ["--lung_threshold", "2"], "--lung_threshold"),
-    ("scripts.compare_precision", ["--lr", "inf"], "--lr"),
-    ("scripts.transfer_benchmark", ["--weights", "w", "--seeds", "0", "-1"], "--seeds"),
-    ("scripts.fetch_sample_ct", ["--timeout", "nan"], "--timeout"),
+    ("preparation.prepare", ["--input_dir", "x", "--spacing", "1", "0", "1"], "--spacing"),
+    ("preparation.prepare", ["--input_dir", "x", "--hu_min", "nan"], "--hu_min"),
+    ("finetune.segmentation", ["--crop", "16", "-16", "8"], "--crop"),
+    ("finetune.segmentation", ["--overlap", "1"], "--overlap"),
+    ("finetune.classification", ["--val_fraction", "nan"], "--val_fraction"),
+    ("finetune.classification", ["--weight_decay", "-1"], "--weight_decay"),
+    ("experiments.benchmark_pretrain", ["--seed", "-1"], "--seed"),
+    ("experiments.benchmark_pretrain", ["--device", "mps"], "--device"),
+    ("experiments.benchmark_patterns", ["--lung_threshold", "2"], "--lung_threshold"),
+    ("experiments.compare_precision", ["--lr", "inf"], "--lr"),
+    ("experiments.transfer_benchmark", ["--weights", "w", "--seeds", "0", "-1"], "--seeds"),
+    ("preparation.sample_ct", ["--timeout", "nan"], "--timeout"),
 ]
 
 

@@ -10,8 +10,12 @@ import pytest
 
 from pytorch import train
 from runtime.cli import AMP_CHOICES
-from scripts import (convert_checkpoint, finetune_classification, finetune_segmentation, phantoms,
-                     prepare_dataset, transfer_benchmark)
+from models import convert as convert_checkpoint
+from finetune import classification as finetune_classification
+from finetune import segmentation as finetune_segmentation
+from preparation import phantoms
+from preparation import prepare as prepare_dataset
+from experiments import transfer_benchmark
 from self_discovery import feature_extractor, pattern_generator_3D, train_autoencoder
 
 CLIS = {
@@ -24,7 +28,7 @@ CLIS = {
     "scripts/finetune_segmentation.py": finetune_segmentation,
     "scripts/convert_checkpoint.py": convert_checkpoint,
     "scripts/phantoms.py": phantoms,
-    "scripts/transfer_benchmark.py": transfer_benchmark,
+    "experiments/transfer_benchmark.py": transfer_benchmark,
 }
 
 #: The original README's commands, verbatim (each one line there split over several).
@@ -42,7 +46,7 @@ CONCEPTS = {
                    "self_discovery/feature_extractor.py", "self_discovery/pattern_generator_3D.py",
                    "pytorch/train.py", "scripts/finetune_classification.py",
                    "scripts/finetune_segmentation.py", "scripts/phantoms.py",
-                   "scripts/transfer_benchmark.py"],
+                   "experiments/transfer_benchmark.py"],
     "nb_instances_val": ["self_discovery/pattern_generator_3D.py", "pytorch/train.py"],
     "input_deps": ["self_discovery/train_autoencoder.py", "self_discovery/feature_extractor.py",
                    "self_discovery/pattern_generator_3D.py", "pytorch/train.py"],

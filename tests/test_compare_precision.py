@@ -1,4 +1,4 @@
-"""scripts/compare_precision.py: fp32 vs bf16 autocast pretraining curves (numerics)."""
+"""experiments/compare_precision.py: fp32 vs bf16 autocast pretraining curves (numerics)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from scripts import compare_precision as cp
+from experiments import compare_precision as cp
 from tests.fold_fixtures import make_fold_files
 
 # 24 x 24 x 8 gives a 3 x 3 x 1 bottleneck. Not 16 x 16 x 8: on CPU (oneDNN 3.12, torch 2.13),

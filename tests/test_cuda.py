@@ -1,4 +1,4 @@
-"""The CUDA paths: skipped without a GPU (CI); run by ``scripts/gpu_check.sh`` on a device.
+"""The CUDA paths: skipped without a GPU (CI); run by ``experiments/gpu_check.sh`` on a device.
 
 What only a GPU exercises: float16 cubes resident on the device, the pinned-host feeder with
 its staging buffers, bf16 autocast with channels_last_3d and fused Adam, the training step with
@@ -21,7 +21,7 @@ from pytorch.engine import (LossConfig, build_model, make_optimizer, perturb_inp
                             prepare_model_for_speed, summarize_stats, train_step)
 from pytorch.perturbations import (bezier_map, bezier_tables, elastic_displacement,
                                    local_pixel_shuffle, perturb_batch_with_choices, warp_inplane)
-from scripts.benchmark_pretrain import smooth_random_cubes
+from experiments.benchmark_pretrain import smooth_random_cubes
 from self_discovery import train_autoencoder
 from tests.fold_fixtures import (autoencoder_args, make_fold_files, make_volume_dataset,
                                  train_args)

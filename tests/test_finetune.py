@@ -14,9 +14,9 @@ from models.targets import (Encoder3D, TargetClassifier, binary_dice_iou, build_
                             build_segmentation_model, dice_coef_loss, infer_width)
 from models.ynet3d import ClassificationNet3D, UNet3D, YNet3D
 from runtime.errors import CheckpointError
-from scripts import finetune_classification as fc
-from scripts import finetune_segmentation as fs
-from scripts.phantoms import make_nodule_cubes, write_phantom_dataset, write_volume
+from finetune import classification as fc
+from finetune import segmentation as fs
+from preparation.phantoms import make_nodule_cubes, write_phantom_dataset, write_volume
 
 CUBE = (32, 32, 16)
 

@@ -23,8 +23,9 @@ from pytorch import train as train_cli
 from pytorch.data import BatchFeeder, PretrainingCubes
 from pytorch.engine import (LossConfig, build_model, eval_step, make_optimizer, perturb_inputs,
                             prepare_model_for_speed, train_step)
-from scripts import finetune_classification, finetune_segmentation
-from scripts.phantoms import make_nodule_cubes, write_phantom_dataset
+from finetune import classification as finetune_classification
+from finetune import segmentation as finetune_segmentation
+from preparation.phantoms import make_nodule_cubes, write_phantom_dataset
 from self_discovery import train_autoencoder, volumes
 from tests.fold_fixtures import (autoencoder_args, make_fold_files, make_volume_dataset,
                                  train_args)

@@ -21,10 +21,10 @@ from models.ynet3d import YNet3D
 from pytorch import train as train_cli
 from runtime.errors import InputError
 from runtime.files import LOCK_NAME, output_session
-from scripts import convert_checkpoint as cc
-from scripts import finetune_classification as fc
-from scripts import prepare_dataset as pd
-from scripts.phantoms import make_nodule_cubes, write_phantom_dataset
+from models import convert as cc
+from finetune import classification as fc
+from preparation import prepare as pd
+from preparation.phantoms import make_nodule_cubes, write_phantom_dataset
 from self_discovery import feature_extractor as fe
 from self_discovery import pattern_generator_3D as pg
 from self_discovery import train_autoencoder as ta
@@ -227,7 +227,7 @@ def test_prepare_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path)
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     killed_child(f"""
         import os, signal
-        from scripts import prepare_dataset as pd
+        from preparation import prepare as pd
         real, calls = pd._write_manifest, []
         def write_then_die(*a, **k):
             real(*a, **k)

@@ -21,7 +21,7 @@ from pytorch.manifest import DATA_FLAGS, resolve_data_flags
 from runtime.errors import InputError
 from runtime.images import middle_slice_grid
 from runtime.intensity import is_unit_range
-from scripts.benchmark_patterns import naive_weight_sum  # the reference's per-voxel loop
+from experiments.benchmark_patterns import naive_weight_sum  # the reference's per-voxel loop
 from self_discovery import pattern_generator_3D as pg
 from self_discovery.discovery import MULTI_RES_SHIFT, multi_res_crop, too_close
 from self_discovery.feature_extractor import save_features

@@ -14,9 +14,9 @@ import pytest
 import SimpleITK as sitk
 
 from runtime.intensity import normalize_hu
-from scripts import prepare_dataset as pd
-from scripts.ct_io import find_ct_inputs, read_ct, resample, resampled_shape
-from scripts.phantoms import (_write_dicom_series, make_chest_phantom, make_nodule_cubes,
+from preparation import prepare as pd
+from preparation.ct_io import find_ct_inputs, read_ct, resample, resampled_shape
+from preparation.phantoms import (_write_dicom_series, make_chest_phantom, make_nodule_cubes,
                               phantom_lung_mask, write_phantom_dataset, write_volume)
 
 SHAPE = (40, 36, 12)

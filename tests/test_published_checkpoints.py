@@ -20,11 +20,11 @@ from models.checkpoint import infer_model_config, load_checkpoint, load_pretrain
 from models.ynet3d import ClassificationNet3D, UNet3D, YNet3D
 from pytorch import train as train_cli
 from runtime.errors import CheckpointError
-from scripts import convert_checkpoint as cc
-from scripts import finetune_classification as fc
-from scripts import finetune_segmentation as fs
-from scripts import transfer_benchmark as tb
-from scripts.phantoms import make_nodule_cubes, write_phantom_dataset
+from models import convert as cc
+from finetune import classification as fc
+from finetune import segmentation as fs
+from experiments import transfer_benchmark as tb
+from preparation.phantoms import make_nodule_cubes, write_phantom_dataset
 from self_discovery import feature_extractor as fe
 from self_discovery import train_autoencoder as ta
 from tests.checkpoint_fixtures import WritesMarker, save_malicious, save_published

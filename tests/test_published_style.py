@@ -1,4 +1,4 @@
-"""The NumPy reference perturbations (scripts/published_style.py, one cube at a time, as the
+"""The NumPy reference perturbations (experiments/published_style.py, one cube at a time, as the
 published pipeline ran) against the batched torch ones (pytorch/perturbations.py), operation by
 operation: the same statistics over many samples, within a few standard errors."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pytorch import perturbations as P
-from scripts import published_style as S
+from experiments import published_style as S
 
 N = 300  # samples per operation and implementation
 

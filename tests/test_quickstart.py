@@ -20,8 +20,9 @@ import pytest
 
 from models.checkpoint import load_checkpoint
 from pytorch import train as pretrain
-from scripts import finetune_classification as ft
-from scripts import phantoms, prepare_dataset
+from finetune import classification as ft
+from preparation import phantoms
+from preparation import prepare as prepare_dataset
 from self_discovery import feature_extractor as fe
 from self_discovery import pattern_generator_3D as pg
 from self_discovery import train_autoencoder as ae
@@ -30,13 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "scripts" / "quickstart.sh"
 
 STAGE_MODULES = {
-    "scripts/phantoms.py": "scripts.phantoms",
-    "scripts/prepare_dataset.py": "scripts.prepare_dataset",
+    "scripts/phantoms.py": "preparation.phantoms",
+    "scripts/prepare_dataset.py": "preparation.prepare",
     "self_discovery/train_autoencoder.py": "self_discovery.train_autoencoder",
     "self_discovery/feature_extractor.py": "self_discovery.feature_extractor",
     "self_discovery/pattern_generator_3D.py": "self_discovery.pattern_generator_3D",
     "pytorch/train.py": "pytorch.train",
-    "scripts/finetune_classification.py": "scripts.finetune_classification",
+    "scripts/finetune_classification.py": "finetune.classification",
 }
 
 

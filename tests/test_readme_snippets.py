@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 
 from models.checkpoint import save_checkpoint
 from models.ynet3d import UNet3D, YNet3D
-from scripts import convert_checkpoint as cc
+from models import convert as cc
 from tests.checkpoint_fixtures import save_published
 
 README = Path(__file__).resolve().parents[1] / "README.md"

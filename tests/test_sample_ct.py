@@ -19,10 +19,10 @@ import pytest
 import SimpleITK as sitk
 
 from runtime.intensity import normalize_hu
-from scripts import fetch_sample_ct as fsc
-from scripts import prepare_dataset as pd
-from scripts.ct_io import read_ct
-from scripts.fetch_sample_ct import (SAMPLE_FILES, DownloadError, FetchError, fetch_sample_ct,
+from preparation import sample_ct as fsc
+from preparation import prepare as pd
+from preparation.ct_io import read_ct
+from preparation.sample_ct import (SAMPLE_FILES, DownloadError, FetchError, fetch_sample_ct,
                                      link_images, verify_sample_ct)
 from self_discovery.lung_test import passes_lung_test
 

@@ -20,7 +20,7 @@ from pytorch.engine import (LossConfig, SyncContBatchNorm3d, build_model, conver
                             eval_step, make_optimizer, perturb_inputs, restoration_gains,
                             restoration_sums, summarize_stats, train_step)
 from pytorch.perturbations import OPERATIONS
-from scripts.phantoms import make_nodule_cubes
+from preparation.phantoms import make_nodule_cubes
 from self_discovery.fold_files import fold_file_names
 from tests.fold_fixtures import SHAPE, make_fold_files, train_args
 

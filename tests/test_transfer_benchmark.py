@@ -6,7 +6,7 @@ import torch
 
 from models.checkpoint import save_checkpoint
 from models.ynet3d import YNet3D
-from scripts import transfer_benchmark as tb
+from experiments import transfer_benchmark as tb
 
 TINY = ["--seeds", "0", "1", "--cls_n", "4", "4", "4", "--cube", "16", "16", "8", "--cls_epochs", "1",
         "--cls_batch_size", "4", "--seg_n", "1", "1", "1", "--seg_shape", "24", "24", "8",

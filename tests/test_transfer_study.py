@@ -1,4 +1,4 @@
-"""Transfer study (scripts/transfer_study.py): statistics, subsets, plot, presets, a tiny run.
+"""Transfer study (experiments/transfer_study.py): statistics, subsets, plot, presets, a tiny run.
 
 The end-to-end test runs the tiny preset with scratch and one pretrained method on fold files
 from ``tests/fold_fixtures`` (the pattern stages are covered by the quickstart test), then
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from pytorch import train as train_cli
-from scripts import finetune_classification, finetune_segmentation
-from scripts import transfer_study as ts
-from scripts.phantoms import make_nodule_cubes
+from finetune import classification as finetune_classification
+from finetune import segmentation as finetune_segmentation
+from experiments import transfer_study as ts
+from preparation.phantoms import make_nodule_cubes
 from tests.fold_fixtures import make_fold_files
 
 

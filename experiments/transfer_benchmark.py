@@ -15,7 +15,7 @@ collected and printed as a table like the paper's (mean +- sample std over seeds
 Results go to ``--output_dir/transfer_benchmark.json``; every run keeps its own folder
 (metrics, checkpoints, TensorBoard) under ``--output_dir/runs``.
 
-    python scripts/transfer_benchmark.py --weights Checkpoints/en_de/semantic_genesis_chest_ct.pt \
+    python experiments/transfer_benchmark.py --weights Checkpoints/en_de/semantic_genesis_chest_ct.pt \
         --seeds 0 1 2 --tasks classification segmentation
 """
 from __future__ import annotations
@@ -35,13 +35,14 @@ import numpy as np
 
 from models.checkpoint import load_checkpoint
 from models.targets import infer_width
-from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, call_reporting_errors,
+from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, run_cli,
                          nonneg_int, positive_float, positive_int, seed_int)
 from runtime.devices import device_name
 from runtime.errors import InputError
 from runtime.files import make_output_dir, save_json_atomic, save_npy_atomic, write_run_config
-from scripts import finetune_classification, finetune_segmentation
-from scripts.phantoms import make_nodule_cubes, write_phantom_dataset
+from finetune import classification as finetune_classification
+from finetune import segmentation as finetune_segmentation
+from preparation.phantoms import make_nodule_cubes, write_phantom_dataset
 
 __all__ = ["build_classification_task", "build_segmentation_task", "summarize", "format_table",
            "build_parser", "run", "main"]
@@ -57,7 +58,7 @@ def build_classification_task(root: Path, n: tuple[int, int, int], cube: tuple[i
                               ) -> dict[str, list[str]]:
     """Write train/val/test nodule cubes and labels under ``root``; return the CLI flags.
     ``radius``: nodule radius range in voxels (default: scaled with the cube, see
-    ``scripts.phantoms.make_nodule_cubes``)."""
+    ``preparation.phantoms.make_nodule_cubes``)."""
     flags: dict[str, list[str]] = {}
     for k, (split, count) in enumerate(zip(("train", "val", "test"), n)):
         cubes, labels = make_nodule_cubes(count, cube, seed=seed * 10 + k, radius=radius)
@@ -236,8 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ok, _ = call_reporting_errors(run, build_parser().parse_args(argv))
-    return 0 if ok else 2
+    return run_cli(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@
    written once to a temporary folder with random features, then the pattern generator runs in a
    child process; reported: seconds in all, seconds per class, peak resident memory of the child.
 
-    python scripts/benchmark_patterns.py                      # 230 x 512x512x120, C=50, 200 inst.
-    python scripts/benchmark_patterns.py --patients 230 --shape 512 512 64 --len_border_z 10
-    python scripts/benchmark_patterns.py --patients 12 --val_patients 4 --shape 80 80 44 \\
+    python experiments/benchmark_patterns.py                      # 230 x 512x512x120, C=50, 200 inst.
+    python experiments/benchmark_patterns.py --patients 230 --shape 512 512 64 --len_border_z 10
+    python experiments/benchmark_patterns.py --patients 12 --val_patients 4 --shape 80 80 44 \\
         --len_border 4 --len_border_z 2 --classes 2 --instances 4 --instances_val 2 \\
         --lung_threshold 1                                    # tiny smoke run
 

@@ -1,6 +1,6 @@
 """The published-style input pipeline: NumPy/SciPy perturbations per cube in DataLoader workers.
 
-Used ONLY as the baseline of ``scripts/benchmark_pretrain.py``; training uses the batched torch
+Used ONLY as the baseline of ``experiments/benchmark_pretrain.py``; training uses the batched torch
 implementation in ``pytorch/perturbations.py``. Written from the published definitions in the way the
 reference pipeline worked: one cube at a time on the host, float64 displacement fields,
 ``scipy.ndimage.gaussian_filter`` + ``map_coordinates`` for the elastic deformation, a Bezier

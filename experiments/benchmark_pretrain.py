@@ -3,7 +3,7 @@
 Measures in one run, on one device (cubes/s = batch * timed steps / wall time, after warm-up):
 
 - ``published_loader``: the published-style NumPy/SciPy perturbations in DataLoader workers
-  alone (``scripts/published_style.py``), batches moved to the device;
+  alone (``experiments/published_style.py``), batches moved to the device;
 - ``published``: that loader + an fp32 Y-Net 3D step (plain Adam, contiguous layout, cuDNN
   autotuning off: torch defaults, as the reference ran);
 - ``ours_perturb``: ``perturb_batch`` alone on cubes resident on the device;
@@ -18,7 +18,7 @@ published, peak memory <= the published fp32 path) with met / NOT met, and write
 JSON with ``--json``. Peak memory: ``torch.cuda.max_memory_allocated`` per path
 on CUDA; the process's peak RSS (``ru_maxrss``, cumulative over the run) on CPU.
 
-    python scripts/benchmark_pretrain.py --device auto --batch_size 64 --steps 20 --warmup 5 \
+    python experiments/benchmark_pretrain.py --device auto --batch_size 64 --steps 20 --warmup 5 \
         --width 32 --cls_classes 44 --workers 4 --json out.json [--compile] [--amp bf16|fp32]
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 from pytorch.data import BatchFeeder, PretrainingCubes
 from pytorch.engine import (LossConfig, build_model, make_optimizer, perturb_inputs,
                             prepare_model_for_speed, train_step)
-from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, nonneg_int,
+from runtime.cli import (ArgumentParser, HelpFormatter, run_cli, nonneg_int,
                          positive_int, seed_int)
 from runtime.devices import device_name, enable_fast_math, resolve_amp, resolve_device
 from runtime.errors import InputError
@@ -187,7 +187,7 @@ def _model(args, device: torch.device, ours: bool):
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """All requested paths; returns the results dict (also what ``--json`` writes)."""
-    from scripts.published_style import PublishedStyleDataset  # local: pulls in scipy.ndimage
+    from experiments.published_style import PublishedStyleDataset  # local: pulls in scipy.ndimage
 
     device = resolve_device(args.device)
     shape = parse_input(args.input)
@@ -357,14 +357,13 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    ok, report = call_reporting_errors(run_benchmark, args)
-    if not ok:
-        return 2
+    return run_cli(build_parser, run_benchmark, argv, _report)
+
+
+def _report(args: argparse.Namespace, report: dict[str, Any]) -> None:
     print(format_table(report))
     if args.json:
         save_json_atomic(args.json, report)
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ perturbations: seed + 1) gives the gap between two equally valid fp32 runs for c
 (``baseline_ratio``). Prints a table and the verdict line
 ``bf16 tracks fp32 within noise: yes/no (ratio X)``; ``--json`` writes both curves and all numbers.
 
-    python scripts/compare_precision.py --device auto --width 32 --batch_size 64 \\
+    python experiments/compare_precision.py --device auto --width 32 --batch_size 64 \\
         --input 64x64x32 --cls_classes 44 --steps 200 --seed 0 --json precision.json
-    python scripts/compare_precision.py --device cpu --width 8 --batch_size 8 \\
+    python experiments/compare_precision.py --device cpu --width 8 --batch_size 8 \\
         --input 32x32x16 --cls_classes 44 --steps 60 --json precision_cpu.json
 """
 from __future__ import annotations
@@ -48,12 +48,12 @@ from tqdm import tqdm
 from pytorch.data import derive_seed, epoch_permutation, load_pretraining_data
 from pytorch.engine import (LossConfig, build_model, make_optimizer, perturb_inputs,
                             prepare_model_for_speed, train_step)
-from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, positive_float,
+from runtime.cli import (ArgumentParser, HelpFormatter, run_cli, positive_float,
                          positive_int, seed_int)
 from runtime.devices import device_name, enable_fast_math, resolve_device
 from runtime.errors import InputError
 from runtime.files import save_json_atomic
-from scripts.benchmark_pretrain import machine_name, parse_input
+from experiments.benchmark_pretrain import machine_name, parse_input
 
 CURVES = ("loss", "cls", "rec")  # columns 0..2 of engine.train_step's stats
 
@@ -311,15 +311,14 @@ def format_report(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    ok, res = call_reporting_errors(run, args)
-    if not ok:
-        return 2
+    return run_cli(build_parser, run, argv, _report)
+
+
+def _report(args: argparse.Namespace, res: dict[str, Any]) -> None:
     print(format_report(res))
     if args.json:
         save_json_atomic(args.json, res)
         print(f"wrote {args.json}")
-    return 0
 
 
 if __name__ == "__main__":

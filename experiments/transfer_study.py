@@ -1,6 +1,6 @@
 """Transfer study: does pretraining with this code make target tasks better? One command.
 
-    python scripts/transfer_study.py --preset cpu --output_dir outputs/transfer_study_cpu
+    python experiments/transfer_study.py --preset cpu --output_dir outputs/transfer_study_cpu
 
 Steps (each one is skipped when its outputs exist, so an interrupted study resumes):
 
@@ -58,15 +58,16 @@ from tqdm import tqdm
 
 from pytorch import train
 from pytorch.diagnostics import format_diagnostics
-from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, nonneg_int,
+from runtime.cli import (ArgumentParser, HelpFormatter, call_reporting_errors, nonneg_int, run_cli,
                          positive_int)
 from runtime.devices import resolve_device
 from runtime.errors import InputError
 from runtime.files import (atomic_path, make_output_dir, save_json_atomic, save_npy_atomic,
                            write_run_config)
-from scripts import finetune_classification, finetune_segmentation
-from scripts.plot_png import Panel, save_panels
-from scripts.transfer_benchmark import _flags, build_classification_task, build_segmentation_task
+from finetune import classification as finetune_classification
+from finetune import segmentation as finetune_segmentation
+from experiments.plot_png import Panel, save_panels
+from experiments.transfer_benchmark import _flags, build_classification_task, build_segmentation_task
 
 __all__ = ["METHODS", "TASKS", "PRESETS", "resolve_config", "label_subset", "mean_ci",
            "summarize", "format_table", "plot_results", "study_json", "build_parser", "run",
@@ -183,10 +184,10 @@ def pretraining_stages(out: Path, cfg: dict[str, Any], device: str) -> list[tupl
     c = [str(v) for v in cfg["cube"]]
     n = cfg["phantoms"]
     return [
-        ("phantoms", "scripts.phantoms", raw / f"phantom_{n - 1:03d}.nrrd",
+        ("phantoms", "preparation.phantoms", raw / f"phantom_{n - 1:03d}.nrrd",
          ["--output_dir", str(raw), "--n", str(n), "--shape", *map(str, cfg["phantom_shape"]),
           "--spacing", *sp, "--format", "nrrd", "--seed", str(cfg["phantom_seed"]), "--skip_existing"]),
-        ("prepare", "scripts.prepare_dataset", ds / "manifest.json",
+        ("prepare", "preparation.prepare", ds / "manifest.json",
          ["--input_dir", str(raw), "--output_dir", str(ds), "--spacing", *sp,
           "--val_fraction", "0.25", "--seed", "0"]),
         ("autoencoder", "self_discovery.train_autoencoder", ae / "Unet_autoencoder.pt",
@@ -469,7 +470,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def plot_results(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """One panel per task: mean metric (%) vs. label fraction (log axis), one line per method,
-    95 % error bars; written as an RGB PNG (``scripts/plot_png.py``, no plotting library)."""
+    95 % error bars; written as an RGB PNG (``experiments/plot_png.py``, no plotting library)."""
     panels = []
     for task in dict.fromkeys(r["task"] for r in rows):
         task_rows = [r for r in rows if r["task"] == task]
@@ -563,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output_dir", default="outputs/transfer_study",
                     help="data, runs, per-cell results and the study's JSON / table / plot go here")
     ap.add_argument("--results_json", default=None,
-                    help="also write the study's JSON to this path (e.g. scripts/results/...)")
+                    help="also write the study's JSON to this path (e.g. experiments/results/...)")
     ap.add_argument("--plot", default=None,
                     help="also write the plot to this path (default: beside --results_json)")
     ap.add_argument("--keep_checkpoints", action="store_true",
@@ -643,7 +644,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
                 for f in cfg["fractions"]} for m in args.methods} for t in args.tasks}
     rows = summarize(results)
     table = format_table(rows)
-    command = command or "python scripts/transfer_study.py " + " ".join(
+    command = command or "python experiments/transfer_study.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:])
     study = study_json(cfg, command, results, seeds=list(cfg["seeds"]), preset=args.preset,
                        config=cfg, summary=rows, table=table,
@@ -666,11 +667,10 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    command = None if argv is None else "python scripts/transfer_study.py " + " ".join(
+    command = None if argv is None else "python experiments/transfer_study.py " + " ".join(
         shlex.quote(a) for a in argv)
-    ok, _ = call_reporting_errors(run, args, command)
-    return 0 if ok else 2
+    return run_cli(build_parser, lambda args: run(args, command), argv,
+                   interrupted="run the same command again: finished steps are kept")
 
 
 if __name__ == "__main__":
