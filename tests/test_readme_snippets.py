@@ -1,6 +1,6 @@
-"""The Python blocks of our README.md run as written, against the checkpoints users have.
+"""The Python blocks of our README.md and docs/checkpoints.md run as written, against the checkpoints users have.
 
-README.md holds the original README's two fine-tuning snippets verbatim (pinned below by their
+README.md and docs/checkpoints.md hold the original README's two fine-tuning snippets verbatim (pinned below by their
 SHA-256, so an edit that "fixes" them fails here) and the ``load_pretrained`` example. The
 snippets run with ``Your Dataset`` (the only text that is not Python) replaced by a tiny
 dataset, and tiny ``config``, ``device`` and ``intial_epoch`` in their namespace; ``weight_dir``
@@ -25,7 +25,11 @@ from models.ynet3d import UNet3D, YNet3D
 from models import convert as cc
 from tests.checkpoint_fixtures import save_published
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+#: the documents holding the snippets: the classification one in the README, the segmentation
+#: one in the checkpoint documentation
+DOCUMENTS = [README, ROOT / "docs" / "checkpoints.md"]
 WEIGHT_DIR = "Checkpoints/en_de/semantic_genesis_chest_ct.pt"
 #: SHA-256 of the original README's classification and segmentation snippets (each line
 #: right-stripped, blank lines at both ends removed).
@@ -34,7 +38,8 @@ SNIPPET_SHA256 = ["004f242a2558a4ba5cb33a605f0768f2e80713176ac8698a9b6bd5fdc44a2
 
 
 def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    return [b for doc in DOCUMENTS
+            for b in re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)]
 
 
 def _digest(code: str) -> str:
