@@ -64,6 +64,7 @@ from runtime.devices import resolve_device
 from runtime.errors import InputError
 from runtime.files import (atomic_path, make_output_dir, save_json_atomic, save_npy_atomic,
                            write_run_config)
+from finetune.stats import mean_ci, paired_difference
 from finetune import classification as finetune_classification
 from finetune import segmentation as finetune_segmentation
 from experiments.plot_png import Panel, save_panels
@@ -414,20 +415,6 @@ def finetune_cell(out: Path, task: str, method: str, fraction: float, seed: int,
 # ------------------------------------------------------------------------------------------
 # statistics, table, plot
 # ------------------------------------------------------------------------------------------
-def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, lower, upper): Student-t interval of the mean of ``values`` (NaNs dropped)."""
-    from scipy import stats  # local: slow to import, needed only for the summary
-
-    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
-    if arr.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    m = float(arr.mean())
-    if arr.size < 2:
-        return m, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.5 + level / 2, arr.size - 1) * arr.std(ddof=1) / math.sqrt(arr.size))
-    return m, m - half, m + half
-
-
 def summarize(results: dict[str, dict[str, dict[str, list[float]]]]) -> list[dict[str, Any]]:
     """Rows (task, fraction, method, mean, ci, paired difference to scratch and its ci) from
     ``results[task][method][fraction] = [value per seed]`` (same seed order everywhere)."""
@@ -444,7 +431,7 @@ def summarize(results: dict[str, dict[str, dict[str, list[float]]]]) -> list[dic
                 row = {"task": task, "fraction": f, "method": method, "n": len(vals),
                        "mean": m, "ci": [lo, hi]}
                 if base is not None and method != "scratch" and len(base) == len(vals):
-                    dm, dlo, dhi = mean_ci([a - b for a, b in zip(vals, base)])
+                    dm, dlo, dhi = paired_difference(vals, base)
                     row.update(diff=dm, diff_ci=[dlo, dhi])
                 rows.append(row)
     return rows

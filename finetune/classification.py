@@ -454,7 +454,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     make_output_dir(out, "--output_dir")
     write_run_config(args, out)
     stopped_early, t0 = stopper.stopped(state), time.time()  # resuming a finished run: no epoch
-    with MetricLogger(out / "tensorboard", 0 if args.quiet else 1, flag="--output_dir") as log:
+    with MetricLogger(out / "tensorboard", args.verbose, flag="--output_dir") as log:
         for epoch in range(state.epoch, 0 if stopped_early else args.nb_epoch):
             train_ds.epoch = sampler.epoch = epoch
             train_loss = per_sample_mean(train_one_epoch(
@@ -495,7 +495,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         test_loader = DataLoader(CubeDataset(test), **eval_kw)
         metrics["test"] = evaluate_classifier(model, test_loader, loss, device)
     save_json_atomic(out / "metrics.json", metrics)
-    if not args.quiet:
+    if args.verbose:
         summary = metrics.get("test", metrics["val"])
         auc = "n/a" if summary.get("auc") is None else f"{summary['auc']:.4f}"
         print(f"best epoch {state.best_epoch}; {'test' if test is not None else 'val'} AUC {auc} "

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import load_checkpoint, load_state_dict_checked
-from runtime.cli import (add_overwrite_flag, add_resume_flag, nonneg_float, positive_float,
+from runtime.cli import (add_verbosity_flag, add_overwrite_flag, add_resume_flag, nonneg_float, positive_float,
                          positive_int, resume_path, seed_int)
 from runtime.devices import device_name
 from runtime.files import output_session
@@ -64,7 +64,7 @@ def add_output_flags(ap: argparse.ArgumentParser, default_dir: str) -> argparse.
     o = ap.add_argument_group("outputs")
     o.add_argument("--output_dir", default=default_dir,
                    help="metrics.json, config.json, best.pt, last.pt and tensorboard/ go here")
-    o.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    add_verbosity_flag(o, "1: progress bars and one line per epoch; 2: the same")
     return o
 
 

@@ -495,7 +495,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     make_output_dir(out, "--output_dir")
     write_run_config(args, out)
     stopped_early, t0 = stopper.stopped(state), time.time()  # resuming a finished run: no epoch
-    with MetricLogger(out / "tensorboard", 0 if args.quiet else 1, flag="--output_dir") as log:
+    with MetricLogger(out / "tensorboard", args.verbose, flag="--output_dir") as log:
         for epoch in range(state.epoch, 0 if stopped_early else args.nb_epoch):
             train_ds.epoch = epoch
             train_loss = per_sample_mean(train_one_epoch(
@@ -536,7 +536,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         metrics["test"] = evaluate_cases(model, test, crop, args.overlap, args.batch_size, device,
                                          out / "predictions" if args.save_predictions else None)
     save_json_atomic(out / "metrics.json", metrics)
-    if not args.quiet:
+    if args.verbose:
         s = metrics.get("test", metrics["val"])
         print(f"best epoch {state.best_epoch}; {'test' if test is not None else 'val'} "
               f"Dice {s.get('dice', float('nan')):.4f} IoU {s.get('iou', float('nan')):.4f}; "

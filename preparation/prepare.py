@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from runtime.cli import (ArgumentParser, HelpFormatter, run_cli, finite_float,
+from runtime.cli import (ArgumentParser, HelpFormatter, add_hu_flags, check_hu_window, run_cli,
                          fraction, positive_float, positive_int, seed_int)
 from runtime.errors import InputError
 from runtime.files import (atomic_path, check_output_outside, output_session, save_json_atomic,
@@ -85,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spacing", type=positive_float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
                    help="resample linearly to this voxel spacing in mm, keeping the physical "
                         "extent (default: keep each scan's spacing)")
-    g.add_argument("--hu_min", type=finite_float, default=-1000.0, help="HU mapped to 0 (clipped below)")
-    g.add_argument("--hu_max", type=finite_float, default=1000.0, help="HU mapped to 1 (clipped above)")
+    add_hu_flags(g)
     g.add_argument("--no_reorient", action="store_true",
                    help="keep each file's voxel order instead of turning axis-aligned scans to "
                         "the identity direction (LPS: x right->left, y front->back, z up)")
@@ -258,8 +257,7 @@ def prepare_dataset(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(f"--val_fraction {args.val_fraction}: must be in [0, 1)")
     if args.spacing is not None and min(args.spacing) <= 0:
         raise InputError(f"--spacing {args.spacing}: every spacing must be > 0 mm")
-    if not args.hu_max > args.hu_min:
-        raise InputError(f"--hu_min {args.hu_min} / --hu_max {args.hu_max}: need hu_max > hu_min")
+    check_hu_window(args)
     roots = [Path(p) for p in args.input_dir]
     for root in roots:
         if not root.exists():

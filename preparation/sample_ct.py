@@ -29,7 +29,7 @@ import subprocess
 import tarfile
 import tempfile
 
-from runtime.cli import ArgumentParser, HelpFormatter, run_cli, positive_float
+from runtime.cli import add_verbosity_flag, ArgumentParser, HelpFormatter, run_cli, positive_float
 from runtime.errors import ReportedError
 
 __all__ = ["PACKAGE", "SAMPLE_FILES", "IMAGES", "LABELS", "FetchError", "DownloadError",
@@ -213,12 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--images_only", default=None, metavar="DIR",
                    help="also link (or copy) the two CT images, without masks, into DIR")
     g.add_argument("--timeout", type=positive_float, default=600.0, help="seconds allowed for pip download")
-    g.add_argument("--quiet", action="store_true", help="print only the folder")
+    add_verbosity_flag(g, "1 and 2: what is fetched and checked (0 prints only the folder)")
     return ap
 
 
 def _fetch_and_link(args: argparse.Namespace) -> Path:
-    folder = fetch_sample_ct(args.cache_dir, args.tarball, args.timeout, args.quiet)
+    folder = fetch_sample_ct(args.cache_dir, args.tarball, args.timeout, args.verbose == 0)
     if args.images_only:
         link_images(folder, Path(args.images_only))
     print(folder)

@@ -54,7 +54,7 @@ from pytorch.manifest import resolve_data_flags
 from pytorch.perturbations import OPERATIONS
 from pytorch.probe import load_probe_set
 from runtime import distributed as D
-from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
+from runtime.cli import (add_verbosity_flag, ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
                          add_resume_flag, run_cli, nonneg_float, nonneg_int,
                          positive_float, positive_int, resume_path, seed_int)
 from runtime.devices import (device_name, enable_fast_math, full_device, resolve_amp,
@@ -62,9 +62,9 @@ from runtime.devices import (device_name, enable_fast_math, full_device, resolve
 from runtime.errors import InputError
 from runtime.files import output_session, write_run_config
 from runtime.images import middle_slice_grid
-from runtime.training import (EarlyStopping, EpochCheckpoints, MetricLogger, RunState,
-                              check_finite_training, evaluate, restart_from_checkpoint,
-                              train_one_epoch)
+from runtime.training import (Decision, EarlyStopping, EpochCheckpoints, MetricLogger, RunState,
+                              check_finite_training, evaluate, record_epoch,
+                              restart_from_checkpoint, train_one_epoch)
 from self_discovery.fold_files import fold_blocks
 
 CHECKPOINT_NAME = "semantic_genesis_chest_ct"
@@ -115,10 +115,9 @@ def _data_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--nb_multires_patch", type=positive_int, default=None,
                    help="resolutions used: train_data1..N (1 = single resolution) [default: 3 "
                         "or 1 by multi_res of config.json, else 3]")
-    g.add_argument("--num_workers", type=nonneg_int, default=4,
-                   help="accepted for compatibility with the reference; unused: the cubes are "
-                        "held in memory and batches are gathered on the device, no loader "
-                        "workers")
+    # the reference's flag, accepted so its commands run; unused (cubes are held in memory and
+    # batches gathered on the device, no loader workers), so not shown in --help
+    g.add_argument("--num_workers", type=nonneg_int, default=4, help=argparse.SUPPRESS)
     g.add_argument("--data_device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the cubes live: cuda (GPU memory), cpu (pinned host memory, "
                         "copied per batch); auto = the GPU when they fit in half of its free "
@@ -219,9 +218,8 @@ def _output_flags(g: argparse._ArgumentGroup) -> None:
                         "perturbed | restored middle slices)")
     g.add_argument("--notes", default="", help="free text, appended to the TensorBoard run name "
                                                "and stored in the configuration")
-    g.add_argument("--verbose", type=int, nargs="?", const=2, default=1,
-                   help="0: errors and the final line only; 1: progress bars and one line per "
-                        "epoch; 2 (or --verbose alone): also the data and model summary")
+    add_verbosity_flag(g, "1: progress bars and one line per epoch; 2: also the data and "
+                          "model summary")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -449,7 +447,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
                               "lower --lr or use --amp fp32, then --resume the last checkpoint")
         decision = stopper.step(state, va["loss"])
         stopped_early, seconds = decision.stop, time.time() - t_epoch
-        _log_epoch(log, epoch + 1, tr, va, lr, seconds, decision.improved, state, args.patience)
+        _log_epoch(log, state, decision, tr, va, lr, seconds, args)
         if info.is_main:  # the diagnostics line goes under the epoch line
             diagnostics.epoch(epoch + 1, va["acc"], restoration, model, device,
                               decision.stop or epoch + 1 == args.nb_epoch, log)
@@ -471,18 +469,18 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
             "config": str(config_path), "diagnostics": diagnostics.history}
 
 
-def _log_epoch(log: MetricLogger, epoch: int, tr: dict[str, float], va: dict[str, float],
-               lr: float, seconds: float, improved: bool, state: RunState, patience: int) -> None:
-    """The epoch line and the TensorBoard curves of one pretraining epoch."""
-    log.line(f"epoch {epoch:4d}  train loss {tr['loss']:.5f} (cls {tr['cls']:.4f}, rec "
-             f"{tr['rec']:.5f})  val loss {va['loss']:.5f} (cls {va['cls']:.4f}, rec "
-             f"{va['rec']:.5f}) acc {100 * va['acc']:.1f}%  lr {lr:.2e}  {seconds:.1f} s"
-             + ("  *best" if improved else f"  ({state.no_improve}/{patience})"))
+def _log_epoch(log: MetricLogger, state: RunState, decision: Decision, tr: dict[str, float],
+               va: dict[str, float], lr: float, seconds: float, args: argparse.Namespace) -> None:
+    """The history record, epoch line and TensorBoard curves of one pretraining epoch."""
+    record_epoch(log, state, decision, {
+        "train_loss": tr["loss"], "train_cls": tr["cls"], "train_rec": tr["rec"],
+        "val_loss": va["loss"], "val_cls": va["cls"], "val_rec": va["rec"], "val_acc": va["acc"],
+        "lr": lr}, args.nb_epoch, args.patience, seconds)
     log.scalars({"loss/train": tr["loss"], "loss/val": va["loss"], "cls/train": tr["cls"],
                  "cls/val": va["cls"], "rec/train": tr["rec"], "rec/val": va["rec"],
                  "acc/train": tr["acc"], "acc/val": va["acc"], "lr": lr,
                  "time/epoch_s": seconds,
-                 "time/train_cubes_per_s": tr["n"] / max(seconds, 1e-9)}, epoch)
+                 "time/train_cubes_per_s": tr["n"] / max(seconds, 1e-9)}, state.epoch)
 
 
 @torch.no_grad()

@@ -12,12 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ReportedError
+from runtime.errors import InputError, ReportedError
 
 __all__ = ["ArgumentParser", "HelpFormatter", "positive_int", "nonneg_int", "seed_int",
            "positive_float", "nonneg_float", "finite_float", "fraction", "probability",
            "MAX_MESSAGE", "one_line", "call_reporting_errors", "run_cli", "add_overwrite_flag",
-           "AMP_CHOICES", "add_amp_flag", "add_resume_flag", "resume_path"]
+           "AMP_CHOICES", "add_amp_flag", "add_resume_flag", "resume_path", "add_hu_flags",
+           "check_hu_window", "add_verbosity_flag"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -187,3 +188,31 @@ def resume_path(resume: str | None, last: str | os.PathLike) -> Path | None:
     if not resume:
         return None
     return Path(last) if resume == "auto" else Path(resume)
+
+
+def add_hu_flags(group: Any, what: str = "") -> None:
+    """``--hu_min`` / ``--hu_max``: the HU window mapped to [0, 1] (``runtime.intensity``'s
+    default [-1000, 1000]), the same two flags wherever a stage reads HU."""
+    from runtime.intensity import HU_MAX, HU_MIN  # runtime.intensity imports torch; cli stays light
+    group.add_argument("--hu_min", type=finite_float, default=HU_MIN,
+                       help=f"HU mapped to 0, lower values clipped{what}")
+    group.add_argument("--hu_max", type=finite_float, default=HU_MAX,
+                       help=f"HU mapped to 1, higher values clipped{what}")
+
+
+def check_hu_window(args: argparse.Namespace) -> None:
+    """The cross-flag check of ``add_hu_flags``: ``--hu_max`` above ``--hu_min``."""
+    if not args.hu_max > args.hu_min:
+        raise InputError(f"--hu_min {args.hu_min:g} / --hu_max {args.hu_max:g}: --hu_max must be "
+                         "greater than --hu_min")
+
+
+def add_verbosity_flag(group: Any, levels: str = "1: progress bars and one line per epoch; "
+                       "2: also details", default: int = 1) -> None:
+    """``--verbose [N]``, the one verbosity flag of every CLI (0: errors and the final line
+    only; ``--verbose`` alone: 2), and ``--quiet``, its alias for ``--verbose 0``."""
+    group.add_argument("--verbose", type=int, nargs="?", const=2, default=default,
+                       choices=[0, 1, 2], help=f"0: errors and the final line only; {levels} "
+                                               "(--verbose alone: 2)")
+    group.add_argument("--quiet", dest="verbose", action="store_const", const=0,
+                       default=argparse.SUPPRESS, help="alias of --verbose 0")

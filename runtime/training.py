@@ -50,10 +50,12 @@ from models.checkpoint import (checked_model_config, load_checkpoint, load_state
 from runtime import distributed as D
 from runtime.errors import CheckpointError, InputError, TrainingDiverged
 from runtime.files import make_output_dir
+from runtime.provenance import ResumePolicy, check_resume_settings
 
 __all__ = ["RunState", "restart_from_checkpoint", "EarlyStopping", "Decision",
            "EpochCheckpoints", "MetricLogger", "summary_writer", "train_one_epoch", "evaluate",
-           "batch_sums", "per_sample_mean", "check_finite_training"]
+           "batch_sums", "per_sample_mean", "check_finite_training", "record_epoch",
+           "format_epoch_line"]
 
 #: Keys of a checkpoint's ``extra`` that hold the run state (besides the published counters).
 _STATE_KEYS = ("history", "best_value", "best_epoch")
@@ -107,12 +109,22 @@ class RunState:
 
 def restart_from_checkpoint(path: str | os.PathLike, model: nn.Module,
                             optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                            expect: Mapping[str, Any] | None = None) -> RunState:
+                            expect: Mapping[str, Any] | None = None,
+                            settings: Mapping[str, Any] | None = None,
+                            policy: ResumePolicy | None = None) -> RunState:
     """Continue a run (``--resume``): weights into ``model``, optimiser and scheduler states,
     and the ``RunState``. ``expect``: model_config values the run must share with the
-    checkpoint ({key: this run's value}; a mismatch names ``--key``)."""
+    checkpoint ({key: this run's value}; a mismatch names ``--key``). ``settings``: this run's
+    flags, compared with the configuration the checkpoint records under ``policy``
+    (``runtime.provenance.check_resume_settings``: changes refused, or applied and said); the
+    applied changes are kept in ``state.extra["resumes"]``."""
     source = str(path)
     ckpt = load_checkpoint(path)
+    applied = {}
+    if settings is not None:
+        recorded = ckpt.get("config")
+        applied = check_resume_settings(recorded if isinstance(recorded, Mapping) else None,
+                                        settings, policy or ResumePolicy(), source)
     if expect:
         cfg = checked_model_config(ckpt, source)
         for key, value in expect.items():
@@ -121,7 +133,11 @@ def restart_from_checkpoint(path: str | os.PathLike, model: nn.Module,
                                  f"--{key} {value}; use the same value to resume")
     load_state_dict_checked(model, ckpt["state_dict"], source=source)
     load_training_state(ckpt, optimizer, scheduler, source=source)
-    return RunState.from_checkpoint(ckpt, source)
+    state = RunState.from_checkpoint(ckpt, source)
+    if applied:
+        state.extra.setdefault("resumes", []).append(
+            {"epoch": state.epoch, "changed": {k: list(v) for k, v in applied.items()}})
+    return state
 
 
 @dataclass(frozen=True)
@@ -343,3 +359,39 @@ def check_finite_training(model: nn.Module, epoch: int, train_loss: float, val_l
         raise TrainingDiverged(f"epoch {epoch}: non-finite {what} (train loss {train_loss:.4g}, "
                                f"val loss {val_loss:.4g}); the checkpoints of the last good epoch "
                                f"are kept; {fix}")
+
+
+def _value(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.2e}" if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5) else f"{v:.5f}"
+    return str(v)
+
+
+def format_epoch_line(row: Mapping[str, Any], nb_epoch: int, patience: int,
+                      no_improve: int) -> str:
+    """The one epoch line of every training command::
+
+        epoch 3/100  train_loss 0.12345  val_loss 0.23456  val_auc 0.81234  lr 1.00e-03  12.3 s  * best
+        epoch 4/100  train_loss 0.11111  val_loss 0.24000  val_auc 0.80000  lr 1.00e-03  12.1 s  (1/10)
+
+    ``row``: the history record (``epoch``, the values in order, ``lr``, ``seconds``, ``best``);
+    the tail is ``* best`` for an improving epoch, else epochs without improvement / patience.
+    """
+    values = "  ".join(f"{k} {v:.2e}" if k == "lr" and isinstance(v, float) else f"{k} {_value(v)}"
+                       for k, v in row.items() if k not in ("epoch", "seconds", "best"))
+    tail = "* best" if row.get("best") else f"({no_improve}/{patience})"
+    return (f"epoch {row['epoch']}/{nb_epoch}  {values}  {row.get('seconds', 0.0):.1f} s  {tail}")
+
+
+def record_epoch(log: MetricLogger, state: RunState, decision: Decision,
+                 values: Mapping[str, Any], nb_epoch: int, patience: int,
+                 seconds: float) -> dict[str, Any]:
+    """The end of every driver's epoch (after ``EarlyStopping.step``): one history record
+    ``{"epoch", **values, "seconds", "best"}`` appended to ``state.history`` and the epoch line
+    (``format_epoch_line``) printed. Returns the record."""
+    row = {"epoch": state.epoch, **values, "seconds": seconds, "best": decision.improved}
+    state.history.append(row)
+    log.line(format_epoch_line(row, nb_epoch, patience, state.no_improve))
+    return row

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from models.checkpoint import (DECODER_PREFIXES, checked_model_config, infer_model_config,
                                load_checkpoint, load_state_dict_checked)
 from models.ynet3d import UNet3D, set_batchnorm
-from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
+from runtime.cli import (add_verbosity_flag, ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
                          run_cli, nonneg_int, positive_int)
 from runtime.devices import autocast, device_name, resolve_amp, resolve_device
 from runtime.distributed import (DistInfo, all_gather_objects, barrier, distributed_session,
@@ -95,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", "--save_dir", dest="output_dir", default="self_discovery/features/",
                    help=f"where {TRAIN_NAME}, {VAL_NAME}, {INDEX_NAME} and config.json go")
     add_overwrite_flag(g, f"{TRAIN_NAME}, {VAL_NAME} and {INDEX_NAME}")
-    g.add_argument("--verbose", type=int, default=1, choices=[0, 1],
-                   help="0: errors only, 1: progress bars and a summary")
+    add_verbosity_flag(g, "1 and 2: progress bars and a summary")
     return p
 
 

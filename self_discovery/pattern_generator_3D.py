@@ -61,8 +61,9 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
-from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, run_cli,
-                         finite_float, nonneg_float, nonneg_int, positive_int, probability,
+from runtime.cli import (ArgumentParser, HelpFormatter, add_hu_flags, add_overwrite_flag,
+                         check_hu_window, run_cli,
+                         nonneg_float, nonneg_int, positive_int, probability,
                          seed_int)
 from runtime.errors import InputError
 from runtime.files import check_output_outside, output_session, write_run_config
@@ -243,8 +244,7 @@ def _check_args(a: argparse.Namespace) -> None:
     if a.maxPatchSize <= a.minPatchSize:
         raise InputError(f"--maxPatchSize ({a.maxPatchSize}) must exceed --minPatchSize "
                          f"({a.minPatchSize}): sides are drawn from [min, max)")
-    if a.hu_max <= a.hu_min:
-        raise InputError(f"--hu_max ({a.hu_max}) must exceed --hu_min ({a.hu_min})")
+    check_hu_window(a)
     if not 0 <= a.lung_threshold <= 1:
         raise InputError(f"--lung_threshold must lie in [0, 1], got {a.lung_threshold}")
     if a.distance_threshold < 0:
@@ -273,10 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="volumes are already in [0, 1]; without it HU volumes are clipped to "
                         "[--hu_min, --hu_max] and scaled (volumes found in [0, 1] are detected "
                         "and used as they are)")
-    g.add_argument("--hu_min", type=finite_float, default=-1000.0,
-                   help="lower end of the HU window mapped to 0")
-    g.add_argument("--hu_max", type=finite_float, default=1000.0,
-                   help="upper end of the HU window mapped to 1")
+    add_hu_flags(g, " (HU volumes only)")
     g = ap.add_argument_group("cubes")
     g.add_argument("--input_rows", type=positive_int, default=64, help="saved cube size in x")
     g.add_argument("--input_cols", type=positive_int, default=64, help="saved cube size in y")

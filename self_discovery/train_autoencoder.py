@@ -42,7 +42,7 @@ from torch.utils.data.distributed import DistributedSampler
 from models.checkpoint import load_checkpoint, load_state_dict_checked
 from models.ynet3d import UNet3D, set_batchnorm
 from pytorch.engine import make_optimizer
-from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
+from runtime.cli import (add_verbosity_flag, ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
                          add_resume_flag, run_cli, nonneg_int, positive_float,
                          positive_int, resume_path, seed_int)
 from runtime.devices import autocast, device_name, resolve_amp, resolve_device, seed_everything
@@ -52,7 +52,7 @@ from runtime.errors import InputError
 from runtime.files import output_session, write_run_config
 from runtime.images import middle_slice_grid
 from runtime.training import (EarlyStopping, EpochCheckpoints, MetricLogger, RunState, batch_sums,
-                              check_finite_training, evaluate, per_sample_mean,
+                              check_finite_training, evaluate, per_sample_mean, record_epoch,
                               restart_from_checkpoint, train_one_epoch)
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes
 
@@ -121,10 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_overwrite_flag(g, f"{BEST_NAME} and {LAST_NAME}")
     g.add_argument("--log_dir", default="runs/autoencoder",
                    help="TensorBoard folder (losses, lr, middle-slice input|reconstruction)")
-    g.add_argument("--verbose", type=int, nargs="?", const=2, default=1, choices=[0, 1, 2],
-                   help="0: errors only, 1: one line per epoch and progress bars, 2 (or "
-                        "--verbose alone, as pytorch/train.py): also lr changes and checkpoint "
-                        "saves")
+    add_verbosity_flag(g, "1: one line per epoch and progress bars; 2: also lr changes and "
+                          "checkpoint saves")
     return p
 
 
@@ -313,9 +311,9 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
         lr = optimizer.param_groups[0]["lr"]
         if lr != old_lr:
             log.line(f"learning rate {old_lr:.2e} -> {lr:.2e}", 2)
-        seconds = time.perf_counter() - t0
-        state.history.append({"epoch": state.epoch, "train_loss": train_loss,
-                              "val_loss": val_loss, "lr": lr, "seconds": seconds})
+        record_epoch(log, state, decision, {"train_loss": train_loss, "val_loss": val_loss,
+                                            "lr": lr}, args.nb_epoch, args.patience,
+                     time.perf_counter() - t0)
         checkpoints.save(state, decision.improved, model, optimizer, scheduler)
         if decision.improved:
             log.line(f"saved {checkpoints.best}", 2)
@@ -323,9 +321,6 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
         if grid_rows:
             log.image("val/input|reconstruction", middle_slice_grid(grid_rows), state.epoch)
         log.flush()
-        log.line(f"epoch {state.epoch}/{args.nb_epoch}: train {train_loss:.6f} val {val_loss:.6f} "
-                 f"lr {lr:.2e} {seconds:.1f}s" + (" *best*" if decision.improved else
-                                                 f" ({state.no_improve} without improvement)"))
         if decision.stop:
             log.line(f"early stopping: {state.no_improve} epochs without validation improvement")
             break

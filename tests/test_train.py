@@ -180,7 +180,7 @@ def test_main_writes_checkpoints_config_and_tensorboard(folds, tmp_path, capsys)
     assert cfg["world_size"] == 1 and cfg["amp_resolved"] == "fp32"
     assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))
     lines = [l for l in out.out.splitlines() + out.err.splitlines() if l.startswith("epoch")]
-    assert len(lines) == 2 and "val loss" in lines[0] and "acc" in lines[0] and "lr" in lines[0]
+    assert len(lines) == 2 and "val_loss" in lines[0] and "acc" in lines[0] and "lr" in lines[0]
     model = YNet3D(cls_classes=3, width=8)
     load_state_dict_checked(model, torch.load(best)["state_dict"])
 
