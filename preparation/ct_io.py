@@ -7,8 +7,12 @@ axes are axis-aligned, so files written by different tools mean the same thing p
 """
 from __future__ import annotations
 
+import gzip
 import os
+import re
+import struct
 import sys
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,7 +22,7 @@ from runtime.errors import InputError
 
 __all__ = ["IMAGE_SUFFIXES", "IGNORED_SUFFIXES", "CTReadError", "read_ct", "read_sitk",
            "resample", "resampled_shape", "find_ct_inputs", "dicom_series",
-           "split_by_subject",
+           "split_by_subject", "source_files", "check_complete", "check_slice_positions",
            "volume_suffix", "volume_stem"]
 
 #: File name endings treated as single-file (or header) volumes, checked longest first.
@@ -140,6 +144,222 @@ def find_ct_inputs(root: str | os.PathLike) -> list[dict[str, Any]]:
     return items
 
 
+# ------------------------------------------------------------------ files and their stored data
+#: The first bytes of a gzip stream.
+_GZIP_MAGIC = b"\x1f\x8b"
+#: Bytes kept from the start of a data stream: a NIfTI-2 header is 540 bytes.
+_HEAD = 544
+_CHUNK = 1 << 22
+
+
+def _meta_header(path: Path) -> tuple[dict[str, str], int]:
+    """The ``Key = Value`` lines of a MetaImage header up to ``ElementDataFile`` (the last
+    one), and the byte offset just after it (where an ``.mha`` holds its data)."""
+    keys: dict[str, str] = {}
+    offset = 0
+    with open(path, "rb") as f:
+        while offset < 1 << 16 and (raw := f.readline(4096)):
+            offset += len(raw)
+            key, _, value = raw.decode("latin-1").partition("=")
+            keys[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                break
+    return keys, offset
+
+
+def _companion(path: Path) -> Path | None:
+    """The data file of a two-file volume: a MetaImage header's ``ElementDataFile`` (one file,
+    not LOCAL, a LIST or a pattern), an Analyze/NIfTI ``.hdr``'s ``.img`` (or ``.img.gz``)."""
+    suf = volume_suffix(path)
+    if suf == ".mhd":
+        name = _meta_header(path)[0].get("ElementDataFile", "")
+        if name and name != "LOCAL" and not name.startswith("LIST") and "%" not in name:
+            return path.parent / name
+    elif suf == ".hdr":
+        stem = path.name[: -len(".hdr")]
+        for ext in (".img", ".img.gz", ".IMG"):
+            if (path.parent / f"{stem}{ext}").is_file():
+                return path.parent / f"{stem}{ext}"
+    return None
+
+
+def source_files(item: dict[str, Any]) -> list[Path]:
+    """Every file one input of :func:`find_ct_inputs` is read from: a series' slices, a
+    header and its data file (``.mhd`` + ``.raw``, ``.hdr`` + ``.img``), or the file itself.
+    These are the bytes that make a patient's content identity."""
+    if item.get("files"):
+        return [Path(f) for f in item["files"]]
+    path = Path(item["path"])
+    data = _companion(path) if path.is_file() else None
+    return [path] + ([data] if data is not None and data.is_file() else [])
+
+
+def _damaged(path: Path, why: str) -> CTReadError:
+    return CTReadError(f"{path}: {why}; the file is damaged (an interrupted download or copy?): "
+                       "copy or download it again, or remove it")
+
+
+def _gzip_length(path: Path) -> tuple[int, bytes]:
+    """(uncompressed length, first bytes) of a gzip file, decompressed to its end: Python's
+    gzip checks every member's CRC-32 and length, so truncation or corruption is an error."""
+    n, head = 0, b""
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                head += chunk[: max(0, _HEAD - len(head))]
+                n += len(chunk)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise _damaged(path, f"truncated or corrupted gzip data ({e})") from e
+    return n, head
+
+
+def _zlib_length(path: Path, offset: int) -> int:
+    """Uncompressed length of the zlib (or gzip) stream of ``path`` from byte ``offset``,
+    decompressed to its end marker (which checks its Adler-32 / CRC-32)."""
+    d = zlib.decompressobj(zlib.MAX_WBITS | 32)
+    n = 0
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while not d.eof and (chunk := f.read(_CHUNK)):
+                n += len(d.decompress(chunk))
+            n += len(d.flush())
+    except zlib.error as e:
+        raise _damaged(path, f"corrupted compressed data ({e})") from e
+    if not d.eof:
+        raise _damaged(path, "truncated compressed data (the stream ends before its end marker)")
+    return n
+
+
+def _stored(path: Path) -> tuple[int, bytes]:
+    """(length, first bytes) of a file's content, gzip files decompressed to their end."""
+    with open(path, "rb") as f:
+        head = f.read(_HEAD)
+    if head[:2] == _GZIP_MAGIC:
+        return _gzip_length(path)
+    return path.stat().st_size, head
+
+
+def _nifti_bytes(head: bytes, single_file: bool) -> int | None:
+    """Bytes a NIfTI-1/-2 (or Analyze 7.5) header says its data file holds: vox_offset +
+    voxels x bitpix / 8 (None when ``head`` is no such header)."""
+    for end in "<>":
+        if len(head) >= 348 and struct.unpack(end + "i", head[:4])[0] == 348:
+            dim = struct.unpack(end + "8h", head[40:56])
+            bitpix = struct.unpack(end + "h", head[72:74])[0]
+            offset, first = struct.unpack(end + "f", head[108:112])[0], 352
+        elif len(head) >= 540 and struct.unpack(end + "i", head[:4])[0] == 540:
+            bitpix = struct.unpack(end + "h", head[14:16])[0]
+            dim = struct.unpack(end + "8q", head[16:80])
+            offset, first = struct.unpack(end + "q", head[168:176])[0], 544
+        else:
+            continue
+        if not 1 <= dim[0] <= 7 or bitpix <= 0 or not np.isfinite(offset):
+            return None
+        voxels = int(np.prod([max(1, int(d)) for d in dim[1:dim[0] + 1]], dtype=np.int64))
+        start = max(int(offset), first) if single_file else max(0, int(offset))
+        return start + voxels * bitpix // 8
+    return None
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    """Refuse (:class:`CTReadError`) a single-file volume whose stored data is shorter than its
+    header declares, or whose compressed data is truncated or corrupted.
+
+    ITK's NIfTI, Analyze, GIPL and VTK readers fill missing data with zeros, and its
+    MetaImage reader does not check the zlib checksum, so such a file would be read as a
+    scan with a block of zeros. The check decompresses every compressed stream to its end
+    (gzip: CRC-32 and length; zlib: Adler-32) and compares the data length with the header:
+    NIfTI / Analyze exactly (``vox_offset + voxels x bitpix / 8``), GIPL exactly (256-byte
+    header), binary VTK and compressed MetaImage at least the voxel data. NRRD, uncompressed
+    MetaImage and DICOM readers refuse a short file themselves.
+    """
+    import SimpleITK as sitk  # local: .npy-only callers never load SimpleITK
+
+    path = Path(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        io = reader.GetImageIOFromFileName(str(path))
+    except RuntimeError:
+        _stored(path)          # a damaged .gz says so; anything else is reported by the reader
+        return
+    bits = re.search(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+    need = int(np.prod(reader.GetSize(), dtype=np.int64)) * (int(bits.group(1)) // 8 if bits else 1) \
+        * max(1, reader.GetNumberOfComponents())
+    if io == "NiftiImageIO":
+        data = _companion(path) or path
+        have, head = _stored(data)
+        need = _nifti_bytes(head if data == path else _stored(path)[1], data == path) or need
+    elif io == "GiplImageIO":
+        have, need = _stored(path)[0], need + 256
+    elif io == "VTKImageIO":
+        have, head = _stored(path)
+        if b"BINARY" not in head[:256].upper():
+            return             # ASCII values: no fixed size
+    elif io == "MetaImageIO":
+        keys, offset = _meta_header(path)
+        if keys.get("CompressedData", "").lower() != "true":
+            return             # ITK refuses short uncompressed data itself
+        local = keys.get("ElementDataFile") == "LOCAL"
+        data = path if local else _companion(path)
+        if data is None:
+            return
+        have = _zlib_length(data, offset if local else 0)
+    else:
+        _stored(path)
+        return
+    if have < need:
+        raise _damaged(path if io != "NiftiImageIO" else data,
+                       f"truncated: {have} bytes of image data where its header declares {need}")
+
+
+def check_slice_positions(files: Sequence[str], where: str | os.PathLike) -> None:
+    """Refuse (:class:`CTReadError`) a DICOM series whose slices are not evenly spaced along
+    the slice normal (ImagePositionPatient projected on the normal of ImageOrientationPatient):
+    two slices at one position (a duplicated slice), a gap unlike the others (a missing slice)
+    or slices of several orientations. ITK would stack them as if evenly spaced. A series
+    without positions (secondary capture) is not checked."""
+    import SimpleITK as sitk  # local: .npy-only callers never load SimpleITK
+
+    if len(files) < 3:
+        return
+    pos, ori = [], []
+    reader = sitk.ImageFileReader()
+    for f in files:
+        reader.SetFileName(str(f))
+        try:
+            reader.ReadImageInformation()
+            pos.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+            ori.append([float(v) for v in reader.GetMetaData("0020|0037").split("\\")])
+        except (RuntimeError, ValueError):
+            return
+    if any(len(p) != 3 for p in pos) or any(len(o) != 6 for o in ori):
+        return
+    ori_a = np.asarray(ori)
+    if np.abs(ori_a - ori_a[0]).max() > 1e-3:
+        raise CTReadError(f"{where}: the slices of this DICOM series have different orientations "
+                          "(ImageOrientationPatient); give each stack as its own series")
+    z = np.asarray(pos) @ np.cross(ori_a[0, :3], ori_a[0, 3:])
+    order = np.argsort(z, kind="stable")
+    z, names = z[order], [Path(files[i]).name for i in order]
+    gaps = np.diff(z)
+    step = float(np.median(gaps))
+    dup = np.flatnonzero(gaps <= max(1e-4, 0.01 * step))
+    if len(dup):
+        k = int(dup[0])
+        raise CTReadError(f"{where}: slices {names[k]} and {names[k + 1]} lie at the same position "
+                          f"({z[k]:.3f} mm along the slice normal; {len(dup)} such pair(s)): a "
+                          "duplicated slice or two scans in one series; remove the extra slices")
+    fit = np.polyval(np.polyfit(np.arange(len(z)), z, 1), np.arange(len(z)))
+    if np.abs(z - fit).max() > 0.2 * step:
+        k = int(np.argmax(np.abs(gaps - step)))
+        raise CTReadError(f"{where}: uneven slice positions: {gaps[k]:.3f} mm between "
+                          f"{names[k]} and {names[k + 1]} where the others are {step:.3f} mm "
+                          "apart (a missing slice?); complete the series or remove it")
+
+
 def read_sitk(path: str | os.PathLike, series_files: Sequence[str] | None = None):
     """Read a SimpleITK image from a file or a DICOM series folder (largest series when the
     folder holds several, or the given ``series_files``). Raises :class:`CTReadError`."""
@@ -153,14 +373,23 @@ def read_sitk(path: str | os.PathLike, series_files: Sequence[str] | None = None
                 raise CTReadError(f"{path}: folder holds no DICOM series")
             series_files = max(series, key=lambda s: len(s[1]))[1]
         if series_files is not None:
+            check_slice_positions(series_files, path)
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(list(series_files))
             return reader.Execute()
+        check_complete(path)
         return sitk.ReadImage(str(path))
     except RuntimeError as e:
-        msg = str(e).strip().splitlines()
-        why = next((m for m in msg if "ERROR" in m or "Unable" in m), msg[-1] if msg else "")
-        raise CTReadError(f"{path}: SimpleITK cannot read it ({why.strip()[:200]})") from e
+        raise CTReadError(f"{path}: SimpleITK cannot read it ({_sitk_reason(e)})") from e
+    except OSError as e:
+        raise CTReadError(f"{path}: cannot be read ({e.strerror or e})") from e
+
+
+def _sitk_reason(e: BaseException) -> str:
+    """The informative line of a SimpleITK exception (they run over several lines)."""
+    msg = str(e).strip().splitlines()
+    why = next((m for m in msg if "ERROR" in m or "Unable" in m), msg[-1] if msg else "")
+    return why.strip()[:200]
 
 
 def read_ct(path: str | os.PathLike, series_files: Sequence[str] | None = None,
@@ -180,11 +409,26 @@ def read_ct(path: str | os.PathLike, series_files: Sequence[str] | None = None,
         spacing, origin, direction and orientation code, pixel type, number of components).
 
     Raises:
-        CTReadError: unreadable, not 3D (a 2D image or a single slice), multi-component.
+        CTReadError: unreadable, damaged (truncated or corrupted data: :func:`check_complete`),
+        a DICOM series with missing or duplicated slices (:func:`check_slice_positions`), not
+        3D (a 2D image or a single slice), multi-component or complex.
     """
+    img = read_sitk(path, series_files)
+    try:
+        return _to_array(img, path, reorient)
+    except RuntimeError as e:   # a pixel type or geometry SimpleITK cannot convert
+        raise CTReadError(f"{path}: SimpleITK cannot convert it to a CT volume "
+                          f"({_sitk_reason(e)})") from e
+
+
+def _to_array(img: Any, path: str | os.PathLike, reorient: bool
+              ) -> tuple[np.ndarray, tuple[float, float, float], dict[str, Any]]:
+    """:func:`read_ct` after reading: checks, reorientation, (x, y, z) float32 array."""
     import SimpleITK as sitk  # local: .npy-only callers never load SimpleITK
 
-    img = read_sitk(path, series_files)
+    if "complex" in img.GetPixelIDTypeAsString():
+        raise CTReadError(f"{path}: complex-valued voxels ({img.GetPixelIDTypeAsString()}: "
+                          "k-space or a Fourier transform?), not a CT volume; skip it")
     if img.GetDimension() == 4 and img.GetSize()[3] == 1:
         img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
     size = tuple(int(s) for s in img.GetSize())
