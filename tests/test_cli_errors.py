@@ -237,6 +237,25 @@ def test_prepare_dataset_all_skipped_names_the_file(tmp_path, capsys):
     one_error_line(capsys, rc, "flat.npy", "no volume was written", "fix or remove")
 
 
+def test_prepare_dataset_refusals_are_one_line_naming_file_and_fix(tmp_path, capsys):
+    """Stage 0: a mistyped input is named before any output check; an output that cannot be
+    added to names the manifest or the volume, what is wrong and the fixes."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_phantom_dataset(src, 2, SHAPE, seed=0, fmt="nrrd")
+    base = ["--input_dir", str(src), "--output_dir", str(out), "--min_size", "4"]
+    assert pd.main(base) == 0
+    capsys.readouterr()
+    one_error_line(capsys, pd.main(["--input_dir", str(tmp_path / "typo"), "--output_dir", str(out)]),
+                   "typo: --input_dir not found")
+    one_error_line(capsys, pd.main(base + ["--hu_max", "500", "--seed", "3"]),
+                   "manifest.json", "other settings", "--hu_max 1000.0 -> 500.0", "--seed 0 -> 3",
+                   "--overwrite")
+    np.save(out / "train" / "mine.npy", np.zeros(SHAPE, np.float32))
+    one_error_line(capsys, pd.main(base), "mine.npy", "did not write", "--overwrite")
+    (out / "manifest.json").write_text("[1, 2")
+    one_error_line(capsys, pd.main(base), "manifest.json: unreadable", "--overwrite")
+
+
 def test_output_folder_under_a_file(junk, tmp_path, capsys):
     with pytest.raises(InputError, match="--save"):
         make_output_dir(junk["text"] / "sub", "--save")

@@ -257,6 +257,38 @@ def test_prepare_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path)
     assert list_volumes(killed / "validation")
 
 
+def test_prepare_interrupted_after_a_volume_leaves_nothing_unrecorded(tmp_path, monkeypatch):
+    """Every volume is named in the manifest before it is written: the volume of a run stopped
+    between writing it and recording it is the tool's own, redone by the re-run, or removed when
+    its source is gone; never a volume the dataset does not list. Other settings are refused
+    while the dataset is incomplete, and the message does not call it finished."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_phantom_dataset(src, 3, (24, 24, 10), seed=0, fmt="nrrd")
+    base = ["--input_dir", str(src), "--output_dir", str(out), "--val_fraction", "0"]
+    real, calls = pd._write_manifest, []
+
+    def stop_after_first_volume(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:                   # phantom_000.npy is written, not yet recorded
+            raise KeyboardInterrupt
+        real(*a, **k)
+
+    monkeypatch.setattr(pd, "_write_manifest", stop_after_first_volume)
+    assert pd.main(base) == 130                # Ctrl-C: one line, exit status 130
+    monkeypatch.setattr(pd, "_write_manifest", real)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["complete"] is False and man["volumes"] == [] and len(man["pending"]) == 3
+    assert (out / "train" / "phantom_000.npy").is_file()
+    with pytest.raises(InputError, match=r"incomplete: an interrupted .*--hu_min -1000.0 -> -900"):
+        pd.prepare_dataset(pd.build_parser().parse_args(base + ["--hu_min", "-900"]))
+    (src / "phantom_000.nrrd").unlink()       # its source is gone before the re-run
+    assert pd.main(base) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["complete"] is True and man["pending"] == []
+    assert sorted(p.stem for p in out.rglob("*.npy")) == sorted(r["patient"] for r in man["volumes"]) \
+        == ["phantom_001", "phantom_002"]
+
+
 def test_second_pattern_generator_into_one_folder_is_refused_while_the_first_runs(tmp_path,
                                                                                   capsys):
     root = make_dataset(tmp_path, n_train=6, n_val=3)

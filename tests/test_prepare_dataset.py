@@ -1,7 +1,10 @@
-"""Stage 0 (scripts/prepare_dataset.py, scripts/ct_io.py) and the phantoms (scripts/phantoms.py).
+"""Stage 0 (preparation.prepare, preparation.ct_io) and the phantoms (preparation.phantoms).
 
 Phantom-based, tiny volumes: every format round trip with an orientation check, resampling
-keeps the physical extent, bad files are skipped with a message, re-runs skip finished work.
+keeps the physical extent, bad files are skipped with a message (damaged files, complex
+voxels, DICOM series with a missing or duplicated slice, CT without its rescale intercept),
+every check holds for the volume as written, re-runs skip finished work. Re-runs and identity:
+tests/test_prepare_reruns.py.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import SimpleITK as sitk
 
 from runtime.intensity import normalize_hu
 from preparation import prepare as pd
-from preparation.ct_io import find_ct_inputs, read_ct, resample, resampled_shape
+from preparation.ct_io import CTReadError, find_ct_inputs, read_ct, resample, resampled_shape
 from preparation.phantoms import (_write_dicom_series, make_chest_phantom, make_nodule_cubes,
                               phantom_lung_mask, write_phantom_dataset, write_volume)
 
@@ -187,15 +190,20 @@ def test_rerun_skips_done_and_split_is_stable(tmp_path, capsys):
     assert set(val) <= {p.name for p in (out / "validation").glob("*.npy")}
     man = _manifest(out)
     assert len(man["volumes"]) == 7 and {v["patient"] for v in man["volumes"]} >= {"late_000"}
-    # an unreadable manifest is reported and rebuilt, not silently dropped
+    # an unreadable manifest: the volumes can no longer be matched to sources, so they are kept
+    # and the run stops with one line; --overwrite prepares the dataset again, same splits
     (out / "manifest.json").write_text("{not json")
     rc, log = _run(capsys, *args)
-    assert rc == 0 and "manifest.json is unreadable" in log and "7 written" in log
-    assert len(_manifest(out)["volumes"]) == 7 and len(list(out.rglob("*.npy"))) == 7
-    assert set(val) <= {p.name for p in (out / "validation").glob("*.npy")}  # same splits
-    # --overwrite redoes everything
+    assert rc == 2 and "manifest.json: unreadable" in log and "--overwrite" in log
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
     rc, log = _run(capsys, *args, "--overwrite")
     assert rc == 0 and "7 written" in log and len(list(out.rglob("*.npy"))) == 7
+    assert len(_manifest(out)["volumes"]) == 7
+    # ... the dataset a first run over the same 7 sources makes, wherever it is written
+    fresh = tmp_path / "fresh"
+    assert _run(capsys, *args[:2], "--output_dir", str(fresh), *args[4:])[0] == 0
+    layout = lambda d: {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*.npy")}  # noqa: E731
+    assert layout(out) == layout(fresh)
 
 
 def test_npy_inputs_and_dicom_series_discovery(tmp_path, capsys):
@@ -275,3 +283,127 @@ def test_dicom_series_uid_shared_by_two_patients_is_not_merged(tmp_path, capsys)
     assert rc == 0 and "2 written" in log, log
     vols = [np.load(p) for p in sorted((tmp_path / "out" / "train").glob("*.npy"))]
     assert [v.shape for v in vols] == [(24, 24, 6)] * 2
+
+
+# ------------------------------------------------------------------------------- damaged files
+def _cut(path: Path, keep: float = 0.75) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, data, damage", [
+    ("v.nii", "v.nii", _cut), ("v.nii.gz", "v.nii.gz", _cut), ("v.nii.gz", "v.nii.gz", _flip),
+    ("v.hdr", "v.img", _cut), ("v.gipl", "v.gipl", _cut), ("v.gipl.gz", "v.gipl.gz", _cut),
+    ("v.vtk", "v.vtk", _cut), ("v.mha", "v.mha", _flip), ("v.mhd", "v.zraw", _flip),
+    ("v.mhd", "v.zraw", _cut), ("v.nrrd", "v.nrrd", _cut)])
+def test_truncated_or_corrupted_files_are_refused_not_read_with_zeros(tmp_path, name, data, damage):
+    """ITK reads a short NIfTI/Analyze/GIPL/VTK file with zeros for the missing part and does
+    not check a MetaImage's zlib checksum: the reader checks the stored data itself."""
+    hu, _ = make_chest_phantom(SHAPE, seed=1)
+    img = sitk.GetImageFromArray(np.round(hu).astype(np.int16).transpose(2, 1, 0).copy())
+    sitk.WriteImage(img, str(tmp_path / name), useCompression=name.endswith(("mha", "mhd")))
+    assert read_ct(tmp_path / name)[0].shape == SHAPE                 # intact: read
+    damage(tmp_path / data)
+    with pytest.raises(CTReadError, match=r"truncated|corrupted|cannot read") as e:
+        read_ct(tmp_path / name)
+    assert "\n" not in str(e.value) and (data in str(e.value) or name in str(e.value))
+
+
+def test_damaged_and_complex_files_beside_good_ones_are_skipped_with_one_line(tmp_path, capsys):
+    src = tmp_path / "in"
+    write_phantom_dataset(src, 2, SHAPE, seed=3, fmt="nii.gz")
+    write_volume(src / "cut.nii.gz", np.round(make_chest_phantom(SHAPE, seed=9)[0]).astype(np.int16))
+    _cut(src / "cut.nii.gz")
+    write_volume(src / "cut.nii", np.round(make_chest_phantom(SHAPE, seed=8)[0]).astype(np.int16))
+    _cut(src / "cut.nii", 0.9)
+    cplx = sitk.GetImageFromArray(np.full(SHAPE[::-1], -1000 + 5j, np.complex64))
+    sitk.WriteImage(cplx, str(src / "complex.nii.gz"))
+    rc, log = _run(capsys, "--input_dir", str(src), "--output_dir", str(tmp_path / "out"),
+                   "--val_fraction", "0")
+    assert rc == 0 and "2 written" in log and "3 skipped" in log and "Traceback" not in log, log
+    assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == \
+        ["phantom_000.npy", "phantom_001.npy"]
+    lines = [ln for ln in log.splitlines() if ln.startswith("skipped: ")]
+    assert any("cut.nii.gz" in ln and "gzip" in ln for ln in lines)
+    assert any("cut.nii:" in ln and "truncated" in ln for ln in lines)
+    assert any("complex.nii.gz" in ln and "complex" in ln for ln in lines)
+
+
+def test_finetuning_reads_through_the_same_check(tmp_path):
+    from finetune.segmentation import load_cases
+    from runtime.errors import InputError
+
+    hu, mask = make_chest_phantom(SHAPE, seed=2, nodules=1)
+    write_volume(tmp_path / "img" / "c1.nii.gz", np.round(hu).astype(np.int16))
+    write_volume(tmp_path / "msk" / "c1.nii.gz", mask)
+    _cut(tmp_path / "img" / "c1.nii.gz")
+    with pytest.raises(InputError, match="c1.nii.gz: truncated or corrupted gzip"):
+        load_cases([str(tmp_path / "img")], [str(tmp_path / "msk")])
+
+
+# ------------------------------------------------------------------------------- DICOM slices
+def _series(tmp_path: Path, name: str = "s", n: int = 10) -> Path:
+    hu, _ = make_chest_phantom((24, 24, n), seed=4)
+    return _write_dicom_series(hu, (1.0, 1.0, 2.0), tmp_path / "in" / name, name, uid_seed=7)
+
+
+def test_dicom_series_with_a_missing_or_duplicated_slice_is_refused(tmp_path, capsys):
+    folder = _series(tmp_path)
+    read_ct(folder)                                       # complete: read
+    (folder / "slice_0004.dcm").unlink()                  # a missing slice
+    with pytest.raises(CTReadError, match="uneven slice positions: 4.000 mm between "
+                                          "slice_0003.dcm and slice_0005.dcm"):
+        read_ct(folder)
+    folder = _series(tmp_path, "d")
+    (folder / "copy_of_5.dcm").write_bytes((folder / "slice_0005.dcm").read_bytes())
+    with pytest.raises(CTReadError, match="lie at the same position"):
+        read_ct(folder)
+    rc, log = _run(capsys, "--input_dir", str(tmp_path / "in"), "--output_dir",
+                   str(tmp_path / "out"), "--val_fraction", "0")
+    assert rc == 2 and "no volume was written" in log and "Traceback" not in log
+    assert "uneven slice positions" in log and "same position" in log
+
+
+# ------------------------------------------------------------------------------- HU as written
+def test_ct_without_its_rescale_intercept_gets_the_right_fix(tmp_path, capsys):
+    hu, _ = make_chest_phantom(SHAPE, seed=6)
+    stored = np.clip(np.round(hu) + 1024, 0, 4095).astype(np.uint16)      # air at ~24, not -1000
+    write_volume(tmp_path / "raw" / "noslope.nrrd", stored)
+    write_volume(tmp_path / "good" / "ok.nrrd", np.round(hu).astype(np.int16))
+    out = tmp_path / "out"
+    rc, log = _run(capsys, "--input_dir", str(tmp_path / "raw"), "--output_dir", str(out))
+    assert rc == 2 and "noslope.nrrd" in log and "--hu_offset -1024" in log
+    assert "--no_hu_check accepts" not in log
+    rc, log = _run(capsys, "--input_dir", str(tmp_path / "raw"), "--output_dir", str(out),
+                   "--hu_offset", "-1024", "--val_fraction", "0")
+    assert rc == 0, log
+    np.testing.assert_allclose(np.load(out / "train" / "noslope.npy"),
+                               normalize_hu(stored.astype(np.float32) - 1024), atol=1e-6)
+    assert _manifest(out)["volumes"][0]["hu_offset"] == -1024
+    # a scan that has its rescale is refused under --hu_offset, then added without it
+    rc, log = _run(capsys, "--input_dir", str(tmp_path / "good"), "--output_dir", str(out),
+                   "--hu_offset", "-1024", "--val_fraction", "0")
+    assert rc == 0 and "ok.nrrd: stored values down to" in log and "0 written" in log
+    rc, log = _run(capsys, "--input_dir", str(tmp_path / "good"), "--output_dir", str(out),
+                   "--val_fraction", "0")
+    assert rc == 0 and "1 written" in log
+    recs = {r["patient"]: r["hu_offset"] for r in _manifest(out)["volumes"]}
+    assert recs == {"noslope": -1024, "ok": 0}
+
+
+def test_checks_hold_for_the_volume_as_written(tmp_path, capsys):
+    src = tmp_path / "in"
+    write_volume(src / "thin.nrrd", np.round(make_chest_phantom((24, 24, 10), seed=1)[0]),
+                 spacing=(1.0, 1.0, 1.0))                 # 10 slices of 1 mm: 2 of 5 mm
+    write_volume(src / "dense.nrrd", np.linspace(1500, 3000, 24 * 24 * 40).reshape(24, 24, 40))
+    rc, log = _run(capsys, "--input_dir", str(src), "--output_dir", str(tmp_path / "out"),
+                   "--spacing", "1", "1", "5", "--no_hu_check")
+    assert rc == 2 and "Traceback" not in log
+    assert "thin.nrrd: shape (24, 24, 2) after --spacing has an axis shorter than --min_size" in log
+    assert "dense.nrrd: constant as written after the HU window [-1000, 1000]" in log
