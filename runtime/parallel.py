@@ -31,20 +31,12 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "I
 
 
 def single_threaded() -> None:
-    """Worker initialiser: one compute thread for NumPy/BLAS, SimpleITK and torch, so N
-    workers use N cores instead of N x cores."""
+    """Worker initialiser: one compute thread for NumPy/BLAS, SimpleITK (ITK) and torch, so N
+    workers use N cores instead of N x cores. Environment variables only: they are read when
+    the worker's code first imports those libraries, so a worker pays for no import it does
+    not need."""
     for var in _THREAD_VARS:
         os.environ[var] = "1"
-    try:
-        import SimpleITK as sitk   # only where a worker reads images
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    except ImportError:
-        pass
-    try:
-        import torch  # noqa: F401  (only when the worker's code uses it)
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int = 1, desc: str = "",
