@@ -61,12 +61,18 @@ def check_weights_kind(info: CheckpointInfo, path: str, task: str, new_decoder: 
                          "fine-tuning reads single-channel CT")
 
 
+#: The kind (``describe_checkpoint``) of the checkpoints a fine-tuning task writes.
+_RUN_KINDS = {"classification": "classifier", "segmentation": "segmentation"}
+
+
 def resume_checkpoint(path: Path, arch: str, task: str) -> dict[str, Any]:
     """The checkpoint ``--resume`` names, read; it must be a ``last.pt``/``best.pt`` of a
-    ``task`` fine-tuning run (``arch`` recorded), else one line naming what it is."""
+    ``task`` fine-tuning run (``arch`` and the run's configuration recorded), else one line
+    naming what it is."""
     ckpt = load_checkpoint(path)
-    if ckpt.get("arch") != arch or not isinstance(ckpt.get("config"), Mapping):
-        info = describe_checkpoint(ckpt, str(path))
+    info = describe_checkpoint(ckpt, str(path))
+    if ckpt.get("arch") != arch or info.kind != _RUN_KINDS[task] \
+            or not isinstance(ckpt.get("config"), Mapping):
         raise CheckpointError(f"{path}: {info.description}, not a checkpoint of a {task} "
                               "fine-tuning run; --resume takes <output_dir>/last.pt of the run "
                               "to continue")

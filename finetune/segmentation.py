@@ -379,6 +379,15 @@ def _preview(case: Case, prob: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------
+def crop_side(text: str) -> int:
+    """argparse type of ``--crop``: a positive multiple of 8 (the encoder pools three times)."""
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of 8 (the encoder pools "
+                                         "three times)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(
         description="Fine-tune the whole Semantic Genesis 3D U-Net for binary segmentation "
@@ -399,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test_masks", nargs="+", default=None, help="masks for --test_images")
     g.add_argument("--foreground_labels", type=nonneg_int, nargs="+", default=None,
                    help="mask values counted as foreground; when omitted, every value > 0")
-    g.add_argument("--crop", type=positive_int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
+    g.add_argument("--crop", type=crop_side, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="training crop and sliding-window size; each side divisible by 8")
     g.add_argument("--foreground_prob", type=probability, default=0.5,
                    help="probability that a training crop is centred on a foreground voxel")
@@ -427,10 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """Cross-flag checks the argparse types cannot make."""
-    if any(c % 8 for c in args.crop):
-        raise InputError(f"--crop {' '.join(map(str, args.crop))}: every side must be a multiple "
-                         "of 8 (the encoder pools three times)")
+    """Cross-flag checks (the argparse types check each flag)."""
     for a, b in (("images", "masks"), ("val_images", "val_masks"), ("test_images", "test_masks")):
         if bool(getattr(args, a)) != bool(getattr(args, b)):
             raise InputError(f"--{a} and --{b} go together: give both or neither")

@@ -123,6 +123,9 @@ def test_resume_takes_only_a_run_of_the_same_task(data, tmp_path, capsys):
     rc = fc.main(data["cls"] + ["--resume", str(data["en_de"])] + run_flags(tmp_path / "o"))
     one_error_line(capsys, rc, str(data["en_de"]), "pretraining checkpoint",
                    "not a checkpoint of a classification fine-tuning run")
+    rc = fs.main(data["seg"] + ["--resume", str(data["autoencoder"])] + run_flags(tmp_path / "o"))
+    one_error_line(capsys, rc, str(data["autoencoder"]), "an autoencoder checkpoint (stage 1",
+                   "not a checkpoint of a segmentation fine-tuning run")
 
 
 def test_ctrl_c_keeps_the_last_complete_epoch_and_resume_continues(data, tmp_path, monkeypatch,
