@@ -13,6 +13,7 @@ import torch
 
 from finetune import classification as fc
 from finetune import segmentation as fs
+from finetune.inputs import content_digest, data_identity, input_files
 from finetune.loop import prepare_run
 from models.checkpoint import describe_checkpoint, load_checkpoint, load_pretrained
 from models.targets import Encoder3D, build_classifier, build_segmentation_model
@@ -236,3 +237,22 @@ def test_build_functions_seed_the_fresh_parts_independently_of_the_global_rng(da
         assert torch.equal(d.state_dict()[k], e.state_dict()[k]), k
     src = load_checkpoint(data["en_de"])["state_dict"]
     assert torch.equal(d.down_tr512.ops[1].conv1.weight, src["down_tr512.ops.1.conv1.weight"])
+
+
+def test_content_identity_of_big_and_small_files(tmp_path):
+    """Files up to 4 MiB are hashed whole; a bigger one by its size and sampled blocks, which
+    still tell re-made content apart; names inside a given folder count, positions of files
+    given directly do."""
+    big = tmp_path / "big.npy"
+    data = np.random.default_rng(0).random((5 << 20) // 8)
+    np.save(big, data)
+    first = content_digest(big)
+    assert first.startswith("sampled:")
+    np.save(big, data[::-1].copy())
+    assert content_digest(big) != first
+    (tmp_path / "d" / "c1").mkdir(parents=True)
+    np.save(tmp_path / "d" / "c1" / "a.npy", np.zeros(3))
+    names = [n for n, _ in input_files([tmp_path / "d" / "c1" / "a.npy", big], [tmp_path / "d"])]
+    assert names == ["c1/a.npy", "#1"]
+    one = data_identity({"data": input_files([big], [])})
+    assert one["data"]["files"] == 1 and one["data"]["bytes"] == big.stat().st_size
