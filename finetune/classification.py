@@ -5,7 +5,10 @@ average pooling -> linear -> logits (the README applied ReLU before the sigmoid)
 train one logit with binary cross-entropy (``--loss bce``), more classes one logit per class with
 cross-entropy (``--loss ce``). Validation reports loss, ROC AUC and accuracy (scikit-learn);
 training stops early when the monitored validation value has not improved for ``--patience``
-epochs, and the best epoch's weights are kept.
+epochs, and the best epoch's weights are kept (the loop, ``--resume`` and the outputs are
+``finetune.loop``'s, shared with segmentation). Sets whose metric would mean nothing are
+refused: training or validation cubes of one class, ``--monitor auc`` with a validation set
+lacking a class, a test set of one class.
 
 Data (cubes in [0, 1], axes (x, y, z), sides divisible by 8, e.g. 64 x 64 x 32):
   * ``--data a.npy [b.npy ...] --labels labels.npy``: stacked cubes (N, X, Y, Z) (or (N, 1, X,
@@ -25,12 +28,9 @@ validation and test metrics), ``best.pt`` (``models.checkpoint`` schema, arch
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-
 import argparse
 import os
-import time
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,18 +40,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from finetune.common import (add_model_flags, add_output_flags, add_training_flags,
+                             finetune_optimizer, loss_step)
+from finetune.inputs import input_files
+from finetune.loop import Prepared, Task, run_finetuning
 from models.targets import build_classifier
 from runtime.cli import (ArgumentParser, HelpFormatter, run_cli, fraction, nonneg_int,
                          positive_int)
-from runtime.devices import resolve_device, seed_everything
 from runtime.errors import InputError
-from runtime.files import make_output_dir, save_json_atomic, write_run_config
 from runtime.intensity import check_real_array, finite_range, within_unit_range
-from runtime.training import (MetricLogger, batch_sums, check_finite_training, evaluate,
-                              per_sample_mean, train_one_epoch)
-from finetune.common import (add_model_flags, add_output_flags, add_training_flags,
-                                     finetune_optimizer, finetune_runtime, finetune_session,
-                                     load_best, loss_step)
+from runtime.training import MetricLogger, batch_sums, evaluate
 
 __all__ = ["CubeFiles", "open_cube_files", "load_labels", "count_classes", "load_class_folders", "split_stratified",
            "classification_metrics", "build_parser", "run", "main"]
@@ -315,8 +313,11 @@ def _loss_and_probs(logits: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[t
 
 
 def evaluate_classifier(model: nn.Module, loader: DataLoader, loss: str, device: torch.device,
-                        log: MetricLogger | None = None, desc: str = "evaluate") -> dict[str, Any]:
-    """Mean loss, AUC and accuracy of ``model`` over ``loader`` (one host read at the end)."""
+                        log: MetricLogger | None = None, desc: str = "evaluate",
+                        n_classes: int | None = None) -> dict[str, Any]:
+    """Mean loss, AUC and accuracy of ``model`` over ``loader`` (one host read at the end).
+    Where the AUC is undefined (the labels lack a class of the ``n_classes`` the head
+    predicts), ``auc`` is None and ``auc_undefined`` says why."""
     probs: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
 
@@ -330,7 +331,11 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, loss: str, device:
     total, n = evaluate(model, step, loader, log or MetricLogger(verbose=0), desc,
                         torch.zeros(2, device=device)).tolist()
     lab, pr = torch.cat(labels).cpu().numpy(), torch.cat(probs).cpu().numpy()
-    return {"loss": total / max(n, 1), **classification_metrics(lab, pr), "n": int(n)}
+    result = {"loss": total / max(n, 1), **classification_metrics(lab, pr), "n": int(n)}
+    if result["auc"] is None:
+        lacking = sorted(set(range(n_classes or 2)) - set(np.unique(lab).tolist()))
+        result["auc_undefined"] = "the labels lack class(es) " + ", ".join(map(str, lacking))
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,22 +379,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("nb_epoch", "patience", "batch_size"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise InputError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
-    if args.lr <= 0:
-        raise InputError(f"--lr must be > 0, got {args.lr}")
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune as configured by ``args`` (see :func:`build_parser`); return the metrics dict
-    that is also written to ``output_dir/metrics.json``."""
-    _check_args(args)
-    with finetune_session(args):
-        return _run(args)
+    that is also written to ``output_dir/metrics.json`` (``finetune.loop.run_finetuning``)."""
+    return run_finetuning(args, TASK)
+
+
+def _refuse_unmeasurable(train: CubeFiles, val: CubeFiles, test: CubeFiles | None,
+                         n_classes: int, monitor: str, where: dict[str, str]) -> None:
+    """Refuse sets whose results would mean nothing: training or validation cubes of a single
+    class, ``--monitor auc`` with a validation set lacking a class (its AUC is undefined), a
+    test set of a single class. ``where``: the flags each set came from, for the message."""
+    for name, ds in (("training", train), ("validation", val), ("test", test)):
+        if ds is not None and np.unique(ds.labels).size < 2:
+            raise InputError(f"{where[name]}: every {name} cube has label {int(ds.labels[0])}; "
+                             f"a single class cannot be learned or measured (its AUC is "
+                             f"undefined, its accuracy says nothing); give cubes of at least "
+                             f"two classes")
+    lacking = sorted(set(range(n_classes)) - set(np.unique(val.labels).tolist()))
+    if monitor == "auc" and lacking:
+        raise InputError(f"{where['validation']}: the validation cubes lack class(es) "
+                         f"{', '.join(map(str, lacking))}, so their AUC is undefined; use "
+                         "--monitor loss or a validation set with every class")
 
 
 def _splits(args: argparse.Namespace) -> tuple[CubeFiles, CubeFiles, CubeFiles | None,
@@ -402,6 +413,9 @@ def _splits(args: argparse.Namespace) -> tuple[CubeFiles, CubeFiles, CubeFiles |
         raise InputError("no training data: give --data and --labels, or --data_dir")
     val = load_dataset(args.val_data, args.val_labels, args.val_data_dir, "val_")
     test = load_dataset(args.test_data, args.test_labels, args.test_data_dir, "test_")
+    where = {"training": args.data_dir or args.labels, "test": args.test_data_dir or args.test_labels,
+             "validation": args.val_data_dir or args.val_labels
+             or f"--val_fraction {args.val_fraction} of {args.data_dir or args.labels}"}
     if val is None:
         if args.val_fraction <= 0:
             raise InputError("no validation data: give --val_data/--val_labels or --val_data_dir, "
@@ -418,6 +432,7 @@ def _splits(args: argparse.Namespace) -> tuple[CubeFiles, CubeFiles, CubeFiles |
                          "add data or change --val_fraction")
     all_labels = np.concatenate([train.labels, val.labels] + ([test.labels] if test is not None else []))
     n_classes = count_classes(all_labels, args.num_classes)
+    _refuse_unmeasurable(train, val, test, n_classes, args.monitor, where)
     loss = args.loss if args.loss != "auto" else ("bce" if n_classes == 2 else "ce")
     if loss == "bce" and n_classes > 2:
         raise InputError(f"--loss bce needs 2 classes, the labels have {n_classes}; use --loss ce")
@@ -425,23 +440,32 @@ def _splits(args: argparse.Namespace) -> tuple[CubeFiles, CubeFiles, CubeFiles |
     return train, val, test, class_names, loss, 1 if loss == "bce" else n_classes
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    out = Path(args.output_dir)
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
+def _inputs(args: argparse.Namespace, sets: dict[str, CubeFiles | None]
+            ) -> dict[str, list[tuple[str, Path]]]:
+    """{flag: [(name, path)]} of every file the run reads (``finetune.inputs.input_files``)."""
+    out: dict[str, list[tuple[str, Path]]] = {}
+    for prefix, ds in sets.items():
+        if ds is None:
+            continue
+        folders = getattr(args, f"{prefix}data") or [getattr(args, f"{prefix}data_dir")]
+        flag = f"{prefix}data" if getattr(args, f"{prefix}data") else f"{prefix}data_dir"
+        out[flag] = input_files(sorted(set(ds.sources), key=ds.sources.index), folders)
+        if getattr(args, f"{prefix}labels"):
+            out[f"{prefix}labels"] = input_files([getattr(args, f"{prefix}labels")], [])
+    return out
+
+
+def _prepare(args: argparse.Namespace, device: torch.device) -> Prepared:
+    """Data, classifier (seeded head, see ``models.targets.seeded_init``), loaders and the
+    validation and test evaluations of a classification run."""
     train, val, test, class_names, loss, n_out = _splits(args)
     model, loaded = build_classifier(width=args.width, weights=args.weights, n_class=n_out,
-                                     norm=args.norm, freeze_encoder=args.freeze_encoder)
+                                     norm=args.norm, freeze_encoder=args.freeze_encoder,
+                                     seed=args.seed)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = finetune_optimizer(params, args.optimizer, args.lr, args.weight_decay)
-
-    model_config = {"width": args.width, "n_class": n_out, "norm": args.norm, "in_channels": 1}
-    state, stopper, checkpoints = finetune_runtime(args, model, optimizer, "TargetClassifier",
-                                                   model_config)
-
-    pin = device.type == "cuda"
-    workers = max(0, args.num_workers)
+    optimizer = finetune_optimizer([p for p in model.parameters() if p.requires_grad],
+                                   args.optimizer, args.lr, args.weight_decay)
+    pin, workers = device.type == "cuda", args.num_workers
     train_ds = CubeDataset(train, augment=args.augment, seed=args.seed)
     sampler = EpochShuffle(len(train), args.seed)
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler,
@@ -449,58 +473,38 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                               drop_last=len(train) > args.batch_size and len(train) % args.batch_size == 1)
     eval_kw = dict(batch_size=args.batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
     val_loader = DataLoader(CubeDataset(val), persistent_workers=workers > 0, **eval_kw)
-    step = loss_step(model, optimizer, device, lambda out, y: _loss_and_probs(out, y, loss)[0])
+    n_classes = max(2, n_out)
 
-    make_output_dir(out, "--output_dir")
-    write_run_config(args, out)
-    stopped_early, t0 = stopper.stopped(state), time.time()  # resuming a finished run: no epoch
-    with MetricLogger(out / "tensorboard", args.verbose, flag="--output_dir") as log:
-        for epoch in range(state.epoch, 0 if stopped_early else args.nb_epoch):
-            train_ds.epoch = sampler.epoch = epoch
-            train_loss = per_sample_mean(train_one_epoch(
-                model, step, train_loader, log, f"epoch {epoch + 1}/{args.nb_epoch}",
-                torch.zeros(2, device=device)))
-            v = evaluate_classifier(model, val_loader, loss, device, log, f"epoch {epoch + 1} val")
-            check_finite_training(model, epoch + 1, train_loss, v["loss"],
-                                  "lower --lr, then --resume the last checkpoint")
-            current = v["loss"] if args.monitor == "loss" else (v["auc"] if v["auc"] is not None else -v["loss"])
-            decision = stopper.step(state, current, v["loss"])
-            if decision.improved:
-                state.extra["best_val"] = v
-            state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": v["loss"],
-                                  "val_auc": v["auc"], "val_accuracy": v["accuracy"],
-                                  "lr": optimizer.param_groups[0]["lr"]})
-            checkpoints.save(state, decision.improved, model, optimizer,
-                             extra={"classes": class_names, "loss": loss, "val": v})
-            log.scalars({"loss/train": train_loss, "loss/val": v["loss"],
-                         "val/accuracy": v["accuracy"], "val/auc": v["auc"]}, epoch + 1)
-            auc = "n/a" if v["auc"] is None else f"{v['auc']:.4f}"
-            log.line(f"epoch {epoch + 1}: train_loss {train_loss:.4f} val_loss {v['loss']:.4f} "
-                     f"val_auc {auc} val_acc {v['accuracy']:.4f}"
-                     + (" *" if decision.improved else f" ({state.no_improve}/{args.patience})"))
-            if decision.stop:
-                stopped_early = True
-                break
+    def set_epoch(epoch: int) -> None:
+        train_ds.epoch = sampler.epoch = epoch
 
-    metrics: dict[str, Any] = {
-        "task": "classification", "weights": args.weights, "init": "pretrained" if args.weights else "scratch",
-        "loaded_keys": len(loaded), "classes": class_names, "loss": loss,
-        "n_train": len(train), "n_val": len(val), "n_test": len(test) if test is not None else 0,
-        "best_epoch": state.best_epoch, "epochs_run": len(state.history),
-        "stopped_early": stopped_early, "monitor": args.monitor, "val": state.extra.get("best_val", {}),
-        "history": state.history, "seconds": time.time() - t0,
-    }
-    if test is not None:
-        load_best(model, out)
-        test_loader = DataLoader(CubeDataset(test), **eval_kw)
-        metrics["test"] = evaluate_classifier(model, test_loader, loss, device)
-    save_json_atomic(out / "metrics.json", metrics)
-    if args.verbose:
-        summary = metrics.get("test", metrics["val"])
-        auc = "n/a" if summary.get("auc") is None else f"{summary['auc']:.4f}"
-        print(f"best epoch {state.best_epoch}; {'test' if test is not None else 'val'} AUC {auc} "
-              f"accuracy {summary.get('accuracy', float('nan')):.4f}; wrote {out / 'metrics.json'}")
-    return metrics
+    def validate(log: MetricLogger, epoch: int) -> dict[str, Any]:
+        return evaluate_classifier(model, val_loader, loss, device, log, f"epoch {epoch} val",
+                                   n_classes)
+
+    def test_set() -> dict[str, Any]:
+        return evaluate_classifier(model, DataLoader(CubeDataset(test), **eval_kw), loss, device,
+                                   n_classes=n_classes)
+
+    return Prepared(
+        model=model, model_config={"width": args.width, "n_class": n_out, "norm": args.norm,
+                                   "in_channels": 1},
+        optimizer=optimizer, step=loss_step(model, optimizer, device,
+                                            lambda out, y: _loss_and_probs(out, y, loss)[0]),
+        train_loader=train_loader, set_epoch=set_epoch, evaluate=validate,
+        test=test_set if test is not None else None, history_keys=("loss", "auc", "accuracy"),
+        summary=(("AUC", "auc"), ("accuracy", "accuracy")),
+        info={"classes": class_names, "loss": loss, "n_train": len(train), "n_val": len(val),
+              "n_test": len(test) if test is not None else 0},
+        inputs=_inputs(args, {"": train, "val_": val if args.val_data or args.val_data_dir
+                              else None, "test_": test}),
+        loaded=loaded, device=device, checkpoint_extra={"classes": class_names, "loss": loss})
+
+
+#: Classification fine-tuning for ``finetune.loop.run_finetuning``.
+TASK = Task("classification", "TargetClassifier",
+            ("data", "labels", "data_dir", "val_data", "val_labels", "val_data_dir",
+             "test_data", "test_labels", "test_data_dir"), _prepare)
 
 
 def main(argv: list[str] | None = None) -> int:

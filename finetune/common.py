@@ -1,5 +1,5 @@
-"""Pieces shared by the two fine-tuning scripts: flags, optimiser, output folder and the loop
-runtime (``runtime.training``) set up for ``best.pt`` / ``last.pt``."""
+"""Pieces shared by the two fine-tuning commands: flags, optimiser, training step, output
+folder and reading back ``best.pt`` (the loop itself is ``finetune.loop``)."""
 from __future__ import annotations
 
 import argparse
@@ -13,14 +13,13 @@ from torch import nn
 
 from models.checkpoint import load_checkpoint, load_state_dict_checked
 from runtime.cli import (add_verbosity_flag, add_overwrite_flag, add_resume_flag, nonneg_float, positive_float,
-                         positive_int, resume_path, seed_int)
+                         positive_int, seed_int)
 from runtime.devices import device_name
 from runtime.files import output_session
-from runtime.training import (EarlyStopping, EpochCheckpoints, RunState, batch_sums,
-                              restart_from_checkpoint)
+from runtime.training import batch_sums
 
 __all__ = ["add_model_flags", "add_training_flags", "add_output_flags", "add_optimizer_flags",
-           "finetune_optimizer", "finetune_session", "finetune_runtime", "loss_step", "load_best"]
+           "finetune_optimizer", "finetune_session", "loss_step", "load_best", "RESULT_NAMES"]
 
 #: What a finished fine-tuning run leaves in --output_dir (kept unless --overwrite/--resume).
 RESULT_NAMES = ("metrics.json", "best.pt", "last.pt")
@@ -30,12 +29,15 @@ def add_model_flags(ap: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The "model" flag group both scripts share (``--weights``, ``--width``, ``--norm``)."""
     m = ap.add_argument_group("model")
     m.add_argument("--weights", default=None,
-                   help="pretrained Semantic Genesis checkpoint (ours or published); omit to train "
-                        "from scratch")
-    m.add_argument("--width", type=positive_int, default=32,
-                   help="base channels of the U-Net (32 = published)")
-    m.add_argument("--norm", default="batch_stats", choices=["batch_stats", "standard"],
-                   help="BatchNorm: batch statistics also in eval (published) or running statistics")
+                   help="pretrained Semantic Genesis checkpoint (ours or published, or Models "
+                        "Genesis weights); omit to train from scratch")
+    m.add_argument("--width", type=positive_int, default=None,
+                   help="base channels of the U-Net [default: as the --weights checkpoint "
+                        "records or its weights show, else 32 (published)]")
+    m.add_argument("--norm", default=None, choices=["batch_stats", "standard"],
+                   help="BatchNorm: batch statistics also in eval (published) or running "
+                        "statistics [default: as the --weights checkpoint records, else "
+                        "batch_stats]")
     return m
 
 
@@ -98,23 +100,6 @@ def finetune_session(args: argparse.Namespace) -> Iterator[Path]:
         if not args.resume:
             (folder / "metrics.json").unlink(missing_ok=True)
         yield folder
-
-
-def finetune_runtime(args: argparse.Namespace, model: nn.Module,
-                     optimizer: torch.optim.Optimizer, arch: str,
-                     model_config: dict[str, Any]) -> tuple[RunState, EarlyStopping,
-                                                            EpochCheckpoints]:
-    """The loop runtime of a fine-tuning run: its state (restored from ``--resume``: a path, or
-    ``auto`` for ``<output_dir>/last.pt``), the early-stopping rule on ``--monitor`` (loss
-    lower, anything else higher, by more than 1e-6) and the ``best.pt``/``last.pt`` pair."""
-    out = Path(args.output_dir)
-    resume = resume_path(args.resume, out / "last.pt")
-    state = RunState() if resume is None else restart_from_checkpoint(resume, model, optimizer)
-    stopper = EarlyStopping(args.patience, "min" if args.monitor == "loss" else "max",
-                            min_delta=1e-6)
-    checkpoints = EpochCheckpoints(out / "best.pt", out / "last.pt", arch, model_config,
-                                   vars(args))
-    return state, stopper, checkpoints
 
 
 def loss_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,

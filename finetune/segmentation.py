@@ -6,8 +6,12 @@ so small structures such as nodules are seen often enough. The loss is the origi
 Dice loss (``--loss dice``; ``bce_dice`` adds binary cross-entropy). Validation and test run
 sliding-window inference over whole volumes (windows of ``--crop`` overlapping by
 ``--overlap``, Gaussian-weighted averaging), threshold 0.5, and report Dice and IoU per case
-and their means. Training stops early when the validation Dice (or loss, ``--monitor``) has not
-improved for ``--patience`` epochs; the best epoch's weights are kept.
+and their means over the cases whose mask has foreground (Dice is undefined for an empty mask:
+such a case is reported with its predicted voxels and left out of the means). Training stops
+early when the validation Dice (or loss, ``--monitor``) has not improved for ``--patience``
+epochs; the best epoch's weights are kept (the loop, ``--resume`` and the outputs are
+``finetune.loop``'s, shared with classification). Refused: ``--foreground_labels`` values no
+training mask holds, training masks without foreground, validation or test masks all empty.
 
 Data: ``--images`` / ``--masks`` are folders or lists of volumes, each mask paired with the image
 of the same name, optionally followed by ``_mask``/``_seg``/``_label`` (``case1.nii.gz`` and
@@ -28,14 +32,10 @@ schema, arch ``UNet3D``), ``last.pt`` (for ``--resume``), ``tensorboard/``, and 
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-
 import argparse
 import itertools
 import os
-import time
+from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,19 +45,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from finetune.common import (add_model_flags, add_output_flags, add_training_flags,
+                             finetune_optimizer, loss_step)
+from finetune.inputs import input_files
+from finetune.loop import Prepared, Task, run_finetuning
 from models.targets import bce_dice_loss, binary_dice_iou, build_segmentation_model, dice_coef_loss
+from preparation.ct_io import CTReadError, find_ct_inputs, read_ct, volume_stem
 from runtime.cli import (ArgumentParser, HelpFormatter, run_cli, fraction, nonneg_int,
                          positive_int, probability)
-from runtime.devices import resolve_device, seed_everything
 from runtime.errors import InputError
-from runtime.files import (check_output_outside, make_output_dir, save_json_atomic, save_npy_atomic,
-                           write_run_config)
+from runtime.files import save_npy_atomic
 from runtime.intensity import check_real_array, finite_range, normalize_hu, within_unit_range
-from runtime.training import MetricLogger, check_finite_training, per_sample_mean, train_one_epoch
-from preparation.ct_io import CTReadError, find_ct_inputs, read_ct, volume_stem
-from finetune.common import (add_model_flags, add_output_flags, add_training_flags,
-                                     finetune_optimizer, finetune_runtime, finetune_session,
-                                     load_best, loss_step)
+from runtime.training import MetricLogger
 
 __all__ = ["Case", "MASK_SUFFIXES", "find_volume_files", "pair_volumes", "load_cases", "sample_crop", "CropDataset",
            "sliding_window_predict", "evaluate_cases", "build_parser", "run", "main"]
@@ -72,7 +71,8 @@ MAX_FG_COORDS = 20000
 @dataclass
 class Case:
     """One volume: ``image`` float32 (X, Y, Z) in [0, 1], ``mask`` uint8 (X, Y, Z) in {0, 1},
-    ``fg`` int32 (K, 3) foreground coordinates (a seeded subsample of at most MAX_FG_COORDS)."""
+    ``fg`` int32 (K, 3) foreground coordinates (a seeded subsample of at most MAX_FG_COORDS);
+    ``found_labels``: the values of ``--foreground_labels`` present in the mask file."""
 
     name: str
     image: np.ndarray
@@ -80,6 +80,7 @@ class Case:
     fg: np.ndarray
     image_path: str
     mask_path: str
+    found_labels: tuple[int, ...] = ()
 
 
 def find_volume_files(paths: Sequence[str | os.PathLike], flag: str) -> list[dict[str, Any]]:
@@ -223,11 +224,13 @@ def load_cases(images: Sequence[str], masks: Sequence[str], seed: int = 0,
         msk, msk_grid = _read(it_msk, is_mask=True)
         _check_grid(img, img_grid, msk, msk_grid, str(it_img["path"]), str(it_msk["path"]))
         fgmask = np.isin(msk, list(foreground_labels)) if foreground_labels else msk > 0
+        found = tuple(v for v in foreground_labels or () if (msk == v).any())
         fg = np.argwhere(fgmask).astype(np.int32)                      # (K, 3)
         if len(fg) > MAX_FG_COORDS:
             fg = fg[np.sort(rng.choice(len(fg), MAX_FG_COORDS, replace=False))]
         cases.append(Case(volume_stem(it_img["path"]), np.ascontiguousarray(img, dtype=np.float32),
-                          fgmask.astype(np.uint8), fg, str(it_img["path"]), str(it_msk["path"])))
+                          fgmask.astype(np.uint8), fg, str(it_img["path"]), str(it_msk["path"]),
+                          found))
     return cases
 
 
@@ -333,8 +336,10 @@ def sliding_window_predict(model: nn.Module, image: np.ndarray, crop: Sequence[i
 def evaluate_cases(model: nn.Module, cases: list[Case], crop: Sequence[int], overlap: float,
                    batch_size: int, device: torch.device,
                    save_dir: Path | None = None, preview: list | None = None) -> dict[str, Any]:
-    """Sliding-window Dice/IoU (threshold 0.5) per case and their means, plus the mean soft
-    Dice loss of the probabilities. With ``save_dir``, predicted masks are written there; with
+    """Sliding-window Dice/IoU (threshold 0.5) per case and their means over the cases whose
+    mask has foreground (for an empty mask they are undefined: None, counted in ``n_empty``;
+    its predicted voxels are still reported), plus the mean soft Dice loss of the
+    probabilities over every case. With ``save_dir``, predicted masks are written there; with
     ``preview`` (a list), an image (X, 3Y) of the first case's image | mask | probability is
     appended to it."""
     per_case = []
@@ -344,15 +349,20 @@ def evaluate_cases(model: nn.Module, cases: list[Case], crop: Sequence[int], ove
         if first_prob is None:
             first_prob = prob
         pred = prob >= 0.5
-        dice, iou = binary_dice_iou(pred, case.mask)
+        # Dice and IoU are undefined for an empty mask (None): such cases count in the loss only
+        dice, iou = binary_dice_iou(pred, case.mask) if case.mask.any() else (None, None)
         loss = float(dice_coef_loss(torch.from_numpy(case.mask.astype(np.float32)), torch.from_numpy(prob)))
         per_case.append({"name": case.name, "dice": dice, "iou": iou, "dice_loss": loss,
                          "foreground_voxels": int(case.mask.sum()), "predicted_voxels": int(pred.sum())})
         if save_dir is not None:
             save_npy_atomic(save_dir / f"{case.name}.npy", pred.astype(np.uint8))
-    mean = lambda k: float(np.mean([c[k] for c in per_case])) if per_case else float("nan")  # noqa: E731
+
+    def mean(key: str) -> float | None:
+        values = [c[key] for c in per_case if c[key] is not None]
+        return float(np.mean(values)) if values else None
     result = {"dice": mean("dice"), "iou": mean("iou"), "loss": mean("dice_loss"),
-              "n": len(per_case), "per_case": per_case}
+              "n": len(per_case), "n_empty": sum(c["dice"] is None for c in per_case),
+              "per_case": per_case}
     if preview is not None and cases:
         preview.append(_preview(cases[0], first_prob))
     return result
@@ -369,6 +379,15 @@ def _preview(case: Case, prob: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------
+def crop_side(text: str) -> int:
+    """argparse type of ``--crop``: a positive multiple of 8 (the encoder pools three times)."""
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of 8 (the encoder pools "
+                                         "three times)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(
         description="Fine-tune the whole Semantic Genesis 3D U-Net for binary segmentation "
@@ -389,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test_masks", nargs="+", default=None, help="masks for --test_images")
     g.add_argument("--foreground_labels", type=nonneg_int, nargs="+", default=None,
                    help="mask values counted as foreground; when omitted, every value > 0")
-    g.add_argument("--crop", type=positive_int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
+    g.add_argument("--crop", type=crop_side, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="training crop and sliding-window size; each side divisible by 8")
     g.add_argument("--foreground_prob", type=probability, default=0.5,
                    help="probability that a training crop is centred on a foreground voxel")
@@ -417,19 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("nb_epoch", "patience", "batch_size", "steps_per_epoch"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if any(c < 8 or c % 8 for c in args.crop):
-        raise InputError(f"--crop {args.crop}: every side must be a positive multiple of 8")
-    if not 0.0 <= args.overlap < 1.0:
-        raise InputError(f"--overlap must be in [0, 1), got {args.overlap}")
-    if not 0.0 <= args.foreground_prob <= 1.0:
-        raise InputError(f"--foreground_prob must be in [0, 1], got {args.foreground_prob}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise InputError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
-    if args.lr <= 0:
-        raise InputError(f"--lr must be > 0, got {args.lr}")
+    """Cross-flag checks (the argparse types check each flag)."""
     for a, b in (("images", "masks"), ("val_images", "val_masks"), ("test_images", "test_masks")):
         if bool(getattr(args, a)) != bool(getattr(args, b)):
             raise InputError(f"--{a} and --{b} go together: give both or neither")
@@ -437,13 +444,40 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune as configured by ``args`` (see :func:`build_parser`); return the metrics dict
-    that is also written to ``output_dir/metrics.json``."""
+    that is also written to ``output_dir/metrics.json`` (``finetune.loop.run_finetuning``)."""
     _check_args(args)
-    folders = [p for flag in ("images", "masks", "val_images", "val_masks", "test_images",
-                              "test_masks") for p in getattr(args, flag) or [] if Path(p).is_dir()]
-    check_output_outside(args.output_dir, folders, "--output_dir", "--images/--masks")
-    with finetune_session(args):
-        return _run(args)
+    return run_finetuning(args, TASK)
+
+
+def _refuse_unmeasurable(args: argparse.Namespace, train: list[Case], val: list[Case],
+                         test: list[Case] | None) -> None:
+    """Refuse what Dice cannot measure: a ``--foreground_labels`` value no training mask
+    holds, training masks without any foreground, a validation or test set whose masks are
+    all empty (Dice is defined on cases with foreground only)."""
+    if args.foreground_labels:
+        found = {v for c in train for v in c.found_labels}
+        absent = [v for v in args.foreground_labels if v not in found]
+        if absent:
+            values = sorted({int(v) for c in train for v in np.unique(_raw_mask(c))})
+            raise InputError(f"--foreground_labels {' '.join(map(str, absent))}: no training "
+                             f"mask holds this value (the masks hold {', '.join(map(str, values))}); "
+                             "give the values of the structure to segment")
+    if not any(len(c.fg) for c in train):
+        shown = ", ".join(Path(c.mask_path).name for c in train[:5]) + (", ..." if len(train) > 5 else "")
+        raise InputError(f"none of the {len(train)} training masks ({shown}) has a foreground voxel "
+                         f"({'values ' + ' '.join(map(str, args.foreground_labels)) if args.foreground_labels else 'value > 0'}), "
+                         "so nothing can be learned or measured; check --masks")
+    for name, cases, flags in (("validation", val, "--val_images/--val_masks, --val_fraction or --seed"),
+                               ("test", test, "--test_images/--test_masks")):
+        if cases and not any(c.mask.any() for c in cases):
+            raise InputError(f"every {name} mask is empty ({', '.join(c.name for c in cases[:5])}): "
+                             f"Dice is undefined without foreground; change {flags}")
+
+
+def _raw_mask(case: Case) -> np.ndarray:
+    """The mask file of ``case`` as read (for the message naming the values it holds)."""
+    item = {"path": Path(case.mask_path), "kind": "dicom" if Path(case.mask_path).is_dir() else "file"}
+    return _read(item, is_mask=True)[0]
 
 
 def _splits(args: argparse.Namespace) -> tuple[list[Case], list[Case], list[Case] | None]:
@@ -465,83 +499,67 @@ def _splits(args: argparse.Namespace) -> tuple[list[Case], list[Case], list[Case
         train = [cases[i] for i in sorted(order[k:])]
     test = (load_cases(args.test_images, args.test_masks, args.seed, args.foreground_labels, "test_")
             if args.test_images else None)
-    if not any(len(c.fg) for c in train):
-        print("warning: no foreground voxel in any training mask", file=sys.stderr)
+    _refuse_unmeasurable(args, train, val, test)
     return train, val, test
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    out = Path(args.output_dir)
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
+def _inputs(args: argparse.Namespace) -> dict[str, list[tuple[str, Path]]]:
+    """{flag: [(name, path)]} of every volume the run reads (``finetune.inputs.input_files``):
+    the files each flag's folders and files hold (DICOM folders by their slices)."""
+    out = {}
+    for flag in ("images", "masks", "val_images", "val_masks", "test_images", "test_masks"):
+        paths = getattr(args, flag)
+        if paths:
+            items = find_volume_files(paths, f"--{flag}")
+            files = [f for it in items for f in (it["files"] or [it["path"]])]
+            out[flag] = input_files(files, paths)
+    return out
+
+
+def _prepare(args: argparse.Namespace, device: torch.device) -> Prepared:
+    """Volumes, U-Net (seeded initialisation, see ``models.targets.seeded_init``), crop loader
+    and the sliding-window validation and test evaluations of a segmentation run."""
     crop = tuple(args.crop)
     train, val, test = _splits(args)
     model, loaded = build_segmentation_model(width=args.width, weights=args.weights, norm=args.norm,
-                                             new_decoder=args.new_decoder)
+                                             new_decoder=args.new_decoder, seed=args.seed)
     model.to(device)
     optimizer = finetune_optimizer(list(model.parameters()), args.optimizer, args.lr, args.weight_decay)
     criterion = dice_coef_loss if args.loss == "dice" else bce_dice_loss
-
-    model_config = {"width": args.width, "n_class": 1, "norm": args.norm, "in_channels": 1}
-    state, stopper, checkpoints = finetune_runtime(args, model, optimizer, "UNet3D", model_config)
-
-    workers = max(0, args.num_workers)
+    workers = args.num_workers
     train_ds = CropDataset(train, crop, args.steps_per_epoch * args.batch_size, args.foreground_prob,
                            args.augment, args.seed)
     loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    step = loss_step(model, optimizer, device, lambda pred, y: criterion(y, pred))
 
-    make_output_dir(out, "--output_dir")
-    write_run_config(args, out)
-    stopped_early, t0 = stopper.stopped(state), time.time()  # resuming a finished run: no epoch
-    with MetricLogger(out / "tensorboard", args.verbose, flag="--output_dir") as log:
-        for epoch in range(state.epoch, 0 if stopped_early else args.nb_epoch):
-            train_ds.epoch = epoch
-            train_loss = per_sample_mean(train_one_epoch(
-                model, step, loader, log, f"epoch {epoch + 1}/{args.nb_epoch}",
-                torch.zeros(2, device=device)))
-            preview: list[np.ndarray] = []
-            v = evaluate_cases(model, val, crop, args.overlap, args.batch_size, device, preview=preview)
-            check_finite_training(model, epoch + 1, train_loss, v["loss"],
-                                  "lower --lr, then --resume the last checkpoint")
-            decision = stopper.step(state, v["dice"] if args.monitor == "dice" else v["loss"], v["loss"])
-            if decision.improved:
-                state.extra["best_val"] = v
-            state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": v["loss"],
-                                  "val_dice": v["dice"], "val_iou": v["iou"],
-                                  "lr": optimizer.param_groups[0]["lr"]})
-            checkpoints.save(state, decision.improved, model, optimizer, extra={"val": v})
-            log.image("val/image_mask_probability", preview[0], epoch + 1)
-            log.scalars({"loss/train": train_loss, "loss/val": v["loss"], "val/dice": v["dice"],
-                         "val/iou": v["iou"]}, epoch + 1)
-            log.line(f"epoch {epoch + 1}: train_loss {train_loss:.4f} val_dice {v['dice']:.4f} "
-                     f"val_iou {v['iou']:.4f}"
-                     + (" *" if decision.improved else f" ({state.no_improve}/{args.patience})"))
-            if decision.stop:
-                stopped_early = True
-                break
+    def set_epoch(epoch: int) -> None:
+        train_ds.epoch = epoch
 
-    metrics: dict[str, Any] = {
-        "task": "segmentation", "weights": args.weights, "init": "pretrained" if args.weights else "scratch",
-        "loaded_keys": len(loaded), "n_train": len(train), "n_val": len(val),
-        "n_test": len(test) if test is not None else 0,
-        "train_cases": [c.name for c in train], "val_cases": [c.name for c in val],
-        "best_epoch": state.best_epoch, "epochs_run": len(state.history),
-        "stopped_early": stopped_early, "monitor": args.monitor, "val": state.extra.get("best_val", {}),
-        "history": state.history, "seconds": time.time() - t0,
-    }
-    if test is not None:
-        load_best(model, out)
-        metrics["test"] = evaluate_cases(model, test, crop, args.overlap, args.batch_size, device,
-                                         out / "predictions" if args.save_predictions else None)
-    save_json_atomic(out / "metrics.json", metrics)
-    if args.verbose:
-        s = metrics.get("test", metrics["val"])
-        print(f"best epoch {state.best_epoch}; {'test' if test is not None else 'val'} "
-              f"Dice {s.get('dice', float('nan')):.4f} IoU {s.get('iou', float('nan')):.4f}; "
-              f"wrote {out / 'metrics.json'}")
-    return metrics
+    def validate(log: MetricLogger, epoch: int) -> dict[str, Any]:
+        preview: list[np.ndarray] = []
+        v = evaluate_cases(model, val, crop, args.overlap, args.batch_size, device, preview=preview)
+        log.image("val/image_mask_probability", preview[0], epoch)
+        return v
+
+    def test_set() -> dict[str, Any]:
+        return evaluate_cases(model, test, crop, args.overlap, args.batch_size, device,
+                              Path(args.output_dir) / "predictions" if args.save_predictions else None)
+
+    return Prepared(
+        model=model, model_config={"width": args.width, "n_class": 1, "norm": args.norm,
+                                   "in_channels": 1},
+        optimizer=optimizer, step=loss_step(model, optimizer, device, lambda pred, y: criterion(y, pred)),
+        train_loader=loader, set_epoch=set_epoch, evaluate=validate,
+        test=test_set if test is not None else None, history_keys=("loss", "dice", "iou"),
+        summary=(("Dice", "dice"), ("IoU", "iou")),
+        info={"n_train": len(train), "n_val": len(val), "n_test": len(test) if test is not None else 0,
+              "train_cases": [c.name for c in train], "val_cases": [c.name for c in val]},
+        inputs=_inputs(args), loaded=loaded, device=device)
+
+
+#: Segmentation fine-tuning for ``finetune.loop.run_finetuning``.
+TASK = Task("segmentation", "UNet3D",
+            ("images", "masks", "val_images", "val_masks", "test_images", "test_masks"), _prepare)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ import os
 import re
 import zipfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,9 @@ __all__ = [
     "unwrap_model",
     "load_state_dict_checked",
     "load_pretrained",
+    "CHECKPOINT_KINDS",
+    "CheckpointInfo",
+    "describe_checkpoint",
 ]
 
 SCHEMA_VERSION = 1
@@ -351,6 +355,21 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p.rstrip(".") + ".") for p in patterns)
 
 
+def _key_problems(target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                  new_keys: Iterable[str] = (), ignore_unexpected: Iterable[str] = (),
+                  allow_unexpected: bool = False) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, shape-mismatched) keys of a cleaned ``state`` against a model's
+    ``target`` state dict; mismatches read "key: checkpoint (shape) vs model (shape)"."""
+    new_keys, ignore_unexpected = tuple(new_keys), tuple(ignore_unexpected)
+    missing = [k for k in target if k not in state and not _matches(k, new_keys)]
+    unexpected = [k for k in state if k not in target and not allow_unexpected
+                  and not _matches(k, ignore_unexpected)]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+                  for k in target if k in state and state[k].shape != target[k].shape
+                  and not _matches(k, new_keys)]
+    return missing, unexpected, mismatched
+
+
 def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
                             source: str = "checkpoint", new_keys: Iterable[str] = (),
                             ignore_unexpected: Iterable[str] = (),
@@ -384,12 +403,8 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
     if bad:
         raise CheckpointError(f"{source}: {len(bad)} weight tensor(s) hold NaN or inf (first "
                               f"{bad[0]}); a diverged run's file: use an earlier checkpoint")
-    missing = [k for k in target if k not in state and not _matches(k, new_keys)]
-    unexpected = [k for k in state if k not in target and not allow_unexpected
-                  and not _matches(k, ignore_unexpected)]
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
-                  for k in target if k in state and state[k].shape != target[k].shape
-                  and not _matches(k, new_keys)]
+    missing, unexpected, mismatched = _key_problems(target, state, new_keys, ignore_unexpected,
+                                                    allow_unexpected)
     if missing or unexpected or mismatched:
         parts = []  # every offending key is listed: the message is the diagnosis
         first_conv = [k for k in target if k.endswith("down_tr64.ops.0.conv1.weight")
@@ -415,6 +430,93 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
     return loaded
 
 
+#: Kinds of checkpoint ``describe_checkpoint`` tells apart.
+CHECKPOINT_KINDS = ("pretraining", "pretraining_en", "autoencoder", "unet", "segmentation",
+                    "classifier", "encoder", "unknown")
+#: The first convolution (width w, in_channels, 3, 3, 3) of every Semantic Genesis network.
+FIRST_CONV = "down_tr64.ops.0.conv1.weight"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint is: ``kind`` (one of ``CHECKPOINT_KINDS``), ``arch`` (recorded, else
+    inferred from the keys; None when unknown), ``config`` (the architecture: ``width``,
+    ``in_channels``, ``norm``, ``decoder``, ... as the weights show them, over what
+    ``model_config`` records) and ``description``, a phrase for messages ("a Semantic Genesis
+    pretraining checkpoint (en_de: YNet3D, width 4)")."""
+    kind: str
+    arch: str | None
+    config: dict[str, Any]
+    description: str
+
+
+def _first_conv_width(state: Mapping[str, Any]) -> int | None:
+    """Width of the first convolution found under any prefix (``base_model.`` ...), or None."""
+    for key, value in state.items():
+        if isinstance(key, str) and key.endswith(FIRST_CONV) and isinstance(value, torch.Tensor) \
+                and value.dim() == 5:
+            return int(value.shape[0])
+    return None
+
+
+def describe_checkpoint(ckpt: Mapping[str, Any], source: str = "checkpoint") -> CheckpointInfo:
+    """Name the kind of a checkpoint read by :func:`load_checkpoint` (ours, published or a bare
+    state dict) from its recorded ``arch``/``model_config``/``config`` and its keys and shapes:
+    a pretraining Y-Net (``en_de``), an encoder-only pretraining network (``en``), a stage-1
+    autoencoder (a U-Net with the upsampling decoder or the autoencoder's BatchNorm constants),
+    a fine-tuned segmentation U-Net, another 3D U-Net (e.g. Models Genesis), a fine-tuned
+    classifier (``TargetClassifier``), a bare encoder, or unknown."""
+    state = ckpt.get("state_dict") or {}
+    recorded = checked_model_config(ckpt, source)
+    run_config = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else {}
+    keys = [k for k in state if isinstance(k, str)]
+    width = _first_conv_width(state)
+    if any(k.startswith("base_model.") for k in keys) and any(k.startswith("dense_1.") for k in keys):
+        cfg = {**recorded, "width": width} if width else dict(recorded)
+        return CheckpointInfo("classifier", "TargetClassifier", cfg,
+                              f"a fine-tuned classifier (TargetClassifier, width {width})")
+    arch, inferred = infer_model_config(clean_state_dict(state, source))  # damaged keys: an error
+    if not inferred:
+        shown = ", ".join(keys[:3]) or "none"
+        return CheckpointInfo("unknown", None, dict(recorded),
+                              f"a checkpoint of another network (first keys: {shown})")
+    cfg = {**recorded, **inferred}
+    w = cfg["width"]
+    if arch == "YNet3D":
+        kind, text = "pretraining", f"a Semantic Genesis pretraining checkpoint (en_de: YNet3D, width {w})"
+    elif arch == "ClassificationNet3D":
+        kind, text = "pretraining_en", ("an encoder-only pretraining checkpoint (en: "
+                                        f"ClassificationNet3D, width {w})")
+    elif arch == "UNet3D" and ("bn_eps" in recorded or cfg.get("decoder") == "upsampling"):
+        kind, text = "autoencoder", (f"an autoencoder checkpoint (stage 1: UNet3D, "
+                                     f"{cfg.get('decoder', 'upsampling')} decoder, width {w})")
+    elif arch == "UNet3D" and "masks" in run_config:
+        kind, text = "segmentation", f"a fine-tuned segmentation U-Net (UNet3D, width {w})"
+    elif arch == "UNet3D":
+        kind, text = "unet", f"a 3D U-Net checkpoint (UNet3D, width {w})"
+    else:
+        kind, text = "encoder", f"an encoder-only checkpoint (Encoder3D, width {w})"
+    return CheckpointInfo(kind, arch or ("Encoder3D" if kind == "encoder" else None), cfg, text)
+
+
+def _misfit(target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+            missing: list[str], unexpected: list[str], mismatched: list[str],
+            shown: int = 3) -> str:
+    """What does not fit, in a few words: "of width W (...)" when the widths differ (the first
+    shape mismatch shown), else the counts of mismatched / missing / unexpected keys with the
+    first ``shown`` of each."""
+    def listed(what: str, items: list[str], k: int = shown) -> str:
+        more = f", ... (+{len(items) - k} more)" if len(items) > k else ""
+        return f"{len(items)} {what}: {', '.join(items[:k])}{more}"
+    ws, wm = _first_conv_width(state), _first_conv_width(target)
+    if ws is not None and wm is not None and ws != wm and mismatched:
+        return f"of width {wm} ({listed('shape mismatch(es)', mismatched, 1)})"
+    parts = [listed("shape mismatch(es)", mismatched)] if mismatched else []
+    parts += [listed("missing key(s)", missing)] if missing else []
+    parts += [listed("unexpected key(s)", unexpected)] if unexpected else []
+    return f"({'; '.join(parts)})"
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike, new_keys: Iterable[str] = (),
                     map_location: Any = "cpu") -> list[str]:
     """Load a Semantic Genesis checkpoint (ours or published) into ``model``.
@@ -424,8 +526,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, new_keys: Iterabl
     ``prototypes.*`` are dropped; the Y-Net's ``clc_out.*`` is skipped when the model has no
     head, and the decoder keys are skipped when the model is an encoder-only network.
 
-    Returns the loaded keys; raises ``CheckpointError`` listing every missing or
-    shape-mismatched key except those in ``new_keys`` (keys or prefixes, e.g. ``["clc_out"]``).
+    Returns the loaded keys. Raises ``CheckpointError``, one short line naming the file, what
+    it is (``describe_checkpoint``) and what does not fit (the width, or the first missing /
+    unexpected / mismatched keys; keys in ``new_keys``, keys or prefixes such as
+    ``["clc_out"]``, may be missing or differ).
     """
     ckpt = load_checkpoint(path, map_location=map_location)
     target = unwrap_model(model).state_dict()
@@ -434,5 +538,13 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, new_keys: Iterabl
         ignore.append("clc_out")
     if not any(k.startswith(("up_tr", "out_tr")) for k in target):
         ignore += DECODER_PREFIXES
-    return load_state_dict_checked(model, ckpt["state_dict"], source=str(path),
+    state = clean_state_dict(ckpt["state_dict"], str(path))
+    if all(isinstance(v, torch.Tensor) for v in state.values()):  # else: the check below names them
+        problems = _key_problems(target, state, new_keys, ignore)
+        if any(problems):
+            info = describe_checkpoint(ckpt, str(path))
+            raise CheckpointError(f"{path}: {info.description} does not fit this "
+                                  f"{type(unwrap_model(model)).__name__} "
+                                  f"{_misfit(target, state, *problems)}")
+    return load_state_dict_checked(model, state, source=str(path),
                                    new_keys=new_keys, ignore_unexpected=ignore)

@@ -6,25 +6,30 @@
   encoder -> global average pool -> linear -> **logits** (the README applied a ReLU before the
   sigmoid, which clamps every negative logit to probability 0.5 and kills its gradient).
 * :func:`build_classifier` / :func:`build_segmentation_model` -- construct and initialise from a
-  checkpoint (or from scratch) in one call.
+  checkpoint (or from scratch) in one call; the width and BatchNorm mode default to what the
+  checkpoint records, and a seed fixes the fresh head / decoder whatever the checkpoint.
 * :func:`dice_coef_loss` -- the README's ``torch_dice_coef_loss`` (global soft Dice, smooth 1);
   :func:`binary_dice_iou` -- hard Dice and IoU of thresholded predictions.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import DECODER_PREFIXES, infer_model_config, load_pretrained
+from .checkpoint import (DECODER_PREFIXES, describe_checkpoint, infer_model_config, load_checkpoint,
+                         load_pretrained)
 from .ynet3d import NormMode, UNet3D, _check_input, _Encoder
 
 __all__ = ["Encoder3D", "TargetClassifier", "build_classifier", "build_segmentation_model",
-           "dice_coef_loss", "bce_dice_loss", "binary_dice_iou", "infer_width", "DECODER_PREFIXES"]
+           "dice_coef_loss", "bce_dice_loss", "binary_dice_iou", "infer_width", "DECODER_PREFIXES",
+           "DEFAULT_WIDTH", "DEFAULT_NORM", "checkpoint_architecture", "seeded_init"]
 
 
 class Encoder3D(_Encoder):
@@ -101,39 +106,88 @@ def infer_width(state_dict: Mapping[str, torch.Tensor]) -> int | None:
     return infer_model_config(state_dict)[1].get("width")
 
 
-def build_classifier(width: int = 32, weights: str | os.PathLike | None = None, n_class: int = 1,
-                     norm: NormMode = "batch_stats", freeze_encoder: bool = False,
-                     in_channels: int = 1) -> tuple[TargetClassifier, list[str]]:
+#: The width of the published networks, used when neither the caller nor a checkpoint says.
+DEFAULT_WIDTH = 32
+#: The published BatchNorm mode (batch statistics also in eval), likewise.
+DEFAULT_NORM: NormMode = "batch_stats"
+
+
+def checkpoint_architecture(weights: str | os.PathLike | None) -> dict[str, Any]:
+    """The architecture a checkpoint records or its weights show (``width``, ``norm``,
+    ``in_channels``, ...; see ``models.checkpoint.describe_checkpoint``), {} without one."""
+    if weights is None:
+        return {}
+    return describe_checkpoint(load_checkpoint(weights), str(weights)).config
+
+
+@contextmanager
+def seeded_init(seed: int | None, part: int) -> Iterator[None]:
+    """Modules created inside take their initial weights from (``seed``, ``part``) alone, not
+    from what ran before (the global RNG is restored afterwards); ``seed`` None: the global
+    RNG, as usual. Fine-tuning builds its network this way so that, for one seed, the fresh
+    head or decoder is the same whatever checkpoint initialises the rest."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(np.random.SeedSequence([int(seed), 0x1417, part]).generate_state(1)[0]))
+        yield
+
+
+def build_classifier(width: int | None = None, weights: str | os.PathLike | None = None,
+                     n_class: int = 1, norm: NormMode | None = None,
+                     freeze_encoder: bool = False, in_channels: int = 1,
+                     seed: int | None = None) -> tuple[TargetClassifier, list[str]]:
     """Encoder3D (loaded from ``weights`` unless None) wrapped in a :class:`TargetClassifier`.
 
-    Returns (model, loaded_keys). Raises ``CheckpointError`` when the checkpoint's encoder does
-    not fit (another architecture or width): the message lists keys and shapes.
+    ``width``/``norm`` None: as the checkpoint records (or its weights show), else the
+    published 32 / ``batch_stats``. ``seed``: the encoder's and the head's initial weights come
+    from it alone (``seeded_init``), so the head is the same whatever ``weights`` is.
+    Returns (model, loaded_keys). Raises ``CheckpointError`` (one line: what the file is and
+    what does not fit) when the checkpoint's encoder does not fit.
     """
-    encoder = Encoder3D(width=width, in_channels=in_channels, norm=norm)
-    # a width mismatch is reported by load_state_dict_checked ("pass --width N")
+    arch = checkpoint_architecture(weights) if width is None or norm is None else {}
+    width = width or arch.get("width", DEFAULT_WIDTH)
+    norm = norm or arch.get("norm", DEFAULT_NORM)
+    with seeded_init(seed, 0):
+        encoder = Encoder3D(width=width, in_channels=in_channels, norm=norm)
     loaded = load_pretrained(encoder, weights) if weights is not None else []
-    model = TargetClassifier(encoder, n_class=n_class)
+    with seeded_init(seed, 1):
+        model = TargetClassifier(encoder, n_class=n_class)
     if freeze_encoder:
         model.freeze_encoder(True)
     return model, loaded
 
 
-def build_segmentation_model(width: int = 32, weights: str | os.PathLike | None = None,
-                             norm: NormMode = "batch_stats", n_class: int = 1,
-                             in_channels: int = 1,
-                             new_decoder: bool = False) -> tuple[UNet3D, list[str]]:
+def build_segmentation_model(width: int | None = None, weights: str | os.PathLike | None = None,
+                             norm: NormMode | None = None, n_class: int = 1,
+                             in_channels: int = 1, new_decoder: bool = False,
+                             seed: int | None = None) -> tuple[UNet3D, list[str]]:
     """The whole ``UNet3D`` (transposed-conv decoder, as pretrained), loaded from ``weights``.
 
-    With ``n_class != 1`` the output layer ``out_tr`` is declared new (fresh initialisation).
-    ``new_decoder``: only the encoder comes from ``weights`` (e.g. an ``--exp en`` checkpoint,
-    which has no decoder); the decoder keeps its fresh initialisation.
-    Returns (model, loaded_keys); raises ``CheckpointError`` listing keys and shapes when the
-    checkpoint does not fit (e.g. an encoder-only ``en`` checkpoint, or another width).
+    ``width``/``norm`` None: as the checkpoint records (or its weights show), else the
+    published 32 / ``batch_stats``. With ``n_class != 1`` the output layer ``out_tr`` is
+    declared new (fresh initialisation). ``new_decoder``: only the encoder comes from
+    ``weights`` (e.g. an ``--exp en`` checkpoint, which has no decoder; a decoder in the file
+    is not used); the decoder keeps its fresh initialisation, which with ``seed`` comes from
+    the seed alone (``seeded_init``).
+    Returns (model, loaded_keys); raises ``CheckpointError`` (one line: what the file is and
+    what does not fit) when the checkpoint does not fit.
     """
-    model = UNet3D(n_class=n_class, width=width, in_channels=in_channels, norm=norm)
-    new_keys = list(DECODER_PREFIXES) if new_decoder else (["out_tr"] if n_class != 1 else [])
-    loaded = load_pretrained(model, weights, new_keys=new_keys) if weights is not None else []
-    return model, loaded
+    arch = checkpoint_architecture(weights) if width is None or norm is None else {}
+    width = width or arch.get("width", DEFAULT_WIDTH)
+    norm = norm or arch.get("norm", DEFAULT_NORM)
+    with seeded_init(seed, 0):
+        model = UNet3D(n_class=n_class, width=width, in_channels=in_channels, norm=norm)
+    if weights is None:
+        return model, []
+    if new_decoder:   # the encoder alone, even from a checkpoint that has a decoder
+        with torch.random.fork_rng(devices=[]):
+            encoder = Encoder3D(width=width, in_channels=in_channels, norm=norm)
+        loaded = load_pretrained(encoder, weights)
+        model.load_state_dict(encoder.state_dict(), strict=False)
+        return model, loaded
+    return model, load_pretrained(model, weights, new_keys=["out_tr"] if n_class != 1 else [])
 
 
 def dice_coef_loss(y_true: torch.Tensor, y_pred: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:

@@ -112,12 +112,17 @@ def test_missing_key_and_other_architecture_raise(tmp_path):
         load_pretrained(UNet3D(width=4), tmp_path / "other.pt")
 
 
-def test_width_mismatch_lists_shapes_and_hint(ynet4):
+def test_width_mismatch_is_one_short_line_without_cli_advice(ynet4):
     with pytest.raises(CheckpointError) as err:
         build_classifier(width=8, weights=ynet4)
     msg = str(err.value)
+    assert msg.startswith(f"{ynet4}: a Semantic Genesis pretraining checkpoint (en_de: YNet3D, width 4)")
+    assert "does not fit this Encoder3D of width 8" in msg
     assert "down_tr64.ops.0.conv1.weight: checkpoint (4, 1, 3, 3, 3) vs model (8, 1, 3, 3, 3)" in msg
-    assert "pass --width 4" in msg
+    assert "--" not in msg and "\n" not in msg and len(msg) < 400
+    # without a width the checkpoint's is used
+    model, loaded = build_classifier(weights=ynet4)
+    assert model.base_model.down_tr64.ops[0].conv1.weight.shape[0] == 4 and loaded
 
 
 def test_new_keys_fresh_output_layer(ynet4):
@@ -239,7 +244,8 @@ def test_classification_bad_inputs(cubes, ynet4, tmp_path, capsys):
     assert fc.main(data + ["--labels", str(cubes / "labels.npy"), "--weights", str(ynet4),
                            "--width", "8"] + base[2:]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "shape mismatch" in err and "pass --width 4" in err
+    assert err.startswith("error: ") and "width 4" in err and "pass --width 4" in err
+    assert err.count("\n") == 1 and len(err) < 400
     np.save(tmp_path / "hu.npy", np.full((2, 32, 32, 16), -1000.0, np.float32))
     np.save(tmp_path / "two.npy", np.zeros(2, np.int64))
     assert fc.main(["--data", str(tmp_path / "hu.npy"), "--labels", str(tmp_path / "two.npy")] + base) == 2
@@ -290,6 +296,7 @@ def test_segmentation_bad_inputs(volumes, tmp_path, capsys):
     assert fs.main(["--images", str(volumes / "img"), "--masks", str(volumes / "tmsk")] + base) == 2
     err = capsys.readouterr().err
     assert "image(s) without a mask" in err and "phantom_001.npy" in err
-    assert fs.main(["--images", str(volumes / "img"), "--masks", str(volumes / "msk"),
-                    "--crop", "30", "32", "16"] + base[:-4]) == 2
-    assert "multiple of 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:   # the argparse type of --crop
+        fs.main(["--images", str(volumes / "img"), "--masks", str(volumes / "msk"),
+                 "--crop", "30", "32", "16"] + base[:-4])
+    assert exit_.value.code == 2 and "'30' is not a multiple of 8" in capsys.readouterr().err
