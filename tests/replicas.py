@@ -173,25 +173,26 @@ def make_lits_replica(root: Path, ids: Sequence[int] = (0, 1, 2, 100, 101, 115, 
                      "--inplane_size", str(inplane_size)]}
 
 
-def _replica_patients() -> dict[str, list[str]]:
-    """Real BraTS 2018 ids from the authors' folds: two training, one validation and two test
-    patients of the published split."""
+def _replica_patients(per_split: Sequence[int]) -> dict[str, list[str]]:
+    """Real BraTS 2018 ids from the authors' folds: the first ``per_split`` (train, val,
+    test) patients of each split of the published split."""
     split = published_split(read_folds(FOLDS_CSV))
-    return {"train": split["train"][:2], "val": split["val"][:1], "test": split["test"][:2]}
+    return {s: split[s][:n] for s, n in zip(("train", "val", "test"), per_split)}
 
 
-def make_brats_replica(root: Path, shape: Sequence[int] = (24, 24, 16)) -> dict[str, Any]:
+def make_brats_replica(root: Path, shape: Sequence[int] = (24, 24, 16),
+                       per_split: Sequence[int] = (2, 1, 2)) -> dict[str, Any]:
     """A BraTS-2018-like download: ``MICCAI_BraTS_2018_Data_Training/{HGG,LGG}/<id>/`` with
     ``<id>_{flair,t1,t1ce,t2,seg}.nii.gz`` (MR-like positive intensities in an ellipsoid
-    brain, 0 outside; labels 0, 1, 2, 4; direction diag(-1, -1, 1)) for five real patient ids
-    of the published split.
+    brain, 0 outside; labels 0, 1, 2, 4; direction diag(-1, -1, 1)) for real patient ids of
+    the published split (``per_split``: how many train, val and test patients).
 
-    Facts: ``data_dir``, ``argv`` (with ``--allow_missing``: five of the 285 patients),
+    Facts: ``data_dir``, ``argv`` (with ``--allow_missing``: a few of the 285 patients),
     ``splits``, ``labels`` ({id: the label volume (x, y, z) as written}), ``flair`` ({id:
     the FLAIR volume}).
     """
     root = Path(root) / "MICCAI_BraTS_2018_Data_Training"
-    splits = _replica_patients()
+    splits = _replica_patients(per_split)
     labels, flairs = {}, {}
     for k, pid in enumerate(p for s in splits.values() for p in s):
         rng = np.random.default_rng([11, k])
@@ -239,7 +240,7 @@ def make_ncs_replica(root: Path, sizes: Sequence[int] = (6, 3, 3),
             c = np.array([32, 32, 16]) + rng.integers(-3, 4, 3)
             r = rng.uniform(3.0, 8.0)
             inside = sum(((g - cc) * s / r) ** 2 for g, cc, s in zip(grid, c, (1, 1, 2))) <= 1.0
-            x[i][inside] = 0.52 + 0.01 * i
+            x[i][inside] = 0.52 + 0.01 * (i % 10)
             m[i][inside] = 1
         images[split], masks[split] = x, m
         splits[split] = [f"{split}_{i:05d}" for i in range(n)]
