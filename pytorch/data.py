@@ -223,9 +223,11 @@ def check_fold_files_present(data_dir: str | Path, cls_classes: int,
 
 def fold_data_identity(data_dir: str | Path, cls_classes: int, nb_multires_patch: int
                        ) -> dict[str, dict]:
-    """{file name: {"size", "sha256"}} of the fold files a run reads: what identifies its data
-    by content (``recorded_fold_identities``)."""
+    """{file name: {"size", "sha256"}} of the fold files a run reads, after checking them
+    (present; as the pattern generator's ``fold_index.json`` records them): what identifies
+    its data by content (``recorded_fold_identities``)."""
     names = check_fold_files_present(data_dir, cls_classes, nb_multires_patch)
+    check_fold_index(Path(data_dir), names)
     return recorded_fold_identities(Path(data_dir), names)
 
 
@@ -233,8 +235,8 @@ def load_pretraining_data(data_dir: str | Path, cls_classes: int, nb_instances: 
                           nb_val_instances: int, nb_multires_patch: int,
                           cube_shape: tuple[int, int, int], dtype: torch.dtype = torch.float32,
                           device: torch.device | str = "cpu", pin_memory: bool = False,
-                          hu_min: float = HU_MIN, hu_max: float = HU_MAX
-                          ) -> tuple[PretrainingCubes, PretrainingCubes]:
+                          hu_min: float = HU_MIN, hu_max: float = HU_MAX,
+                          check_index: bool = True) -> tuple[PretrainingCubes, PretrainingCubes]:
     """Load the train (all resolutions) and validation (resolution 1) cubes of C classes.
 
     For block k with c_k classes used, the first ``nb_instances`` cubes of each of those classes
@@ -242,13 +244,15 @@ def load_pretraining_data(data_dir: str | Path, cls_classes: int, nb_instances: 
     (files with more classes, e.g. the published 50-class data for C = 44, or more cubes per
     class than asked are fine). A missing file is one error naming every expected file and the
     flags that set them; files of a pattern-generator run are checked against its
-    ``fold_index.json`` (sizes and SHA-256). HU files: see ``read_fold_cubes``.
+    ``fold_index.json`` (sizes and SHA-256; ``check_index=False``: the caller did it, e.g. with
+    ``fold_data_identity``). HU files: see ``read_fold_cubes``.
     """
     data_dir = Path(data_dir)
     if nb_multires_patch < 1:
         raise InputError(f"--nb_multires_patch must be >= 1, got {nb_multires_patch}")
     names = check_fold_files_present(data_dir, cls_classes, nb_multires_patch)
-    check_fold_index(data_dir, names)
+    if check_index:
+        check_fold_index(data_dir, names)
     pairs = fold_pairs(data_dir, cls_classes, nb_instances, nb_val_instances, nb_multires_patch)
     kw = dict(cube_shape=cube_shape, cls_classes=cls_classes, dtype=dtype, device=device,
               pin_memory=pin_memory, hu_min=hu_min, hu_max=hu_max)

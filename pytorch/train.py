@@ -416,7 +416,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
         args.data_dir, args.cls_classes, args.nb_instances, args.nb_instances_val,
         args.nb_multires_patch, (args.input_rows, args.input_cols, args.input_deps),
         dtype=dtype, device=data_device, pin_memory=device.type == "cuda",
-        hu_min=args.hu_min, hu_max=args.hu_max)
+        hu_min=args.hu_min, hu_max=args.hu_max, check_index=False)   # checked by _check_inputs
     val_set, val_choices = _fixed_val_inputs(val_set, args, device)
     probe = load_probe_set(args.probe_data, args.probe_labels) if args.probe_data else None
     model, net, optimizer, scheduler, state = _build(args, info, device, log, applied)

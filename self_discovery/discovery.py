@@ -176,42 +176,46 @@ def _room(ctx: DiscoveryContext, shape: Sequence[int]) -> str:
     they leave less than half the positions the window alone would (empty when none)."""
     a = ctx.args
     bounds = CoordinateBounds.from_args(a)
-    parts = []
+    named: dict[tuple[str, str], list[str]] = {}     # (flag, where) -> axes: x and y merge
     for axis, (lo, hi), s, w, flag in zip("xyz", bounds.ranges(shape), shape, bounds.window,
                                           ("--len_border", "--len_border", "--len_border_z")):
         n, full = hi - lo + 1, max(1, int(s) - w)
         if n < full / 2:
             where = f"at {lo}" if n == 1 else f"in [{lo}, {hi}]"
-            parts.append(f"{flag} {getattr(a, flag[2:])} keeps {axis} {where} ({n} of {full} "
-                         "positions)")
-    if not parts:
+            named.setdefault((f"{flag} {getattr(a, flag[2:])}",
+                              f"{where} ({n} of {full} positions)"), []).append(axis)
+    if not named:
         return ""
+    parts = [f"{flag} keeps {' and '.join(axes)} {where}" for (flag, where), axes in named.items()]
     return (f"the borders leave little room in a {'x'.join(map(str, shape))} volume: "
             + ", ".join(parts) + "; ")
 
 
 def no_coordinate_message(ctx: DiscoveryContext, cls: int, refs: int, stats: SearchStats) -> str:
-    """The error when no reference gives class ``cls`` a coordinate: how the tries failed and
-    the fixes for that cause first (the borders on scans smaller than LUNA16, the lung test, the
-    distance to earlier classes)."""
+    """The error when no reference gives class ``cls`` a coordinate: the borders when they
+    leave little room (scans smaller than LUNA16), how the tries failed, and the fixes for
+    that cause first (kept under the one-line limit: no paths)."""
     a = ctx.args
     room = _room(ctx, min(stats.shapes, key=lambda s: s[0] * s[1] * s[2])) if stats.shapes else ""
-    lung = (f"{stats.lung_fail} failed the lung test (least dense window: "
-            f"{stats.least_dense:.0%} dense voxels, --lung_threshold {a.lung_threshold:g} "
-            f"allows {a.lung_threshold:.0%})" if stats.lung_fail else "none was tested for lung")
+    failed = []
+    if stats.too_close:
+        failed.append(f"{stats.too_close} lay within --distance_threshold "
+                      f"{a.distance_threshold:g} of an earlier class")
+    if stats.lung_fail:
+        failed.append(f"{stats.lung_fail} failed the lung test (least dense window "
+                      f"{stats.least_dense:.0%} dense, --lung_threshold {a.lung_threshold:g} "
+                      f"allows {a.lung_threshold:.0%})")
     fixes = []
     if room:
-        fixes.append("lower --len_border/--len_border_z (100/30 suit LUNA16's 512x512 scans)")
+        fixes.append("lower --len_border/--len_border_z (100/30 suit 512x512 scans)")
     if stats.lung_fail:
         fixes.append("relax --lung_threshold" + (" (e.g. 0.3)" if a.lung_threshold < 0.3 else ""))
     if stats.too_close:
         fixes.append("lower --distance_threshold")
     fixes += ["raise --max_tries", "lower --nb_classes", "or check the intensities "
               "(--is_normalized, --hu_min/--hu_max)"]
-    return (f"class {cls}: none of the {refs} train patients tried as reference in "
-            f"{ctx.volumes.data_dir / 'train'} gave a coordinate: of {stats.tries} random "
-            f"coordinates, {stats.too_close} lay within --distance_threshold "
-            f"{a.distance_threshold:g} of an earlier class and {lung}; {room}"
+    return (f"class {cls}: none of the {refs} train patients tried as reference gave a "
+            f"coordinate: {room}of {stats.tries} random coordinates, {' and '.join(failed)}; "
             + ", ".join(fixes))
 
 

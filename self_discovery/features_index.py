@@ -144,8 +144,10 @@ def _check_feature_files(index: dict[str, Any], index_path: Path, paths: dict[st
     for name, path in paths.items():
         recorded = _recorded_identity(index, name)
         if recorded is None:
-            raise InputError(f"{index_path}: records no checksum of {name}, so it cannot tell "
-                             f"whether {path} belongs to it; {rerun} --overwrite")
+            raise InputError(f"{index_path}: records no checksum of {name} (written by hand or "
+                             f"by an older version?), so it cannot tell whether {path} belongs "
+                             f"to it; {rerun} --overwrite, or for features made elsewhere write "
+                             "the index with feature_extractor.py --import_features")
         ident = file_identity(path)
         if any(k in recorded and str(recorded[k]) != str(ident[k]) for k in ("size", "sha256")):
             raise InputError(f"{path}: not the file {index_path} was written with (an "
