@@ -175,10 +175,15 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     ``.pt``), with a note saying so."""
     path = Path(path)
     if path.suffix.lower() == ".h5" and not path.exists() and path.with_suffix(".pt").is_file():
-        print(f"note: {path} not found; reading {path.with_suffix('.pt').name} beside it (this "
-              "implementation writes PyTorch .pt checkpoints)", file=sys.stderr)
+        if str(path) not in _H5_NOTED:        # once per file, however often it is read
+            _H5_NOTED.add(str(path))
+            print(f"note: {path} not found; reading {path.with_suffix('.pt').name} beside it "
+                  "(this implementation writes PyTorch .pt checkpoints)", file=sys.stderr)
         return path.with_suffix(".pt")
     return path
+
+
+_H5_NOTED: set[str] = set()
 
 
 def _is_hdf5(path: Path) -> bool:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from models.checkpoint import DECODER_PREFIXES, load_checkpoint, load_pretrained
+from models.checkpoint import DECODER_PREFIXES, load_pretrained
 from pytorch.data import (BatchFeeder, PretrainingCubes, derive_seed, epoch_permutation,
                           fold_data_identity, load_pretraining_data, validation_order)
 from pytorch.diagnostics import PretextDiagnostics
@@ -67,7 +67,8 @@ from runtime.images import middle_slice_grid
 from runtime.training import (DATA_IDENTITY, Decision, EarlyStopping, EpochCheckpoints,
                               MetricLogger, RunState, check_finite_training,
                               check_resume_checkpoint, evaluate, record_epoch,
-                              restart_from_checkpoint, train_one_epoch)
+                              restart_from_checkpoint, train_one_epoch,
+                              unfinished_checkpoint)
 from self_discovery.fold_files import fold_blocks
 
 CHECKPOINT_NAME = "semantic_genesis_chest_ct"
@@ -332,25 +333,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     with D.distributed_session(resolve_device(args.device)) as (info, device), \
             output_session(best_path.parent, "--output_dir", [best_path, last_path],
                            args.overwrite, continuing=bool(args.resume), enabled=info.is_main,
-                           unfinished=_unfinished(last_path, args)), \
+                           unfinished=unfinished_checkpoint(last_path, args.nb_epoch,
+                                                             args.patience)), \
             MetricLogger(Path(args.log_dir) / _run_name(args), args.verbose) as log:
         return _train(args, info, full_device(device), log, identity, applied)
-
-
-def _unfinished(last: Path, args: argparse.Namespace) -> str | None:
-    """Why the checkpoints in the output folder are an interrupted run's (None: finished, or
-    none there): its last checkpoint stopped before its epochs or patience ran out."""
-    if not last.is_file():
-        return None
-    try:
-        ckpt = load_checkpoint(last)
-        cfg = ckpt.get("config") or {}
-        epoch, patience = int(ckpt.get("epoch", 0)), int(cfg.get("patience", args.patience))
-        done = epoch >= int(cfg.get("nb_epoch", args.nb_epoch)) \
-            or int(ckpt.get("num_epoch_no_improvement", 0)) >= patience
-    except Exception:  # noqa: BLE001 -- an unreadable file: the message stays the general one
-        return None
-    return None if done else f"{last.name} stopped after epoch {epoch}"
 
 
 def _per_rank_batch(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> int:
@@ -401,6 +387,33 @@ def _build(args: argparse.Namespace, info: D.DistInfo, device: torch.device, log
     return model, net, optimizer, scheduler, state
 
 
+def _load_data(args: argparse.Namespace, device: torch.device
+               ) -> tuple[tuple[PretrainingCubes, PretrainingCubes, torch.Tensor],
+                          tuple[torch.dtype, torch.device]]:
+    """((train cubes, validation cubes with their fixed perturbed inputs, each validation
+    cube's perturbation), (storage dtype, storage device)): the fold files, resident."""
+    dtype, data_device = _choose_storage(args, device)
+    train_set, val_set = load_pretraining_data(
+        args.data_dir, args.cls_classes, args.nb_instances, args.nb_instances_val,
+        args.nb_multires_patch, (args.input_rows, args.input_cols, args.input_deps),
+        dtype=dtype, device=data_device, pin_memory=device.type == "cuda",
+        hu_min=args.hu_min, hu_max=args.hu_max, check_index=False)   # checked by _check_inputs
+    val_set, val_choices = _fixed_val_inputs(val_set, args, device)
+    return (train_set, val_set, val_choices), (dtype, data_device)
+
+
+def _announce(log: MetricLogger, args: argparse.Namespace, config: dict[str, Any],
+              model: torch.nn.Module, cube: tuple[int, ...], seconds: float) -> None:
+    """The data and model summary (verbose 2) and the data flags with their sources."""
+    log.line(f"data: {config['n_train']} train / {config['n_val']} val cubes {tuple(cube)} "
+             f"({config['cube_dtype_resolved']} on {config['data_device_resolved']}, "
+             f"{seconds:.1f} s); {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+             f"parameters; {config['world_size']} process(es) x batch "
+             f"{config['per_rank_batch']}; amp {config['amp_resolved']}", 2)
+    log.line("data flags: " + ", ".join(f"--{k} {getattr(args, k)} ({src})"
+                                        for k, src in args.data_flags_from.items()))
+
+
 def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
            log: MetricLogger, identity: dict[str, dict], applied: dict[str, tuple]
            ) -> dict[str, Any]:
@@ -410,14 +423,8 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
     best_path, last_path, config_path = _checkpoint_paths(args)
     seed_everything(args.seed)
 
-    dtype, data_device = _choose_storage(args, device)
     t0 = time.time()
-    train_set, val_set = load_pretraining_data(
-        args.data_dir, args.cls_classes, args.nb_instances, args.nb_instances_val,
-        args.nb_multires_patch, (args.input_rows, args.input_cols, args.input_deps),
-        dtype=dtype, device=data_device, pin_memory=device.type == "cuda",
-        hu_min=args.hu_min, hu_max=args.hu_max, check_index=False)   # checked by _check_inputs
-    val_set, val_choices = _fixed_val_inputs(val_set, args, device)
+    (train_set, val_set, val_choices), (dtype, data_device) = _load_data(args, device)
     probe = load_probe_set(args.probe_data, args.probe_labels) if args.probe_data else None
     model, net, optimizer, scheduler, state = _build(args, info, device, log, applied)
     loss_cfg = LossConfig(args.exp, args.lambda_cls, args.lambda_rec)
@@ -436,13 +443,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
     diagnostics = PretextDiagnostics(args.cls_classes, _diagnostics_path(config_path),
                                      state.extra.setdefault("diagnostics", []), probe,
                                      args.probe_every, args.batch_size, args.seed)
-    log.line(f"data: {len(train_set)} train / {len(val_set)} val cubes "
-             f"{tuple(train_set.cubes.shape[2:])} "
-             f"({str(dtype)[6:]} on {data_device}, {time.time() - t0:.1f} s); "
-             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
-             f"{ws} process(es) x batch {per_rank_batch}; amp {config['amp_resolved']}", 2)
-    log.line("data flags: " + ", ".join(f"--{k} {getattr(args, k)} ({src})"
-                                        for k, src in args.data_flags_from.items()))
+    _announce(log, args, config, model, train_set.cubes.shape[2:], time.time() - t0)
 
     feeder = BatchFeeder(train_set, device, per_rank_batch)
     val_feeder = BatchFeeder(val_set, device, per_rank_batch)

@@ -55,7 +55,8 @@ from runtime.provenance import ResumePolicy, check_resume_settings
 __all__ = ["RunState", "restart_from_checkpoint", "EarlyStopping", "Decision",
            "EpochCheckpoints", "MetricLogger", "summary_writer", "train_one_epoch", "evaluate",
            "batch_sums", "per_sample_mean", "check_finite_training", "record_epoch",
-           "format_epoch_line", "check_resume_checkpoint", "DATA_IDENTITY"]
+           "format_epoch_line", "check_resume_checkpoint", "DATA_IDENTITY",
+           "unfinished_checkpoint"]
 
 #: Keys of a checkpoint's ``extra`` that hold the run state (besides the published counters).
 _STATE_KEYS = ("history", "best_value", "best_epoch")
@@ -169,6 +170,26 @@ def check_resume_checkpoint(path: str | os.PathLike, settings: Mapping[str, Any]
                              + (f" ({where})" if where else "")
                              + ", or start again without --resume (with --overwrite)")
     return applied
+
+
+def unfinished_checkpoint(last: str | os.PathLike, nb_epoch: int, patience: int) -> str | None:
+    """Why the run whose last checkpoint is ``last`` was interrupted, for ``output_session``'s
+    ``unfinished`` ("<name> stopped after epoch N"): it stopped before its ``nb_epoch``
+    epochs (as it recorded them; else this run's) and before its ``patience`` ran out. None
+    for a finished run, no file or an unreadable one (the message then stays the general
+    one)."""
+    last = Path(last)
+    if not last.is_file():
+        return None
+    try:
+        ckpt = load_checkpoint(last)
+        cfg = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else {}
+        epoch = int(ckpt.get("epoch", 0))
+        done = epoch >= int(cfg.get("nb_epoch", nb_epoch)) or \
+            int(ckpt.get("num_epoch_no_improvement", 0)) >= int(cfg.get("patience", patience))
+    except (CheckpointError, TypeError, ValueError):
+        return None
+    return None if done else f"{last.name} stopped after epoch {epoch}"
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,18 @@ Output in ``--output_dir``::
     *_vwGen_ex_ref_fold{k}.0.npy   the fold files: cubes (N, X, Y, Z) float32 and labels (N, 1)
                                    int64 per block of 50 classes (``fold_files.py``)
     coordinates.csv     provenance of every cube (``--prev_coordinates`` resumes from it)
-    config.json         the resolved flags
-    fold_index.json     written last: the fold files of the finished run
+    config.json         the resolved flags, the identity of the features index read, and
+                        what a ``--prev_coordinates`` run changed
+    fold_index.json     written last: the fold files of the finished run (sizes, SHA-256)
     montage/class_NNN.png   middle slices of a few cubes per class (rows: res 1, 2, 3, val)
 
 The files of a block are filled class by class and renamed when the block is complete, so
-memory stays at one class whatever C and a crash never leaves a partial file.
+memory stays at one class whatever C and a crash never leaves a partial file. Every input
+(volumes, features checked against them by content, the run ``--prev_coordinates`` continues)
+is read before the output folder is looked at. A folder holding a finished result keeps it
+until the new one is complete: the new files are written to ``.staging/`` and moved into
+place at the end, so a run that fails (an extension whose next class finds no coordinate)
+leaves the finished folder as it was.
 
 This module is the command line and the orchestration; the parts live beside it:
 ``lung_test.py`` (the lung test), ``discovery.py`` (references, coordinates, nearest patients),

@@ -56,7 +56,8 @@ from runtime.provenance import ResumePolicy
 from runtime.training import (DATA_IDENTITY, EarlyStopping, EpochCheckpoints, MetricLogger,
                               RunState, batch_sums, check_finite_training,
                               check_resume_checkpoint, evaluate, per_sample_mean, record_epoch,
-                              restart_from_checkpoint, train_one_epoch)
+                              restart_from_checkpoint, train_one_epoch,
+                              unfinished_checkpoint)
 from self_discovery.volumes import (ResizedVolumeDataset, describe_volume_changes, list_volumes,
                                     volume_identities)
 
@@ -205,22 +206,6 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict, dict[str, tuple]]:
     return identity, applied
 
 
-def _unfinished(last: Path, args: argparse.Namespace) -> str | None:
-    """Why the checkpoints in --output_dir are an interrupted run's (None: a finished run's, or
-    none there): the last one stopped before its epochs or patience ran out."""
-    if not last.is_file():
-        return None
-    try:
-        ckpt = load_checkpoint(last)
-        cfg = ckpt.get("config") or {}
-        epoch = int(ckpt.get("epoch", 0))
-        done = epoch >= int(cfg.get("nb_epoch", args.nb_epoch)) or \
-            int(ckpt.get("num_epoch_no_improvement", 0)) >= int(cfg.get("patience", args.patience))
-    except Exception:  # noqa: BLE001 -- an unreadable file: the message stays the general one
-        return None
-    return None if done else f"{last.name} stopped after epoch {epoch}"
-
-
 def _loader(ds: ResizedVolumeDataset | Subset, sampler, batch_size: int, workers: int,
             device: torch.device) -> DataLoader:
     """DataLoader over ``ds`` in ``sampler`` order (None: file order); no workers once the
@@ -244,7 +229,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     with distributed_session(resolve_device(args.device)) as (info, device), \
             output_session(ckpt_dir, "--output_dir", [ckpt_dir / BEST_NAME, ckpt_dir / LAST_NAME],
                            args.overwrite, continuing=bool(args.resume), enabled=info.is_main,
-                           unfinished=_unfinished(ckpt_dir / LAST_NAME, args)), \
+                           unfinished=unfinished_checkpoint(ckpt_dir / LAST_NAME, args.nb_epoch,
+                                                            args.patience)), \
             MetricLogger(args.log_dir, args.verbose) as log:  # rank 0 only
         return _train(args, info, device, log, identity, applied)
 
