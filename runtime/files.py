@@ -187,7 +187,7 @@ def output_session(folder: str | os.PathLike, flag: str, finished: Iterable[str 
         yield folder
         return
     make_output_dir(folder, flag)
-    lock, stale = _take_lock(folder, flag)   # first: a run still writing there is the better message
+    lock, stale = _take_lock(folder, flag)   # first: a run still writing there says more
     try:
         existing = [Path(p) for p in finished if Path(p).exists()]
         if existing and not (overwrite or continuing):
