@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ __all__ = [
     "atomic_path",
     "atomic_torch_save",
     "save_checkpoint",
+    "resolve_checkpoint_path",
     "read_checkpoint_file",
     "load_checkpoint",
     "checkpoint_dict",
@@ -170,6 +172,32 @@ def _plain_scalar(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """The file a checkpoint path names, the same for every stage: ``path`` itself, or, when
+    ``path`` is a missing ``.h5`` (the published README's Keras names, e.g.
+    ``Unet_autoencoder.h5``), its ``.pt`` sibling where that exists (this project writes
+    ``.pt``), with a note saying so."""
+    path = Path(path)
+    if path.suffix.lower() == ".h5" and not path.exists() and path.with_suffix(".pt").is_file():
+        if str(path) not in _H5_NOTED:        # once per file, however often it is read
+            _H5_NOTED.add(str(path))
+            print(f"note: {path} not found; reading {path.with_suffix('.pt').name} beside it "
+                  "(this implementation writes PyTorch .pt checkpoints)", file=sys.stderr)
+        return path.with_suffix(".pt")
+    return path
+
+
+_H5_NOTED: set[str] = set()
+
+
+def _is_hdf5(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
+
+
 def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` that also accepts NumPy scalars, and nothing else.
 
@@ -177,9 +205,17 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
     not found; truncated; needs a global that is refused (named, with why); not a ``torch.save``
     file at all.
     """
-    path = Path(path)
+    given = Path(path)
+    path = resolve_checkpoint_path(given)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; check the path (--weights/--pre_path/--resume)")
+        beside = (f" (nor {given.with_suffix('.pt').name} beside it)"
+                  if given.suffix.lower() == ".h5" else "")
+        raise CheckpointError(f"{path}: checkpoint not found{beside}; check the path "
+                              "(--weights/--pre_path/--resume)")
+    if _is_hdf5(path):
+        raise CheckpointError(f"{path}: a Keras/HDF5 file (the published TensorFlow code's "
+                              "format), which this PyTorch implementation does not read; give "
+                              "a .pt checkpoint written by this project")
     try:
         present = torch.serialization.get_safe_globals()  # the caller's stay after the load
         allowed = [g for g in _numpy_scalar_globals() if g not in present]

@@ -34,7 +34,6 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import math
 import os
 import re
 import time
@@ -45,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.checkpoint import DECODER_PREFIXES, load_pretrained
 from pytorch.data import (BatchFeeder, PretrainingCubes, derive_seed, epoch_permutation,
-                          load_pretraining_data, validation_order)
+                          fold_data_identity, load_pretraining_data, validation_order)
 from pytorch.diagnostics import PretextDiagnostics
 from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eval_step,
                             make_optimizer, make_scheduler, perturb_inputs, prepare_model_for_speed,
@@ -53,18 +52,23 @@ from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eva
 from pytorch.manifest import resolve_data_flags
 from pytorch.perturbations import OPERATIONS
 from pytorch.probe import load_probe_set
+from pytorch.resume import (PRETRAINING_POLICY, apply_resumed_lr, check_pretraining_checkpoint,
+                            describe_identity_changes)
 from runtime import distributed as D
-from runtime.cli import (add_verbosity_flag, ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
-                         add_resume_flag, run_cli, nonneg_float, nonneg_int,
-                         positive_float, positive_int, resume_path, seed_int)
+from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_hu_flags,
+                         add_overwrite_flag, add_resume_flag, add_verbosity_flag, check_hu_window,
+                         nonneg_float, nonneg_int, positive_float, positive_int, resume_path,
+                         run_cli, seed_int)
 from runtime.devices import (device_name, enable_fast_math, full_device, resolve_amp,
                              resolve_device, seed_everything)
 from runtime.errors import InputError
 from runtime.files import output_session, write_run_config
 from runtime.images import middle_slice_grid
-from runtime.training import (Decision, EarlyStopping, EpochCheckpoints, MetricLogger, RunState,
-                              check_finite_training, evaluate, record_epoch,
-                              restart_from_checkpoint, train_one_epoch)
+from runtime.training import (DATA_IDENTITY, Decision, EarlyStopping, EpochCheckpoints,
+                              MetricLogger, RunState, check_finite_training,
+                              check_resume_checkpoint, evaluate, record_epoch,
+                              restart_from_checkpoint, train_one_epoch,
+                              unfinished_checkpoint)
 from self_discovery.fold_files import fold_blocks
 
 CHECKPOINT_NAME = "semantic_genesis_chest_ct"
@@ -128,6 +132,8 @@ def _data_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="elastic deformation before the perturbation (published: always on; "
                         "--no-augment leaves only the four perturbations)")
+    add_hu_flags(g, " (fold files in Hounsfield units only: the published pattern generator "
+                    "saved un-normalised cubes; they are detected and normalised)")
 
 
 def _model_flags(g: argparse._ArgumentGroup) -> None:
@@ -223,18 +229,11 @@ def _output_flags(g: argparse._ArgumentGroup) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    """Cross-flag checks (single values are checked by the argparse types)."""
     for name in ("input_rows", "input_cols", "input_deps"):
         v = getattr(args, name)
-        if v < 8 or v % 8:
+        if v % 8:
             raise InputError(f"--{name} {v}: the network needs a multiple of 8")
-    for name in ("cls_classes", "nb_instances", "nb_instances_val", "batch_size", "width",
-                 "nb_epoch", "patience", "lr_step"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("lr", "lambda_cls", "lambda_rec", "lr_gamma"):
-        v = getattr(args, name)
-        if not math.isfinite(v) or v < 0:
-            raise InputError(f"--{name} must be a finite number >= 0, got {v}")
     if args.resume and args.pre_path:
         raise InputError("--resume and --pre_path exclude each other: --resume continues a run "
                          "(weights included), --pre_path starts a new one from weights")
@@ -242,6 +241,24 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError("--probe_data and --probe_labels go together: give both or neither")
     if args.pre_path and args.exp != "en_de":
         raise InputError("--pre_path initialises --exp en_de from an en (or en_de) checkpoint")
+    check_hu_window(args)
+
+
+def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, dict], dict[str, tuple]]:
+    """Every input, before the output folder is looked at: the fold files (present; their
+    content identity returned), the checkpoint of ``--pre_path`` or ``--resume`` (of this
+    stage; a resume also with this run's settings under ``PRETRAINING_POLICY`` and on the same
+    data by content). Returns (data identity, flag changes a resume applies)."""
+    identity = fold_data_identity(args.data_dir, args.cls_classes, args.nb_multires_patch)
+    if args.pre_path:
+        check_pretraining_checkpoint(args.pre_path, "--pre_path")
+    resume = resume_path(args.resume, _checkpoint_paths(args)[1])
+    if resume is None:
+        return identity, {}
+    check_pretraining_checkpoint(str(resume), "--resume")
+    applied = check_resume_checkpoint(resume, vars(args), PRETRAINING_POLICY, identity,
+                                      describe_identity_changes)
+    return identity, applied
 
 
 def _run_name(args: argparse.Namespace) -> str:
@@ -307,6 +324,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """
     args.data_flags_from = resolve_data_flags(args)  # also kept in the run's configuration
     _check_args(args)
+    identity, applied = _check_inputs(args)
     if args.multi_gpu and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         print("note: --multi_gpu: multi-GPU training uses DistributedDataParallel; launch "
               "'torchrun --nproc_per_node=N pytorch/train.py ...'. Training in one process now.",
@@ -314,9 +332,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     best_path, last_path, _ = _checkpoint_paths(args)
     with D.distributed_session(resolve_device(args.device)) as (info, device), \
             output_session(best_path.parent, "--output_dir", [best_path, last_path],
-                           args.overwrite, continuing=bool(args.resume), enabled=info.is_main), \
+                           args.overwrite, continuing=bool(args.resume), enabled=info.is_main,
+                           unfinished=unfinished_checkpoint(last_path, args.nb_epoch,
+                                                             args.patience)), \
             MetricLogger(Path(args.log_dir) / _run_name(args), args.verbose) as log:
-        return _train(args, info, full_device(device), log)
+        return _train(args, info, full_device(device), log, identity, applied)
 
 
 def _per_rank_batch(args: argparse.Namespace, info: D.DistInfo, device: torch.device) -> int:
@@ -331,10 +351,12 @@ def _per_rank_batch(args: argparse.Namespace, info: D.DistInfo, device: torch.de
     return args.batch_size // info.world_size
 
 
-def _build(args: argparse.Namespace, info: D.DistInfo, device: torch.device, log: MetricLogger
+def _build(args: argparse.Namespace, info: D.DistInfo, device: torch.device, log: MetricLogger,
+           applied: dict[str, tuple]
            ) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, Any, RunState]:
     """(model, net, optimizer, scheduler, state): the unwrapped model on ``device``, the module
-    to train (DDP and/or compiled around it), and the run state (``--resume``d or new)."""
+    to train (DDP and/or compiled around it), and the run state (``--resume``d or new; the
+    flag changes it ``applied`` are recorded in it, a new --lr takes effect)."""
     model = build_model(args.exp, args.cls_classes, args.width, args.norm)
     resume = resume_path(args.resume, _checkpoint_paths(args)[1])
     if resume is None and args.pre_path:
@@ -349,6 +371,11 @@ def _build(args: argparse.Namespace, info: D.DistInfo, device: torch.device, log
     state = RunState()
     if resume is not None:
         state = restart_from_checkpoint(resume, model, optimizer, scheduler)
+        if "lr" in applied:
+            apply_resumed_lr(optimizer, scheduler, *applied["lr"])
+        if applied:
+            state.extra.setdefault("resumes", []).append(
+                {"epoch": state.epoch, "changed": {k: list(v) for k, v in applied.items()}})
         log.line(f"resumed {resume}: {state.epoch} epochs done, best val loss "
                  f"{state.best_loss:.5f}, {state.no_improve} epoch(s) without improvement")
     net: torch.nn.Module = model
@@ -360,29 +387,53 @@ def _build(args: argparse.Namespace, info: D.DistInfo, device: torch.device, log
     return model, net, optimizer, scheduler, state
 
 
+def _load_data(args: argparse.Namespace, device: torch.device
+               ) -> tuple[tuple[PretrainingCubes, PretrainingCubes, torch.Tensor],
+                          tuple[torch.dtype, torch.device]]:
+    """((train cubes, validation cubes with their fixed perturbed inputs, each validation
+    cube's perturbation), (storage dtype, storage device)): the fold files, resident."""
+    dtype, data_device = _choose_storage(args, device)
+    train_set, val_set = load_pretraining_data(
+        args.data_dir, args.cls_classes, args.nb_instances, args.nb_instances_val,
+        args.nb_multires_patch, (args.input_rows, args.input_cols, args.input_deps),
+        dtype=dtype, device=data_device, pin_memory=device.type == "cuda",
+        hu_min=args.hu_min, hu_max=args.hu_max, check_index=False)   # checked by _check_inputs
+    val_set, val_choices = _fixed_val_inputs(val_set, args, device)
+    return (train_set, val_set, val_choices), (dtype, data_device)
+
+
+def _announce(log: MetricLogger, args: argparse.Namespace, config: dict[str, Any],
+              model: torch.nn.Module, cube: tuple[int, ...], seconds: float) -> None:
+    """The data and model summary (verbose 2) and the data flags with their sources."""
+    log.line(f"data: {config['n_train']} train / {config['n_val']} val cubes {tuple(cube)} "
+             f"({config['cube_dtype_resolved']} on {config['data_device_resolved']}, "
+             f"{seconds:.1f} s); {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+             f"parameters; {config['world_size']} process(es) x batch "
+             f"{config['per_rank_batch']}; amp {config['amp_resolved']}", 2)
+    log.line("data flags: " + ", ".join(f"--{k} {getattr(args, k)} ({src})"
+                                        for k, src in args.data_flags_from.items()))
+
+
 def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
-           log: MetricLogger) -> dict[str, Any]:
+           log: MetricLogger, identity: dict[str, dict], applied: dict[str, tuple]
+           ) -> dict[str, Any]:
     ws, rank = info.world_size, info.rank
     per_rank_batch = _per_rank_batch(args, info, device)
     amp_dtype = resolve_amp(args.amp, device)
     best_path, last_path, config_path = _checkpoint_paths(args)
     seed_everything(args.seed)
 
-    dtype, data_device = _choose_storage(args, device)
     t0 = time.time()
-    train_set, val_set = load_pretraining_data(
-        args.data_dir, args.cls_classes, args.nb_instances, args.nb_instances_val,
-        args.nb_multires_patch, (args.input_rows, args.input_cols, args.input_deps),
-        dtype=dtype, device=data_device, pin_memory=device.type == "cuda")
-    val_set, val_choices = _fixed_val_inputs(val_set, args, device)
+    (train_set, val_set, val_choices), (dtype, data_device) = _load_data(args, device)
     probe = load_probe_set(args.probe_data, args.probe_labels) if args.probe_data else None
-    model, net, optimizer, scheduler, state = _build(args, info, device, log)
+    model, net, optimizer, scheduler, state = _build(args, info, device, log, applied)
     loss_cfg = LossConfig(args.exp, args.lambda_cls, args.lambda_rec)
     config = dict(vars(args), world_size=ws, per_rank_batch=per_rank_batch,
                   device_resolved=str(device), amp_resolved=str(amp_dtype or "fp32"),
                   cube_dtype_resolved=str(dtype).replace("torch.", ""),
                   data_device_resolved=str(data_device), n_train=len(train_set),
-                  n_val=len(val_set), checkpoint=str(best_path), last_checkpoint=str(last_path))
+                  n_val=len(val_set), checkpoint=str(best_path), last_checkpoint=str(last_path),
+                  resumes=state.extra.get("resumes", []), **{DATA_IDENTITY: identity})
     if info.is_main:
         write_run_config(config, config_path.parent, name=config_path.name)
     stopper = EarlyStopping(args.patience)
@@ -392,13 +443,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
     diagnostics = PretextDiagnostics(args.cls_classes, _diagnostics_path(config_path),
                                      state.extra.setdefault("diagnostics", []), probe,
                                      args.probe_every, args.batch_size, args.seed)
-    log.line(f"data: {len(train_set)} train / {len(val_set)} val cubes "
-             f"{tuple(train_set.cubes.shape[2:])} "
-             f"({str(dtype)[6:]} on {data_device}, {time.time() - t0:.1f} s); "
-             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
-             f"{ws} process(es) x batch {per_rank_batch}; amp {config['amp_resolved']}", 2)
-    log.line("data flags: " + ", ".join(f"--{k} {getattr(args, k)} ({src})"
-                                        for k, src in args.data_flags_from.items()))
+    _announce(log, args, config, model, train_set.cubes.shape[2:], time.time() - t0)
 
     feeder = BatchFeeder(train_set, device, per_rank_batch)
     val_feeder = BatchFeeder(val_set, device, per_rank_batch)
@@ -500,8 +545,7 @@ def _preview(model, val_set: PretrainingCubes, args, device, amp_dtype, loss_cfg
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser, train, argv,
-                   interrupted="continue from the last complete epoch with --resume")
+    return run_cli(build_parser, train, argv, interrupted="continue with --resume")
 
 
 if __name__ == "__main__":

@@ -121,9 +121,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _take_lock(folder: Path, flag: str) -> Path:
-    """Create ``folder/.lock`` exclusively with our pid; a lock of a dead process is reclaimed."""
+def _take_lock(folder: Path, flag: str) -> tuple[Path, bool]:
+    """Create ``folder/.lock`` exclusively with our pid; a lock of a dead process is reclaimed.
+    Returns (the lock, whether a dead run's lock was taken over: that run was interrupted)."""
     lock = folder / LOCK_NAME
+    stale = False
     for _ in range(3):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -139,10 +141,11 @@ def _take_lock(folder: Path, flag: str) -> Path:
             print(f"note: {lock}: lock of a run that no longer exists, taken over",
                   file=sys.stderr)
             lock.unlink(missing_ok=True)
+            stale = True
             continue
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(f"{os.getpid()}\n")
-        return lock
+        return lock, stale
     raise InputError(f"{lock}: cannot take this lock; remove it if no run is writing into {folder}")
 
 
@@ -165,30 +168,32 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 @contextmanager
 def output_session(folder: str | os.PathLike, flag: str, finished: Iterable[str | os.PathLike] = (),
                    overwrite: bool = False, continue_flag: str | None = "--resume",
-                   continuing: bool = False, enabled: bool = True) -> Iterator[Path]:
+                   continuing: bool = False, enabled: bool = True,
+                   unfinished: str | None = None) -> Iterator[Path]:
     """Own ``folder`` while a run writes into it.
 
     A finished result of an earlier run (any path of ``finished`` that exists) is kept: the run
     stops with an error naming it unless ``overwrite`` (``--overwrite``) or ``continuing``
-    (``continue_flag``, e.g. ``--resume``). A lock file (``.lock``, created exclusively, holding
-    the process id; one of a dead process is taken over) stops a second run writing into the
-    same folder, and temporaries of interrupted writes are removed. ``enabled=False`` (other
-    ranks of a distributed run) only yields the folder.
+    (``continue_flag``, e.g. ``--resume``). ``unfinished``: the caller's reason to think those
+    files are an interrupted run's, not a finished result (e.g. "no fold_index.json"); the
+    error then says so, as it does when the lock of a run that no longer exists is found. A
+    lock file (``.lock``, created exclusively, holding the process id; one of a dead process is
+    taken over) stops a second run writing into the same folder, and temporaries of interrupted
+    writes are removed. ``enabled=False`` (other ranks of a distributed run) only yields the
+    folder.
     """
     folder = Path(folder)
     if not enabled:
         yield folder
         return
     make_output_dir(folder, flag)
-    lock = _take_lock(folder, flag)   # first: a run still writing there is the better message
+    lock, stale = _take_lock(folder, flag)   # first: a run still writing there says more
     try:
         existing = [Path(p) for p in finished if Path(p).exists()]
         if existing and not (overwrite or continuing):
-            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-            cont = f" or {continue_flag} to continue it" if continue_flag else ""
-            raise InputError(f"{existing[0]}{more}: an earlier run's result is there and is "
-                             f"kept; pass --overwrite to replace it{cont}, or choose another "
-                             f"{flag}")
+            raise InputError(_kept_message(existing, flag, continue_flag,
+                                           unfinished or ("its run was interrupted: it left its "
+                                                          "lock" if stale else None)))
         if existing and overwrite and not continuing:
             print(f"note: --overwrite: replacing {existing[0]}"
                   + (f" and {len(existing) - 1} more" if len(existing) > 1 else ""),
@@ -197,6 +202,20 @@ def output_session(folder: str | os.PathLike, flag: str, finished: Iterable[str 
         yield folder
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _kept_message(existing: list[Path], flag: str, continue_flag: str | None,
+                  unfinished: str | None) -> str:
+    """The error of ``output_session`` when files of an earlier run are in the way: a finished
+    result, or (``unfinished`` says why) the files of an interrupted run."""
+    more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+    if unfinished:
+        cont = f"continue it with {continue_flag}, " if continue_flag else ""
+        return (f"{existing[0]}{more}: files of an interrupted run are there ({unfinished}); "
+                f"{cont}pass --overwrite to start again, or choose another {flag}")
+    cont = f" or {continue_flag} to continue it" if continue_flag else ""
+    return (f"{existing[0]}{more}: an earlier run's result is there and is kept; pass "
+            f"--overwrite to replace it{cont}, or choose another {flag}")
 
 
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -20,15 +20,17 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import InputError
 
-__all__ = ["file_sha256", "file_identity", "check_file_identity", "settings_changes",
-           "format_changes", "ResumePolicy", "check_resume_settings", "RUNTIME_FLAGS"]
+__all__ = ["file_sha256", "file_identity", "file_identities", "check_file_identity",
+           "settings_changes", "format_changes", "ResumePolicy", "check_resume_settings",
+           "RUNTIME_FLAGS"]
 
 _CHUNK = 1 << 22   # 4 MiB read at a time
 
@@ -46,6 +48,16 @@ def file_identity(path: str | os.PathLike) -> dict[str, Any]:
     """``{"size": bytes, "sha256": hex}`` of a file: what identifies its content, whatever its
     name or folder."""
     return {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def file_identities(paths: Sequence[str | os.PathLike], threads: int = 4
+                    ) -> list[dict[str, Any]]:
+    """``file_identity`` of every path, in order, hashed by ``threads`` threads (hashlib
+    releases the GIL: several files are read and hashed at once)."""
+    if len(paths) <= 1 or threads <= 1:
+        return [file_identity(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
+        return list(pool.map(file_identity, paths))
 
 
 def check_file_identity(path: str | os.PathLike, recorded: Mapping[str, Any], what: str,

@@ -55,7 +55,8 @@ from runtime.provenance import ResumePolicy, check_resume_settings
 __all__ = ["RunState", "restart_from_checkpoint", "EarlyStopping", "Decision",
            "EpochCheckpoints", "MetricLogger", "summary_writer", "train_one_epoch", "evaluate",
            "batch_sums", "per_sample_mean", "check_finite_training", "record_epoch",
-           "format_epoch_line"]
+           "format_epoch_line", "check_resume_checkpoint", "DATA_IDENTITY",
+           "unfinished_checkpoint"]
 
 #: Keys of a checkpoint's ``extra`` that hold the run state (besides the published counters).
 _STATE_KEYS = ("history", "best_value", "best_epoch")
@@ -138,6 +139,57 @@ def restart_from_checkpoint(path: str | os.PathLike, model: nn.Module,
         state.extra.setdefault("resumes", []).append(
             {"epoch": state.epoch, "changed": {k: list(v) for k, v in applied.items()}})
     return state
+
+
+#: Key of a run's configuration holding the content identity of the data it trains on.
+DATA_IDENTITY = "data_identity"
+
+
+def check_resume_checkpoint(path: str | os.PathLike, settings: Mapping[str, Any],
+                            policy: ResumePolicy, data: Any = None,
+                            describe: Callable[[Any, Any], str | None] | None = None,
+                            data_flag: str = "--data_dir") -> dict[str, tuple[Any, Any]]:
+    """What a ``--resume`` checks before anything is loaded or written: this run's flags
+    ``settings`` against the configuration the checkpoint ``path`` records (``policy``:
+    refused with the list of differing flags, or applied and said; returns the applied
+    changes), and this run's data identity ``data`` against the recorded
+    ``config[DATA_IDENTITY]``: ``describe(recorded, data)`` names the difference (None: the
+    same data), which is refused naming ``data_flag``. Checkpoints without a record (older
+    versions, the published files) are not compared."""
+    ckpt = load_checkpoint(path)
+    recorded = ckpt.get("config")
+    recorded = recorded if isinstance(recorded, Mapping) else None
+    applied = check_resume_settings(recorded, settings, policy, str(path))
+    old = (recorded or {}).get(DATA_IDENTITY)
+    if old is not None and data is not None and describe is not None:
+        diff = describe(old, data)
+        if diff:
+            where = (recorded or {}).get(data_flag.lstrip("-"))
+            raise InputError(f"{path}: --resume continues a run trained on other data ({diff}); "
+                             f"resume with that run's {data_flag}"
+                             + (f" ({where})" if where else "")
+                             + ", or start again without --resume (with --overwrite)")
+    return applied
+
+
+def unfinished_checkpoint(last: str | os.PathLike, nb_epoch: int, patience: int) -> str | None:
+    """Why the run whose last checkpoint is ``last`` was interrupted, for ``output_session``'s
+    ``unfinished`` ("<name> stopped after epoch N"): it stopped before its ``nb_epoch``
+    epochs (as it recorded them; else this run's) and before its ``patience`` ran out. None
+    for a finished run, no file or an unreadable one (the message then stays the general
+    one)."""
+    last = Path(last)
+    if not last.is_file():
+        return None
+    try:
+        ckpt = load_checkpoint(last)
+        cfg = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else {}
+        epoch = int(ckpt.get("epoch", 0))
+        done = epoch >= int(cfg.get("nb_epoch", nb_epoch)) or \
+            int(ckpt.get("num_epoch_no_improvement", 0)) >= int(cfg.get("patience", patience))
+    except (CheckpointError, TypeError, ValueError):
+        return None
+    return None if done else f"{last.name} stopped after epoch {epoch}"
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,13 @@ from it in one of two ways:
 
 * the file lies in --output_dir and that run used the same cube flags (``same_cube_config``): blocks
   complete in --output_dir are kept as they are, the others re-cropped from the recorded coordinates;
-* anywhere else, or other cube flags: every recorded class is re-cropped from its coordinates.
+* anywhere else, or another cube size: every recorded class is re-cropped from its coordinates.
 
-Either way discovery then continues up to --nb_classes.
+Either way discovery then continues up to --nb_classes. The run continued must have been made
+with the same settings (``RESUME_POLICY``, checked against the ``config.json`` beside the
+coordinates file by ``check_continuation``) and from the same features and volumes (the
+identity of the features index it recorded): classes discovered under other thresholds, seed or
+features would sit beside the recorded ones under a configuration claiming one setting for all.
 """
 from __future__ import annotations
 
@@ -20,12 +24,16 @@ import json
 import os
 from pathlib import Path
 
+from typing import Any
+
 from runtime.errors import InputError
 from runtime.files import atomic_path
+from runtime.provenance import ResumePolicy, check_resume_settings
 from self_discovery.discovery import ClassPlan, CubeSpec
 
 __all__ = ["CSV_COLUMNS", "SPLITS", "read_coordinates", "plans_from_csv", "write_coordinates",
-           "CUBE_FLAGS", "same_cube_config"]
+           "CUBE_FLAGS", "same_cube_config", "RESUME_POLICY", "read_run_config",
+           "check_continuation"]
 
 #: Columns of coordinates.csv. ``file`` and ``reference`` are relative to --data_dir; x, y, z is the
 #: crop start and size_* its size before resizing; ``fold``/``row`` locate the cube in the files.
@@ -156,3 +164,41 @@ def same_cube_config(a: argparse.Namespace, save: Path) -> bool:
     except (OSError, ValueError):
         return False
     return all(old.get(k) == getattr(a, k) for k in CUBE_FLAGS)
+
+
+#: ``--prev_coordinates``: flags applied when they differ from the run continued (more classes,
+#: another montage, another saved cube size: every class is re-cropped then), paths whose
+#: content is checked instead (the features index's identity), and every other flag refused.
+RESUME_POLICY = ResumePolicy(
+    applied=("nb_classes", "montage_instances", "input_rows", "input_cols"),
+    ignored=("output_dir", "data_dir", "train_features", "val_features"))
+
+
+def read_run_config(path: Path) -> dict[str, Any] | None:
+    """The ``config.json`` a run wrote (None when missing or unreadable: older versions)."""
+    try:
+        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def check_continuation(a: argparse.Namespace, index: Path, features: dict[str, Any]
+                       ) -> dict[str, tuple[Any, Any]]:
+    """Compare this run with the one ``--prev_coordinates`` continues (its ``config.json``
+    beside the coordinates file): a flag of ``RESUME_POLICY`` applied is said and returned
+    ({flag: (old, new)}), any other change refused with the list; features other than the
+    recorded ones (``features``: the identity of this run's features index ``index``) are
+    refused."""
+    record = Path(a.prev_coordinates).parent / "config.json"
+    recorded = read_run_config(record)
+    restart = "start a new run without --prev_coordinates (into another --output_dir)"
+    applied = check_resume_settings(recorded, vars(a), RESUME_POLICY, str(record),
+                                    "--prev_coordinates", restart)
+    old = (recorded or {}).get("features_index")
+    if isinstance(old, dict) and old.get("sha256") != features.get("sha256"):
+        raise InputError(f"{record}: --prev_coordinates continues a run made from other "
+                         f"features or volumes ({index} is not the features index it "
+                         "recorded); give that run's "
+                         f"--data_dir and features, or {restart}")
+    return applied

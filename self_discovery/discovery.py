@@ -19,12 +19,12 @@ import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
 from runtime.errors import InputError
-from self_discovery.lung_test import passes_lung_test
+from self_discovery.lung_test import lung_test_weight_sum
 from self_discovery.volumes import VolumeCrops
 
 __all__ = ["MULTI_RES_SHIFT", "MULTI_RES_REDRAWS", "CubeSpec", "ClassPlan", "CoordinateBounds",
-           "DiscoveryContext", "class_rng", "nearest", "too_close", "search_coordinate",
-           "multi_res_crop", "new_plan"]
+           "DiscoveryContext", "SearchStats", "class_rng", "nearest", "too_close",
+           "search_coordinate", "multi_res_crop", "new_plan", "no_coordinate_message"]
 
 #: Multi-resolution crops are shifted by dx, dy uniform in [-MULTI_RES_SHIFT, MULTI_RES_SHIFT).
 MULTI_RES_SHIFT = 10
@@ -129,24 +129,94 @@ def too_close(earlier: np.ndarray, coord: Sequence[int], threshold: float) -> bo
     return bool(np.any(d < threshold))
 
 
+@dataclass
+class SearchStats:
+    """How the coordinate searches of one class failed: random coordinates tried, those too
+    close to an earlier class, those failing the lung test, the least dense window's share of
+    dense voxels, and the shapes of the references tried."""
+    tries: int = 0
+    too_close: int = 0
+    lung_fail: int = 0
+    least_dense: float = float("inf")
+    shapes: list[tuple[int, int, int]] = field(default_factory=list)
+
+
 def search_coordinate(ctx: DiscoveryContext, ref: int, rng: np.random.Generator,
-                      earlier: np.ndarray) -> tuple[int, int, int] | None:
+                      earlier: np.ndarray, stats: SearchStats | None = None
+                      ) -> tuple[int, int, int] | None:
     """Up to --max_tries random coordinates in reference ``ref``; the first that is far enough
-    from ``earlier`` (M, 3) and passes the lung test, or None."""
+    from ``earlier`` (M, 3) and passes the lung test, or None (``stats`` counts why)."""
     a = ctx.args
+    stats = SearchStats() if stats is None else stats
     bounds = CoordinateBounds.from_args(a)
     (lo_x, hi_x), (lo_y, hi_y), (lo_z, hi_z) = bounds.ranges(ctx.train_shapes[ref])
+    stats.shapes.append(ctx.train_shapes[ref])
     rel = ctx.train_rel[ref]
+    cells = bounds.window[0] * bounds.window[1] * a.input_deps
+    limit = a.lung_threshold * bounds.window[0] * bounds.window[1] * a.input_deps  # as published
     for _ in range(a.max_tries):
         x = int(rng.integers(lo_x, hi_x, endpoint=True))
         y = int(rng.integers(lo_y, hi_y, endpoint=True))
         z = int(rng.integers(lo_z, hi_z, endpoint=True))
+        stats.tries += 1
         if too_close(earlier, (x, y, z), a.distance_threshold):  # decided afresh per try
+            stats.too_close += 1
             continue
         window = ctx.volumes.crop(rel, x, y, z, bounds.window)
-        if passes_lung_test(window, a.input_deps, a.lung_threshold, ctx.lung_threshold):
+        weight = lung_test_weight_sum(window, a.input_deps, ctx.lung_threshold)
+        if weight <= limit:   # passes_lung_test, with its weight kept for the message
             return x, y, z
+        stats.lung_fail += 1
+        stats.least_dense = min(stats.least_dense, weight / cells)
     return None
+
+
+def _room(ctx: DiscoveryContext, shape: Sequence[int]) -> str:
+    """Where the borders let a coordinate lie in a volume ``shape``, named for each axis where
+    they leave less than half the positions the window alone would (empty when none)."""
+    a = ctx.args
+    bounds = CoordinateBounds.from_args(a)
+    named: dict[tuple[str, str], list[str]] = {}     # (flag, where) -> axes: x and y merge
+    for axis, (lo, hi), s, w, flag in zip("xyz", bounds.ranges(shape), shape, bounds.window,
+                                          ("--len_border", "--len_border", "--len_border_z")):
+        n, full = hi - lo + 1, max(1, int(s) - w)
+        if n < full / 2:
+            where = f"at {lo}" if n == 1 else f"in [{lo}, {hi}]"
+            named.setdefault((f"{flag} {getattr(a, flag[2:])}",
+                              f"{where} ({n} of {full} positions)"), []).append(axis)
+    if not named:
+        return ""
+    parts = [f"{flag} keeps {' and '.join(axes)} {where}" for (flag, where), axes in named.items()]
+    return (f"the borders leave little room in a {'x'.join(map(str, shape))} volume: "
+            + ", ".join(parts) + "; ")
+
+
+def no_coordinate_message(ctx: DiscoveryContext, cls: int, refs: int, stats: SearchStats) -> str:
+    """The error when no reference gives class ``cls`` a coordinate: the borders when they
+    leave little room (scans smaller than LUNA16), how the tries failed, and the fixes for
+    that cause first (kept under the one-line limit: no paths)."""
+    a = ctx.args
+    room = _room(ctx, min(stats.shapes, key=lambda s: s[0] * s[1] * s[2])) if stats.shapes else ""
+    failed = []
+    if stats.too_close:
+        failed.append(f"{stats.too_close} lay within --distance_threshold "
+                      f"{a.distance_threshold:g} of an earlier class")
+    if stats.lung_fail:
+        failed.append(f"{stats.lung_fail} failed the lung test (least dense window "
+                      f"{stats.least_dense:.0%} dense, --lung_threshold {a.lung_threshold:g} "
+                      f"allows {a.lung_threshold:.0%})")
+    fixes = []
+    if room:
+        fixes.append("lower --len_border/--len_border_z (100/30 suit 512x512 scans)")
+    if stats.lung_fail:
+        fixes.append("relax --lung_threshold" + (" (e.g. 0.3)" if a.lung_threshold < 0.3 else ""))
+    if stats.too_close:
+        fixes.append("lower --distance_threshold")
+    fixes += ["raise --max_tries", "lower --nb_classes", "or check the intensities "
+              "(--is_normalized, --hu_min/--hu_max)"]
+    return (f"class {cls}: none of the {refs} train patients tried as reference gave a "
+            f"coordinate: {room}of {stats.tries} random coordinates, {' and '.join(failed)}; "
+            + ", ".join(fixes))
 
 
 def multi_res_crop(rng: np.random.Generator, x: int, y: int, shape: Sequence[int],
@@ -168,24 +238,16 @@ def multi_res_crop(rng: np.random.Generator, x: int, y: int, shape: Sequence[int
 def _find_reference(ctx: DiscoveryContext, cls: int, rng: np.random.Generator,
                     used_refs: set[int], earlier: np.ndarray) -> tuple[int, tuple[int, int, int]]:
     """(reference index, coordinate) of class ``cls``: references drawn among the unused ones
-    until one gives a coordinate; an InputError once every one was tried."""
-    a = ctx.args
+    until one gives a coordinate; an InputError naming the cause once every one was tried."""
     remaining = [i for i in range(len(ctx.train_rel)) if i not in used_refs]
-    tried = 0
+    tried, stats = 0, SearchStats()
     while remaining:
         ref = remaining.pop(int(rng.integers(len(remaining))))
         tried += 1
-        coord = search_coordinate(ctx, ref, rng, earlier)
+        coord = search_coordinate(ctx, ref, rng, earlier, stats)
         if coord is not None:
             return ref, coord
-    raise InputError(
-        f"class {cls}: none of the {tried} train patients tried as reference in "
-        f"{ctx.volumes.data_dir / 'train'} gave a coordinate passing the lung test (weight sum "
-        f"<= --lung_threshold {a.lung_threshold} of the window) and at least "
-        f"--distance_threshold {a.distance_threshold} from earlier classes in --max_tries "
-        f"{a.max_tries} tries each; relax --lung_threshold (e.g. 0.3) or --distance_threshold, "
-        "raise --max_tries, lower --nb_classes, or check the intensities (--is_normalized, "
-        "--hu_min/--hu_max)")
+    raise InputError(no_coordinate_message(ctx, cls, tried, stats))
 
 
 def new_plan(ctx: DiscoveryContext, cls: int, used_refs: set[int],

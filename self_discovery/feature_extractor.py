@@ -1,19 +1,22 @@
 """Stage 2 of self-discovery: one deep feature vector per patient from the trained autoencoder.
 
 For every volume of ``--data_dir``/train and ``--data_dir``/validation, in sorted file order:
-resize to 128 x 128 x 64 as stage 1 (anti-aliased linear), run the autoencoder's encoder,
-global-average-pool the bottleneck (N, 16w, 16, 16, 8) -> one 16w-d vector (512-d at the
-published width 32).
+resize to the size the autoencoder was trained at (its checkpoint's recorded
+``--input_rows/--input_cols/--input_deps``, 128 x 128 x 64 for files that record none) as
+stage 1 does (anti-aliased linear), run the autoencoder's encoder, global-average-pool the
+bottleneck (N, 16w, X/8, Y/8, Z/8) -> one 16w-d vector (512-d at the published width 32).
 
 Outputs in ``--output_dir`` (default ``self_discovery/features/``, where the pattern generator
-looks), written atomically:
+looks), written atomically (``self_discovery/features_index.py``):
 
 - ``train_features.npy`` (N_train, 16w) and ``validation_features.npy`` (N_val, 16w), float32;
-- ``features_index.json``: ``{"train": [file names in row order], "validation": [...],
-  "data_dir", "weights", "feature_dim", "input_size", "sha256"}``, written last;
-  ``load_features`` checks it against the folder and both files' checksums, so features are
-  never silently paired with the wrong patients nor train and validation features of two runs;
+- ``features_index.json``, written last: the file names per split in row order, every volume's
+  size and SHA-256, the autoencoder checkpoint's path and identity, both feature files' sizes
+  and SHA-256; the pattern generator checks all of it;
 - ``config.json``: the resolved configuration.
+
+``--import_features TRAIN VAL`` writes the same outputs for features made elsewhere (the
+published extractor): their rows are put in sorted file order and the index is written.
 
 Run from the repository root::
 
@@ -31,10 +34,9 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import hashlib
-import json
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -43,25 +45,29 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from models.checkpoint import (DECODER_PREFIXES, checked_model_config, infer_model_config,
-                               load_checkpoint, load_state_dict_checked)
+                               load_checkpoint, load_state_dict_checked, resolve_checkpoint_path)
 from models.ynet3d import UNet3D, set_batchnorm
-from runtime.cli import (add_verbosity_flag, ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
-                         run_cli, nonneg_int, positive_int)
+from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
+                         add_verbosity_flag, nonneg_int, positive_int, run_cli)
 from runtime.devices import autocast, device_name, resolve_amp, resolve_device
 from runtime.distributed import (DistInfo, all_gather_objects, barrier, distributed_session,
                                  is_main, shard_indices)
 from runtime.errors import InputError
-from runtime.files import (check_output_outside, output_session, save_json_atomic, save_npy_atomic,
-                           write_run_config)
+from runtime.files import check_output_outside, output_session, write_run_config
+from runtime.provenance import file_identity, file_sha256
+from self_discovery.features_index import (DEFAULT_WEIGHTS, IMPORT_ORDERS, INDEX_NAME, TRAIN_NAME,
+                                           VAL_NAME, import_features, load_features,
+                                           save_features)
 from self_discovery.volumes import SPLITS, ResizedVolumeDataset, list_volumes
 
-__all__ = ["TRAIN_NAME", "VAL_NAME", "INDEX_NAME", "build_parser", "resolve_weights",
-           "load_encoder", "extract_features", "save_features", "file_sha256", "load_features", "main"]
+__all__ = ["TRAIN_NAME", "VAL_NAME", "INDEX_NAME", "SIZE_FLAGS", "DEFAULT_SIZE", "build_parser",
+           "resolve_weights", "resolve_input_size", "load_encoder", "extract_features",
+           "save_features", "file_sha256", "load_features", "import_features", "main"]
 
-TRAIN_NAME = "train_features.npy"
-VAL_NAME = "validation_features.npy"
-INDEX_NAME = "features_index.json"
-DEFAULT_WEIGHTS = "self_discovery/Checkpoints/Autoencoder/Unet_autoencoder.pt"
+#: The input-size flags, in (x, y, z) order.
+SIZE_FLAGS = ("input_rows", "input_cols", "input_deps")
+#: The published input size, used for checkpoints that record none.
+DEFAULT_SIZE = (128, 128, 64)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,26 +79,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", required=True,
                    help="folder holding train/ and validation/ with one .npy volume per patient "
                         "(the folder the autoencoder was trained on)")
-    g.add_argument("--input_rows", type=positive_int, default=128, help="volumes are resized to this x size")
-    g.add_argument("--input_cols", type=positive_int, default=128, help="volumes are resized to this y size")
-    g.add_argument("--input_deps", "--input_depth", dest="input_deps", type=positive_int, default=64,
-                   help="volumes are resized to this z size (the reference's flag name)")
+    for flag, axis, default in zip(SIZE_FLAGS, "xyz", DEFAULT_SIZE):
+        names = [f"--{flag}"] + (["--input_depth"] if flag == "input_deps" else [])
+        g.add_argument(*names, dest=flag, type=positive_int, default=None,
+                       help=f"volumes are resized to this {axis} size [default: the size the "
+                            f"autoencoder was trained at, recorded in its checkpoint; else "
+                            f"{default}]; another size than the recorded one is refused")
     g.add_argument("--batch_size", type=positive_int, default=8, help="volumes per forward pass")
     g.add_argument("--num_workers", type=nonneg_int, default=4,
                    help="DataLoader worker processes reading and resizing volumes")
     g = p.add_argument_group("model")
-    g.add_argument("--weights", required=True,
-                   help=f"autoencoder checkpoint from train_autoencoder.py, e.g. {DEFAULT_WEIGHTS}")
+    g.add_argument("--weights", default=None,
+                   help=f"autoencoder checkpoint from train_autoencoder.py, e.g. "
+                        f"{DEFAULT_WEIGHTS} (required unless --import_features)")
     g.add_argument("--arch", default="Unet", choices=["Unet"], help="autoencoder architecture")
     g.add_argument("--width", type=positive_int, default=32,
                    help="base channels w; ignored when the checkpoint records its model_config")
     g.add_argument("--decoder", default="upsampling", choices=["upsampling", "transpose"],
                    help="decoder type; ignored when the checkpoint records its model_config")
-    g.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda (auto: cuda when present)")
+    g.add_argument("--device", type=device_name, default="auto",
+                   help="auto | cpu | cuda (auto: cuda when present)")
     add_amp_flag(g, default="fp32", note="; default fp32: bf16 is faster, but the features "
                  "then carry bf16 rounding")
+    g = p.add_argument_group("features made elsewhere")
+    g.add_argument("--import_features", nargs=2, metavar=("TRAIN", "VAL"), default=None,
+                   help="instead of extracting: take these (N, D) feature files (e.g. from the "
+                        "published extractor), put their rows in sorted file order and write "
+                        "them with the index the pattern generator needs")
+    g.add_argument("--import_order", choices=IMPORT_ORDERS, default="glob",
+                   help="the volume order of the imported rows: glob = the unsorted order "
+                        "glob.glob gives for <data_dir>/<split>/*.npy on this machine (the "
+                        "published extractor's; valid only on the folder and file system it "
+                        "ran on); sorted = sorted file names")
     g = p.add_argument_group("outputs")
-    g.add_argument("--output_dir", "--save_dir", dest="output_dir", default="self_discovery/features/",
+    g.add_argument("--output_dir", "--save_dir", dest="output_dir",
+                   default="self_discovery/features/",
                    help=f"where {TRAIN_NAME}, {VAL_NAME}, {INDEX_NAME} and config.json go")
     add_overwrite_flag(g, f"{TRAIN_NAME}, {VAL_NAME} and {INDEX_NAME}")
     add_verbosity_flag(g, "1 and 2: progress bars and a summary")
@@ -100,24 +121,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_weights(weights: str | os.PathLike) -> Path:
-    """``weights``, or its ``.pt`` sibling when a missing ``.h5`` is given (the original README
-    shows the Keras file name ``Unet_autoencoder.h5``)."""
-    path = Path(weights)
-    if not path.exists() and path.suffix == ".h5" and path.with_suffix(".pt").exists():
-        return path.with_suffix(".pt")
-    return path
+    """``weights``, or its ``.pt`` sibling when a missing ``.h5`` is given (the one rule of
+    every stage: ``models.checkpoint.resolve_checkpoint_path``)."""
+    return resolve_checkpoint_path(weights)
 
 
-def load_encoder(weights: str | os.PathLike, width: int = 32, decoder: str = "upsampling",
-                 device: torch.device | str = "cpu") -> tuple[UNet3D, dict[str, Any]]:
-    """Build the autoencoder from a checkpoint and load its encoder weights; eval mode.
+def resolve_input_size(args: argparse.Namespace, ckpt: Mapping[str, Any], source: str
+                       ) -> tuple[tuple[int, int, int], dict[str, str]]:
+    """(size (x, y, z), {flag: where its value came from}): the size the autoencoder was trained
+    at (its checkpoint's ``config``), else ``DEFAULT_SIZE``; a flag given must agree with the
+    recorded size (an encoder run at a size it never saw ranks patients differently)."""
+    cfg = ckpt.get("config")
+    cfg = cfg if isinstance(cfg, Mapping) else {}
+    recorded = [cfg.get(f) for f in SIZE_FLAGS]
+    known = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in recorded)
+    given = [getattr(args, f) for f in SIZE_FLAGS]
+    if known and any(g is not None and g != r for g, r in zip(given, recorded)):
+        flags = " ".join(f"--{f} {g}" for f, g in zip(SIZE_FLAGS, given) if g is not None)
+        raise InputError(f"{source}: the autoencoder was trained at "
+                         f"{'x'.join(map(str, recorded))} (its recorded --input_rows/--input_cols/"
+                         f"--input_deps), but {flags} was given; leave these flags out (the "
+                         "trained size is used) or train the autoencoder at that size")
+    base = recorded if known else list(DEFAULT_SIZE)
+    where = "autoencoder checkpoint" if known else "default"
+    size = tuple(int(g if g is not None else b) for g, b in zip(given, base))
+    sources = {f: ("flag" if g is not None else where) for f, g in zip(SIZE_FLAGS, given)}
+    if any(v % 8 for v in size):
+        raise InputError(f"--input_rows/--input_cols/--input_deps {size}: each must be a "
+                         "multiple of 8 (three 2x poolings)")
+    return size, sources  # type: ignore[return-value]
 
-    Without ``model_config`` (a published file) width and decoder are read from the weights;
-    ``width``/``decoder`` are the fallback when even that fails. Decoder and head weights are
-    optional (only the encoder is used). Returns (model, model_config used).
-    """
-    path = resolve_weights(weights)
-    ckpt = load_checkpoint(path)
+
+def _encoder(ckpt: Mapping[str, Any], path: Path, width: int, decoder: str,
+             device: torch.device | str) -> tuple[UNet3D, dict[str, Any]]:
     inferred = {} if ckpt.get("model_config") else infer_model_config(ckpt["state_dict"])[1]
     # BatchNorm constants: recorded by train_autoencoder.py; older checkpoints were trained
     # with PyTorch's defaults (momentum 0.1, eps 1e-5), which eps must then stay.
@@ -132,6 +168,18 @@ def load_encoder(weights: str | os.PathLike, width: int = 32, decoder: str = "up
                             new_keys=DECODER_PREFIXES,
                             ignore_unexpected=(*DECODER_PREFIXES, "clc_out"))
     return model.to(device).eval(), cfg
+
+
+def load_encoder(weights: str | os.PathLike, width: int = 32, decoder: str = "upsampling",
+                 device: torch.device | str = "cpu") -> tuple[UNet3D, dict[str, Any]]:
+    """Build the autoencoder from a checkpoint and load its encoder weights; eval mode.
+
+    Without ``model_config`` (a published file) width and decoder are read from the weights;
+    ``width``/``decoder`` are the fallback when even that fails. Decoder and head weights are
+    optional (only the encoder is used). Returns (model, model_config used).
+    """
+    path = resolve_weights(weights)
+    return _encoder(load_checkpoint(path), path, width, decoder, device)
 
 
 @torch.no_grad()
@@ -180,28 +228,57 @@ def _gather_in_order(feats: np.ndarray, order: list[int], n: int, dim: int) -> n
     return None
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Cross-flag checks and the inputs, before any output is touched."""
+    if args.import_features and args.weights:
+        raise InputError("--import_features takes features made elsewhere and --weights "
+                         "extracts them here: give one of the two")
+    if not args.import_features and not args.weights:
+        raise InputError(f"--weights is required: the autoencoder checkpoint of "
+                         f"train_autoencoder.py (e.g. {DEFAULT_WEIGHTS}), or --import_features "
+                         "for features made elsewhere")
+    for split in SPLITS:   # a mistyped --data_dir is named before the output folder is looked at
+        list_volumes(Path(args.data_dir) / split)
+    check_output_outside(args.output_dir, [Path(args.data_dir) / sp for sp in SPLITS],
+                         "--output_dir", "--data_dir")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Extract and save the features as configured by ``args``; returns a summary on rank 0."""
-    size = (args.input_rows, args.input_cols, args.input_deps)
-    if any(s <= 0 or s % 8 for s in size):
-        raise InputError(f"--input_rows/--input_cols/--input_deps {size}: each must be a "
-                         "positive multiple of 8")
-    if args.batch_size <= 0 or args.num_workers < 0:
-        raise InputError("--batch_size must be positive and --num_workers >= 0")
+    """Extract (or import) and save the features as configured by ``args``; returns a summary
+    on rank 0."""
+    _check_inputs(args)
     save = Path(args.output_dir)
-    check_output_outside(save, [Path(args.data_dir) / sp for sp in SPLITS], "--output_dir",
-                         "--data_dir")
+    outputs = [save / n for n in (TRAIN_NAME, VAL_NAME, INDEX_NAME)]
+    unfinished = (f"no {INDEX_NAME}: the extraction was interrupted"
+                  if not outputs[2].exists() else None)
+    if args.import_features:
+        with output_session(save, "--output_dir", outputs, args.overwrite, continue_flag=None,
+                            unfinished=unfinished):
+            shapes = import_features(tuple(args.import_features), args.data_dir, save,
+                                     args.import_order)
+            write_run_config(dict(vars(args), input_size_from="imported"), save)
+        if args.verbose >= 1:
+            print(f"features imported: train {shapes['train']}, validation "
+                  f"{shapes['validation']} in sorted file order -> {save}", flush=True)
+        return {**shapes, "output_dir": str(save)}
+    weights = resolve_weights(args.weights)
+    ckpt = load_checkpoint(weights)
+    size, sources = resolve_input_size(args, ckpt, str(weights))
     with distributed_session(resolve_device(args.device)) as (info, device), \
-            output_session(save, "--output_dir", [save / n for n in (TRAIN_NAME, VAL_NAME, INDEX_NAME)],
-                           args.overwrite, continue_flag=None, enabled=info.is_main):
-        return _run(args, info, device, size)
+            output_session(save, "--output_dir", outputs, args.overwrite, continue_flag=None,
+                           enabled=info.is_main, unfinished=unfinished):
+        if info.is_main and args.verbose >= 1:
+            print("input size: " + ", ".join(f"--{f} {v} ({sources[f]})"
+                                             for f, v in zip(SIZE_FLAGS, size)), flush=True)
+        model, cfg = _encoder(ckpt, weights, args.width, args.decoder, device)
+        return _run(args, info, device, size, sources, model, cfg, weights)
 
 
 def _run(args: argparse.Namespace, info: DistInfo, device: torch.device,
-         size: tuple[int, int, int]) -> dict[str, Any] | None:
+         size: tuple[int, int, int], sources: dict[str, str], model: UNet3D,
+         cfg: dict[str, Any], weights: Path) -> dict[str, Any] | None:
     data_dir = Path(args.data_dir)
     files = {split: list_volumes(data_dir / split) for split in SPLITS}
-    model, cfg = load_encoder(args.weights, args.width, args.decoder, device)
     dim = model.bottleneck_channels
     progress = info.is_main and args.verbose >= 1
     results: dict[str, np.ndarray | None] = {}
@@ -219,10 +296,12 @@ def _run(args: argparse.Namespace, info: DistInfo, device: torch.device,
         save_features(save_dir, train_feats, val_feats, {
             "train": [f.name for f in files["train"]],
             "validation": [f.name for f in files["validation"]],
-            "data_dir": str(data_dir.resolve()),
-            "weights": str(resolve_weights(args.weights).resolve()),
-            "feature_dim": dim, "input_size": list(size), "model_config": cfg})
-        write_run_config(dict(vars(args), resolved_device=str(device),
+            "source": "feature_extractor.py", "weights": str(weights.resolve()),
+            "weights_identity": file_identity(weights), "feature_dim": dim,
+            "input_size": list(size), "input_size_from": sources, "model_config": cfg},
+            data_dir=data_dir)
+        write_run_config(dict(vars(args), **dict(zip(SIZE_FLAGS, size)),
+                              input_size_from=sources, resolved_device=str(device),
                               world_size=info.world_size, model_config=cfg), save_dir)
         summary = {"train": train_feats.shape, "validation": val_feats.shape,
                    "output_dir": str(save_dir)}
@@ -231,117 +310,6 @@ def _run(args: argparse.Namespace, info: DistInfo, device: torch.device,
                   f"-> {save_dir}", flush=True)
     barrier()
     return summary
-
-
-def save_features(save_dir: str | os.PathLike, train_feats: np.ndarray, val_feats: np.ndarray,
-                  index: dict[str, Any]) -> None:
-    """Write both feature files, then ``index`` (file names per split, ...) with their SHA-256.
-
-    The old index is removed first and written back last, so a run killed between the writes
-    leaves features that :func:`load_features` refuses, never train features of one run next
-    to validation features of another.
-    """
-    save_dir = Path(save_dir)
-    (save_dir / INDEX_NAME).unlink(missing_ok=True)
-    save_npy_atomic(save_dir / TRAIN_NAME, train_feats)
-    save_npy_atomic(save_dir / VAL_NAME, val_feats)
-    sums = {n: file_sha256(save_dir / n) for n in (TRAIN_NAME, VAL_NAME)}
-    save_json_atomic(save_dir / INDEX_NAME, {**index, "sha256": sums})
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (features are small: N x 16w float32)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _describe_mismatch(split: str, indexed: list[str], current: list[str]) -> str:
-    missing = [f for f in current if f not in set(indexed)]
-    extra = [f for f in indexed if f not in set(current)]
-
-    def names(xs: list[str]) -> str:
-        return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
-
-    parts = []
-    if missing:
-        parts.append(f"not in the features: {names(missing)}")
-    if extra:
-        parts.append(f"features of files no longer there: {names(extra)}")
-    if not parts:
-        parts.append("same files in another order")
-    return f"{split}/ " + "; ".join(parts)
-
-
-def load_features(train_features_path: str | os.PathLike, val_features_path: str | os.PathLike,
-                  data_dir: str | os.PathLike
-                  ) -> tuple[np.ndarray, np.ndarray, list[Path], list[Path]]:
-    """Load features and check they belong to the volumes now in ``data_dir``.
-
-    The index (``features_index.json`` beside ``train_features_path``) must list exactly the
-    sorted ``.npy`` files of ``data_dir``/train and ``data_dir``/validation, one per row.
-
-    Returns:
-        (train_feats (N_train, D) float32, val_feats (N_val, D) float32, train_files,
-        val_files): the files are the volume paths in row order.
-
-    Raises:
-        InputError naming the mismatching files (re-run feature_extractor.py to fix).
-    """
-    train_features_path, val_features_path = Path(train_features_path), Path(val_features_path)
-    data_dir = Path(data_dir)
-    rerun = (f"re-run: python self_discovery/feature_extractor.py --data_dir {data_dir} "
-             f"--weights {DEFAULT_WEIGHTS} --output_dir {train_features_path.parent}")
-    feats = []
-    for path in (train_features_path, val_features_path):
-        if not path.is_file():
-            raise InputError(f"{path}: features not found; {rerun}")
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise InputError(f"{path}: not a readable .npy ({e}); {rerun}") from e
-        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
-            raise InputError(f"{path}: expected a float (N, D) array, got {arr.shape} {arr.dtype}; "
-                             f"{rerun}")
-        if not np.isfinite(arr).all():
-            raise InputError(f"{path}: {int((~np.isfinite(arr)).any(axis=1).sum())} feature rows hold "
-                             f"NaN or inf (a diverged autoencoder?); retrain the autoencoder, then "
-                             f"{rerun}")
-        feats.append(arr.astype(np.float32, copy=False))
-    train_feats, val_feats = feats
-    index_path = train_features_path.parent / INDEX_NAME
-    if not index_path.is_file():
-        raise InputError(f"{index_path}: no index of which file each feature row belongs to "
-                         f"(an interrupted extraction, or features from an older extractor); "
-                         f"{rerun} --overwrite")
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        indexed = {split: list(index[split]) for split in SPLITS}
-        sums = dict(index["sha256"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{index_path}: unreadable features index ({e}); {rerun} --overwrite") from e
-    for path, name in ((train_features_path, TRAIN_NAME), (val_features_path, VAL_NAME)):
-        if sums.get(name) != file_sha256(path):
-            raise InputError(f"{path}: not the file {index_path} was written with (an interrupted "
-                             f"or mixed extraction: train and validation features must come from "
-                             f"one run); {rerun} --overwrite")
-    current = {split: list_volumes(data_dir / split) for split in SPLITS}
-    problems = [_describe_mismatch(split, indexed[split], [f.name for f in current[split]])
-                for split in SPLITS if indexed[split] != [f.name for f in current[split]]]
-    if problems:
-        raise InputError(f"{index_path}: features do not match the volumes in {data_dir}: "
-                         + " | ".join(problems) + f"; {rerun}")
-    for split, arr, path in (("train", train_feats, train_features_path),
-                             ("validation", val_feats, val_features_path)):
-        if arr.shape[0] != len(indexed[split]):
-            raise InputError(f"{path}: {arr.shape[0]} rows but {index_path} lists "
-                             f"{len(indexed[split])} {split} files; {rerun}")
-    if train_feats.shape[1] != val_feats.shape[1]:
-        raise InputError(f"{train_features_path} and {val_features_path}: feature sizes differ "
-                         f"({train_feats.shape[1]} vs {val_feats.shape[1]}); {rerun}")
-    return train_feats, val_feats, current["train"], current["validation"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,9 @@ For every block of ``CLASSES_PER_BLOCK`` classes k = 1, 2, ... (the last block m
 
 for train resolutions r = 1..n (validation: resolution 1 only). Cubes of one class are
 contiguous, classes ascending, so "the first C classes" are the first rows. ``fold_index.json``
-is written last, listing the files of the finished run with their sizes; the reader refuses
-files it does not list.
+is written last, listing the files of the finished run with their sizes and SHA-256; the reader
+refuses files it does not list and files whose content is not the recorded one (another run's
+file of the same shape, a copy from elsewhere).
 
 Writing (stage 3): a block's data files are created with ``np.lib.format.open_memmap``
 (header, full size) under temporary names and filled cube by cube with ``os.pwrite`` at the
@@ -23,7 +24,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -31,10 +33,13 @@ import numpy as np
 
 from runtime.errors import InputError
 from runtime.files import atomic_path, save_json_atomic, save_npy_atomic
+from runtime.provenance import file_identities
 
 __all__ = ["CLASSES_PER_BLOCK", "FOLD_INDEX", "FOLD_GLOB", "CUBE_DTYPE", "LABEL_DTYPE",
            "fold_file_names", "fold_blocks", "file_keys", "block_labels", "write_fold_index",
-           "check_fold_index", "block_complete", "BlockFiles", "open_block"]
+           "check_fold_index", "read_fold_index", "recorded_fold_identities",
+           "files_match_index", "block_complete", "BlockFiles", "open_block", "STAGING",
+           "commit_staging"]
 
 #: Classes per group of fold files (the published block of 50).
 CLASSES_PER_BLOCK = 50
@@ -66,38 +71,105 @@ def fold_blocks(nb_classes: int, per_block: int = CLASSES_PER_BLOCK) -> list[tup
 
 
 def write_fold_index(folder: Path, nb_classes: int, names: list[str]) -> None:
-    """Record the fold files ``names`` of a finished run (name -> size in bytes), atomically;
-    call it when every block is complete. Fold files of an earlier run left in ``folder``
-    (more blocks) are not listed, so the reader refuses them."""
-    files = {n: (Path(folder) / n).stat().st_size for n in sorted(names)}
-    save_json_atomic(Path(folder) / FOLD_INDEX, {"nb_classes": int(nb_classes), "files": files})
+    """Record the fold files ``names`` of a finished run (name -> size in bytes and SHA-256),
+    atomically; call it when every block is complete. Fold files of an earlier run left in
+    ``folder`` (more blocks) are not listed, so the reader refuses them."""
+    names = sorted(names)
+    idents = file_identities([Path(folder) / n for n in names])
+    save_json_atomic(Path(folder) / FOLD_INDEX, {"nb_classes": int(nb_classes),
+                                                 "files": dict(zip(names, idents))})
+
+
+def read_fold_index(folder: Path, fix: str = "re-create the folder with "
+                    "self_discovery/pattern_generator_3D.py") -> dict[str, dict] | None:
+    """The files ``fold_index.json`` of ``folder`` lists, as {name: {"size"[, "sha256"]}}
+    (indexes of older versions recorded sizes only); None without an index."""
+    index_path = Path(folder) / FOLD_INDEX
+    if not index_path.is_file():
+        return None
+    try:
+        files = json.loads(index_path.read_text(encoding="utf-8"))["files"]
+        return {str(n): ({"size": int(v)} if isinstance(v, int) else
+                         {"size": int(v["size"]), **({"sha256": str(v["sha256"])}
+                                                     if "sha256" in v else {})})
+                for n, v in dict(files).items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{index_path}: unreadable ({e}); {fix}") from e
+
+
+def _mismatched(folder: Path, files: Mapping[str, dict], names: list[str]) -> tuple[str, str]:
+    """(first of ``names`` that is not as ``files`` records it, why) or ("", "")."""
+    for name in names:
+        path = folder / name
+        if name not in files:
+            return name, "not listed"
+        if not path.is_file() or path.stat().st_size != files[name]["size"]:
+            return name, "another size"
+    hashed = [n for n in names if "sha256" in files[n]]
+    for name, ident in zip(hashed, file_identities([folder / n for n in hashed])):
+        if ident["sha256"] != files[name]["sha256"]:
+            return name, "other content of the same size"
+    return "", ""
+
+
+def files_match_index(folder: Path, names: list[str]) -> bool:
+    """True when ``fold_index.json`` of ``folder`` lists every file of ``names`` with its
+    current size and content."""
+    files = read_fold_index(folder)
+    return files is not None and not _mismatched(Path(folder), files, names)[0]
 
 
 def check_fold_index(folder: Path, names: list[str]) -> None:
     """Refuse fold files of an interrupted or mixed pattern-generator run.
 
-    With ``fold_index.json``, every file of ``names`` must be listed there with its size. Without
-    it, a folder the pattern generator wrote into (``coordinates.csv`` or ``config.json`` there)
-    is incomplete; folders without either (the published data, hand-made files) are read as is.
+    With ``fold_index.json``, every file of ``names`` must be listed there with its size and
+    SHA-256 (every byte is read). Without it, a folder the pattern generator wrote into
+    (``coordinates.csv`` or ``config.json`` there) is incomplete; folders without either (the
+    published data, hand-made files) are read as is.
     """
     folder = Path(folder)
     index_path = folder / FOLD_INDEX
     fix = ("resume it with self_discovery/pattern_generator_3D.py --output_dir "
            f"{folder} --prev_coordinates {folder / 'coordinates.csv'}, or re-run it with --overwrite")
-    if not index_path.is_file():
+    files = read_fold_index(folder, fix)
+    if files is None:
         if (folder / "coordinates.csv").is_file() or (folder / "config.json").is_file():
             raise InputError(f"{folder}: the pattern generator has not finished writing here (no "
                              f"{FOLD_INDEX}: the run was interrupted or is still running); {fix}")
         return
-    try:
-        files = dict(json.loads(index_path.read_text(encoding="utf-8"))["files"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{index_path}: unreadable ({e}); {fix}") from e
-    for name in names:
-        path = folder / name
-        if name not in files or not path.is_file() or path.stat().st_size != files[name]:
-            raise InputError(f"{path}: not the file the pattern generator finished with (see "
-                             f"{index_path}); {fix}")
+    name, why = _mismatched(folder, files, names)
+    if name:
+        raise InputError(f"{folder / name}: not the file the pattern generator finished with "
+                         f"({why} than {index_path} records: a file of another run or a "
+                         f"damaged copy); {fix}")
+
+
+def recorded_fold_identities(folder: Path, names: list[str]) -> dict[str, dict]:
+    """{name: {"size", "sha256"}} of the fold files ``names``: as ``fold_index.json`` records
+    them (``check_fold_index`` verifies the files against it), or hashed now for folders
+    without an index (the published data)."""
+    files = read_fold_index(folder) or {}
+    if all("sha256" in files.get(n, {}) for n in names):
+        return {n: files[n] for n in names}
+    return dict(zip(names, file_identities([Path(folder) / n for n in names])))
+
+
+#: Hidden sub-folder of --output_dir where a run that replaces or extends a finished result
+#: writes its files; they are moved into place only when every block is complete.
+STAGING = ".staging"
+
+
+def commit_staging(staging: Path, folder: Path, last: list[str]) -> None:
+    """Move every file of ``staging`` (fold files, montage/, ...) into ``folder``, the names
+    of ``last`` (coordinates.csv, config.json) after the others, then remove ``staging``.
+    Each move is an atomic rename; the caller writes ``fold_index.json`` afterwards."""
+    moved = sorted((p for p in staging.rglob("*") if p.is_file()),
+                   key=lambda p: (p.name in last, last.index(p.name) if p.name in last else 0))
+    for src in moved:
+        dst = folder / src.relative_to(staging)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def file_keys(resolutions: int) -> list[FileKey]:

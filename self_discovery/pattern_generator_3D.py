@@ -14,12 +14,18 @@ Output in ``--output_dir``::
     *_vwGen_ex_ref_fold{k}.0.npy   the fold files: cubes (N, X, Y, Z) float32 and labels (N, 1)
                                    int64 per block of 50 classes (``fold_files.py``)
     coordinates.csv     provenance of every cube (``--prev_coordinates`` resumes from it)
-    config.json         the resolved flags
-    fold_index.json     written last: the fold files of the finished run
+    config.json         the resolved flags, the identity of the features index read, and
+                        what a ``--prev_coordinates`` run changed
+    fold_index.json     written last: the fold files of the finished run (sizes, SHA-256)
     montage/class_NNN.png   middle slices of a few cubes per class (rows: res 1, 2, 3, val)
 
 The files of a block are filled class by class and renamed when the block is complete, so
-memory stays at one class whatever C and a crash never leaves a partial file.
+memory stays at one class whatever C and a crash never leaves a partial file. Every input
+(volumes, features checked against them by content, the run ``--prev_coordinates`` continues)
+is read before the output folder is looked at. A folder holding a finished result keeps it
+until the new one is complete: the new files are written to ``.staging/`` and moved into
+place at the end, so a run that fails (an extension whose next class finds no coordinate)
+leaves the finished folder as it was.
 
 This module is the command line and the orchestration; the parts live beside it:
 ``lung_test.py`` (the lung test), ``discovery.py`` (references, coordinates, nearest patients),
@@ -57,26 +63,28 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import shutil
 
 import numpy as np
 from tqdm import tqdm
 
 from runtime.cli import (ArgumentParser, HelpFormatter, add_hu_flags, add_overwrite_flag,
-                         check_hu_window, run_cli,
-                         nonneg_float, nonneg_int, positive_int, probability,
-                         seed_int)
+                         check_hu_window, nonneg_float, nonneg_int, positive_int, probability,
+                         run_cli, seed_int)
 from runtime.errors import InputError
 from runtime.files import check_output_outside, output_session, write_run_config
 from runtime.images import middle_slice_grid, save_png
-from self_discovery.coordinates import (SPLITS, plans_from_csv, read_coordinates, same_cube_config,
-                                        write_coordinates)
+from runtime.provenance import file_identity
+from self_discovery.coordinates import (SPLITS, check_continuation, plans_from_csv,
+                                        read_coordinates, same_cube_config, write_coordinates)
 from self_discovery.discovery import ClassPlan, CoordinateBounds, DiscoveryContext, new_plan
-from self_discovery.feature_extractor import load_features
-from self_discovery.fold_files import (CLASSES_PER_BLOCK, FOLD_GLOB, FOLD_INDEX, BlockFiles,
-                                       block_complete, file_keys, fold_blocks, fold_file_names,
+from self_discovery.features_index import INDEX_NAME, load_features
+from self_discovery.fold_files import (CLASSES_PER_BLOCK, FOLD_GLOB, FOLD_INDEX, STAGING,
+                                       BlockFiles, block_complete, commit_staging, file_keys,
+                                       files_match_index, fold_blocks, fold_file_names,
                                        open_block, write_fold_index)
 from self_discovery.lung_test import lung_threshold_unit
-from self_discovery.volumes import VolumeCrops, open_volume, resize_volume
+from self_discovery.volumes import VolumeCrops, list_volumes, open_volume, resize_volume
 
 __all__ = ["MONTAGE_TILE", "build_parser", "generate_patterns", "main"]
 
@@ -104,11 +112,13 @@ def _write_class(ctx: DiscoveryContext, plan: ClassPlan, files: BlockFiles, row0
     return [montage[k] for k in sorted(montage, key=lambda k: (k[0] != "train", k[1]))]
 
 
-def _write_blocks(ctx: DiscoveryContext, plans: list[ClassPlan], same_run: bool) -> None:
-    """Write every block of --nb_classes classes, discovering the classes beyond ``plans``
+def _write_blocks(ctx: DiscoveryContext, plans: list[ClassPlan], same_run: bool,
+                  target: Path) -> list[str]:
+    """Write every block of --nb_classes classes into ``target`` (--output_dir, or its staging
+    folder when a finished result is replaced), discovering the classes beyond ``plans``
     (appended); blocks of an earlier run with the same cube flags (``same_run``) that are
-    complete in --output_dir are kept. ``coordinates.csv`` is rewritten after each block and
-    ``fold_index.json`` last."""
+    complete in --output_dir (and, where it has one, as its fold_index.json records them) are
+    kept. ``coordinates.csv`` is rewritten after each block. Returns every fold file name."""
     a, save, per_file = ctx.args, Path(ctx.args.output_dir), ctx.args.classes_per_file
     counts = {"train": a.nb_instances, "validation": a.nb_instances_val}
     keys = file_keys(3 if a.multi_res else 1)
@@ -117,14 +127,17 @@ def _write_blocks(ctx: DiscoveryContext, plans: list[ClassPlan], same_run: bool)
     coords = [p.coord for p in plans]
     blocks = fold_blocks(a.nb_classes, per_file)
     cube_size = (a.input_rows, a.input_cols, a.input_deps)
+    staged = target != save
     bar = tqdm(total=a.nb_classes, desc="classes", disable=None)
     for k, n_cls in blocks:
         first, last = (k - 1) * per_file, (k - 1) * per_file + n_cls
-        block = (save, k, keys, counts, first, n_cls, cube_size)
-        if same_run and last <= len(plans) and block_complete(*block):
+        names = [n for _, prefix, res in keys for n in fold_file_names(prefix, res, k)]
+        if same_run and last <= len(plans) and block_complete(
+                save, k, keys, counts, first, n_cls, cube_size) \
+                and (not staged or files_match_index(save, names)):
             bar.update(n_cls)   # resumed in place: these files already hold these classes
             continue
-        with open_block(*block) as files:
+        with open_block(target, k, keys, counts, first, n_cls, cube_size) as files:
             for c in range(first, last):
                 if c == len(plans):
                     earlier = np.array(coords, dtype=np.float64).reshape(-1, 3)   # (c, 3)
@@ -134,27 +147,45 @@ def _write_blocks(ctx: DiscoveryContext, plans: list[ClassPlan], same_run: bool)
                 row0 = {(s, r): (c - first) * counts[s] for s, _, r in keys}
                 rows = _write_class(ctx, plans[c], files, row0, a.montage_instances)
                 if a.montage_instances > 0:
-                    save_png(save / "montage" / f"class_{c:03d}.png",
+                    save_png(target / "montage" / f"class_{c:03d}.png",
                              middle_slice_grid(rows, min_tile=MONTAGE_TILE))
                 bar.update(1)
-        write_coordinates(save / "coordinates.csv", plans[:last], per_file, counts)
+        write_coordinates(target / "coordinates.csv", plans[:last], per_file, counts)
     bar.close()
-    write_fold_index(save, a.nb_classes, [name for k, _ in blocks
-                                           for _, prefix, res in keys
-                                           for name in fold_file_names(prefix, res, k)])
+    return [name for k, _ in blocks for _, prefix, res in keys
+            for name in fold_file_names(prefix, res, k)]
 
 
 def generate_patterns(args: argparse.Namespace) -> list[ClassPlan]:
-    """Run stage 3 with parsed ``args``; return the plans of all classes written."""
+    """Run stage 3 with parsed ``args``; return the plans of all classes written.
+
+    Every input is read and checked (volumes, features and their index, the run a
+    ``--prev_coordinates`` continues) before the output folder is looked at."""
     a = args
     _check_args(a)
     save = Path(a.output_dir)
-    check_output_outside(save, [Path(a.data_dir) / sp for sp in SPLITS], "--output_dir", "--data_dir")
+    for split in SPLITS:   # a mistyped --data_dir is named first
+        list_volumes(Path(a.data_dir) / split)
+    check_output_outside(save, [Path(a.data_dir) / sp for sp in SPLITS], "--output_dir",
+                         "--data_dir")
+    ctx = _context(a)
+    features = file_identity(Path(a.train_features).parent / INDEX_NAME)
+    plans, applied = [], {}
+    if a.prev_coordinates:
+        applied = check_continuation(a, Path(a.train_features).parent / INDEX_NAME, features)
+        plans = plans_from_csv(Path(a.prev_coordinates), read_coordinates(a.prev_coordinates),
+                               a.nb_classes, a.nb_instances, a.nb_instances_val, a.multi_res,
+                               ctx.train_rel)
     earlier = [save / "coordinates.csv", save / FOLD_INDEX] + sorted(
         p for p in save.glob(FOLD_GLOB) if not p.name.startswith("."))
+    unfinished = None if (save / FOLD_INDEX).is_file() else \
+        f"no {FOLD_INDEX}: the run was interrupted or stopped with an error"
     resuming = bool(a.prev_coordinates) and Path(a.prev_coordinates).resolve().parent == save.resolve()
-    with output_session(save, "--output_dir", earlier, a.overwrite, "--prev_coordinates", resuming):
-        return _generate(a)
+    with output_session(save, "--output_dir", earlier, a.overwrite, "--prev_coordinates",
+                        resuming, unfinished=unfinished):
+        return _generate(a, ctx, plans, {"features_index": features, "continued": {
+            "from": a.prev_coordinates, "changed": {k: list(v) for k, v in applied.items()}}
+            if a.prev_coordinates else None})
 
 
 def _load_features(a: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
@@ -208,24 +239,40 @@ def _volume_shapes(a: argparse.Namespace, volumes: VolumeCrops, train_rel: list[
     return shapes
 
 
-def _generate(a: argparse.Namespace) -> list[ClassPlan]:
-    save = Path(a.output_dir)
+def _context(a: argparse.Namespace) -> DiscoveryContext:
+    """What discovery reads: the features (checked against the volumes by content), the
+    volumes' shapes and the neighbour indexes."""
     train_feats, val_feats, train_rel, val_rel = _load_features(a)
     volumes = VolumeCrops(Path(a.data_dir), a.is_normalized, a.hu_min, a.hu_max)
     shapes = _volume_shapes(a, volumes, train_rel, val_rel)
-    ctx = DiscoveryContext.build(a, volumes, train_rel, val_rel, shapes, train_feats, val_feats,
-                                 lung_threshold_unit(a.hu_min, a.hu_max))
-    plans: list[ClassPlan] = []
-    if a.prev_coordinates:
-        plans = plans_from_csv(Path(a.prev_coordinates), read_coordinates(a.prev_coordinates),
-                               a.nb_classes, a.nb_instances, a.nb_instances_val, a.multi_res,
-                               train_rel)
+    return DiscoveryContext.build(a, volumes, train_rel, val_rel, shapes, train_feats, val_feats,
+                                  lung_threshold_unit(a.hu_min, a.hu_max))
+
+
+def _generate(a: argparse.Namespace, ctx: DiscoveryContext, plans: list[ClassPlan],
+              record: dict) -> list[ClassPlan]:
+    """Write the classes into --output_dir. A folder holding a finished result (its
+    fold_index.json) keeps it, usable, until the new one is complete: the new files go to a
+    staging folder and are moved into place at the end; otherwise they are written in place
+    (fold_index.json, written last, tells a finished run from an interrupted one)."""
+    save = Path(a.output_dir)
+    if plans:
         print(f"resuming: {len(plans)} class(es) from {a.prev_coordinates} (blocks complete in "
               "--output_dir are kept, other recorded classes re-cropped from their coordinates)")
     same_run = same_cube_config(a, save) if plans else False
-    (save / FOLD_INDEX).unlink(missing_ok=True)  # written back last: an interrupted run is seen
-    write_run_config(a, save)
-    _write_blocks(ctx, plans, same_run)
+    target = save / STAGING if (save / FOLD_INDEX).is_file() else save
+    shutil.rmtree(save / STAGING, ignore_errors=True)    # left by a killed run: not a result
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        write_run_config(dict(vars(a), **record), target)
+        names = _write_blocks(ctx, plans, same_run, target)
+        if target != save:
+            commit_staging(target, save, ["coordinates.csv", "config.json"])
+    except BaseException:
+        if target != save:    # the finished result stays as it was
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    write_fold_index(save, a.nb_classes, names)
     return plans
 
 
@@ -233,22 +280,11 @@ def _generate(a: argparse.Namespace) -> list[ClassPlan]:
 # CLI
 # ----------------------------------------------------------------------------------------------
 def _check_args(a: argparse.Namespace) -> None:
-    positive = ("input_rows", "input_cols", "input_deps", "crop_rows", "crop_cols", "nb_classes",
-                "nb_instances", "nb_instances_val", "minPatchSize", "max_tries", "classes_per_file")
-    for name in positive:
-        if getattr(a, name) < 1:
-            raise InputError(f"--{name} must be >= 1, got {getattr(a, name)}")
-    for name in ("len_border", "len_border_z", "montage_instances"):
-        if getattr(a, name) < 0:
-            raise InputError(f"--{name} must be >= 0, got {getattr(a, name)}")
+    """Cross-flag checks (single values are checked by the argparse types)."""
     if a.maxPatchSize <= a.minPatchSize:
         raise InputError(f"--maxPatchSize ({a.maxPatchSize}) must exceed --minPatchSize "
                          f"({a.minPatchSize}): sides are drawn from [min, max)")
     check_hu_window(a)
-    if not 0 <= a.lung_threshold <= 1:
-        raise InputError(f"--lung_threshold must lie in [0, 1], got {a.lung_threshold}")
-    if a.distance_threshold < 0:
-        raise InputError(f"--distance_threshold must be >= 0, got {a.distance_threshold}")
 
 
 def build_parser() -> argparse.ArgumentParser:

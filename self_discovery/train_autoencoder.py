@@ -42,22 +42,28 @@ from torch.utils.data.distributed import DistributedSampler
 from models.checkpoint import load_checkpoint, load_state_dict_checked
 from models.ynet3d import UNet3D, set_batchnorm
 from pytorch.engine import make_optimizer
-from runtime.cli import (add_verbosity_flag, ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
-                         add_resume_flag, run_cli, nonneg_int, positive_float,
-                         positive_int, resume_path, seed_int)
+from pytorch.resume import apply_resumed_lr
+from runtime.cli import (ArgumentParser, HelpFormatter, add_amp_flag, add_overwrite_flag,
+                         add_resume_flag, add_verbosity_flag, nonneg_int, positive_float,
+                         positive_int, resume_path, run_cli, seed_int)
 from runtime.devices import autocast, device_name, resolve_amp, resolve_device, seed_everything
 from runtime.distributed import (DistInfo, all_reduce_sum, barrier, distributed_session,
                                  shard_indices)
 from runtime.errors import InputError
 from runtime.files import output_session, write_run_config
 from runtime.images import middle_slice_grid
-from runtime.training import (EarlyStopping, EpochCheckpoints, MetricLogger, RunState, batch_sums,
-                              check_finite_training, evaluate, per_sample_mean, record_epoch,
-                              restart_from_checkpoint, train_one_epoch)
-from self_discovery.volumes import ResizedVolumeDataset, list_volumes
+from runtime.provenance import ResumePolicy
+from runtime.training import (DATA_IDENTITY, EarlyStopping, EpochCheckpoints, MetricLogger,
+                              RunState, batch_sums, check_finite_training,
+                              check_resume_checkpoint, evaluate, per_sample_mean, record_epoch,
+                              restart_from_checkpoint, train_one_epoch,
+                              unfinished_checkpoint)
+from self_discovery.volumes import (ResizedVolumeDataset, describe_volume_changes, list_volumes,
+                                    volume_identities)
 
 __all__ = ["BEST_NAME", "LAST_NAME", "ARCH", "build_parser", "build_autoencoder", "model_config",
-           "plateau_scheduler", "train_step", "train", "main", "BN_MOMENTUM", "BN_EPS"]
+           "plateau_scheduler", "train_step", "train", "main", "BN_MOMENTUM", "BN_EPS",
+           "RESUME_POLICY"]
 
 BEST_NAME = "Unet_autoencoder.pt"
 LAST_NAME = "Unet_autoencoder_last.pt"
@@ -68,6 +74,12 @@ NORM = "standard"
 #: BatchNorm constants of the published Keras autoencoder (momentum 0.99, epsilon 1e-3) in
 #: PyTorch terms; its running statistics are what the features are computed with.
 BN_MOMENTUM, BN_EPS = 0.01, 1e-3
+#: ``--resume``: more epochs or patience, another learning rate or lr patience (the advice of a
+#: diverged run), another precision are applied and said; every other flag must keep its
+#: recorded value. The volumes are compared by content (``volume_identities``), not by path;
+#: --weights only initialised the run the checkpoint continues.
+RESUME_POLICY = ResumePolicy(applied=("nb_epoch", "patience", "lr", "lr_patience", "amp"),
+                             ignored=("output_dir", "data_dir", "weights"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,18 +182,28 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    """Cross-flag checks (single values are checked by the argparse types)."""
     size = (args.input_rows, args.input_cols, args.input_deps)
-    if any(s <= 0 or s % 8 for s in size):
+    if any(s % 8 for s in size):
         raise InputError(f"--input_rows/--input_cols/--input_deps {size}: each must be a "
-                         "positive multiple of 8 (three 2x poolings)")
-    for flag in ("batch_size", "width", "patience", "lr_patience"):
-        if getattr(args, flag) <= 0:
-            raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    if args.nb_epoch < 0 or args.num_workers < 0 or args.lr <= 0:
-        raise InputError("--nb_epoch and --num_workers must be >= 0 and --lr > 0")
+                         "multiple of 8 (three 2x poolings)")
     if args.resume and args.weights:
         raise InputError("--resume and --weights exclude each other: --resume continues a run, "
                          "--weights only initialises a new one")
+
+
+def _check_inputs(args: argparse.Namespace) -> tuple[dict, dict[str, tuple]]:
+    """Every input, before the output folder is looked at: the volumes (their content
+    identity returned, so a mistyped --data_dir is named first) and, for ``--resume``, the
+    checkpoint's recorded settings (``RESUME_POLICY``) and volumes. Returns (identity, flag
+    changes the resume applies)."""
+    identity = volume_identities(args.data_dir)
+    resume = resume_path(args.resume, Path(args.output_dir) / LAST_NAME)
+    if resume is None:
+        return identity, {}
+    applied = check_resume_checkpoint(resume, vars(args), RESUME_POLICY, identity,
+                                      describe_volume_changes)
+    return identity, applied
 
 
 def _loader(ds: ResizedVolumeDataset | Subset, sampler, batch_size: int, workers: int,
@@ -202,18 +224,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     "best_loss", "epoch", "best_path", "last_path"}`` (the history of this invocation only).
     """
     _check_args(args)
+    identity, applied = _check_inputs(args)
     ckpt_dir = Path(args.output_dir)
     with distributed_session(resolve_device(args.device)) as (info, device), \
             output_session(ckpt_dir, "--output_dir", [ckpt_dir / BEST_NAME, ckpt_dir / LAST_NAME],
-                           args.overwrite, continuing=bool(args.resume), enabled=info.is_main), \
+                           args.overwrite, continuing=bool(args.resume), enabled=info.is_main,
+                           unfinished=unfinished_checkpoint(ckpt_dir / LAST_NAME, args.nb_epoch,
+                                                            args.patience)), \
             MetricLogger(args.log_dir, args.verbose) as log:  # rank 0 only
-        return _train(args, info, device, log)
+        return _train(args, info, device, log, identity, applied)
 
 
-def _build(args: argparse.Namespace, info: DistInfo, device: torch.device, log: MetricLogger
+def _build(args: argparse.Namespace, info: DistInfo, device: torch.device, log: MetricLogger,
+           applied: dict[str, tuple]
            ) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, Any, RunState]:
     """(model, net, optimizer, scheduler, state): the autoencoder on ``device``, the module to
-    train (DDP around it under torchrun), and the run state (``--resume``d or new)."""
+    train (DDP around it under torchrun), and the run state (``--resume``d or new; the flag
+    changes it ``applied`` take effect and are recorded in it)."""
     seed_everything(args.seed)   # same initial weights on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -225,6 +252,12 @@ def _build(args: argparse.Namespace, info: DistInfo, device: torch.device, log: 
     if resume is not None:
         state = restart_from_checkpoint(resume, model, optimizer, scheduler,
                                         expect={"width": args.width, "decoder": args.decoder})
+        if "lr" in applied:
+            apply_resumed_lr(optimizer, scheduler, *applied["lr"])
+        scheduler.patience = args.lr_patience - 1      # the restored state holds the old one
+        if applied:
+            state.extra.setdefault("resumes", []).append(
+                {"epoch": state.epoch, "changed": {k: list(v) for k, v in applied.items()}})
         log.line(f"resumed from {resume}: epoch {state.epoch}, best val loss "
                  f"{state.best_loss:.6f}")
     elif args.weights:
@@ -263,11 +296,12 @@ def _loaders(args: argparse.Namespace, info: DistInfo, device: torch.device, log
 
 
 def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
-           log: MetricLogger) -> dict[str, Any]:
+           log: MetricLogger, identity: dict, applied: dict[str, tuple]) -> dict[str, Any]:
     ckpt_dir = Path(args.output_dir)
-    model, net, optimizer, scheduler, state = _build(args, info, device, log)
+    model, net, optimizer, scheduler, state = _build(args, info, device, log, applied)
     train_sampler, train_loader, val_loader = _loaders(args, info, device, log)
-    config = dict(vars(args), world_size=info.world_size)
+    config = dict(vars(args), world_size=info.world_size,
+                  resumes=state.extra.get("resumes", []), **{DATA_IDENTITY: identity})
     if info.is_main:
         write_run_config(dict(config, resolved_device=str(device),
                               n_train=len(train_loader.dataset),
@@ -331,8 +365,7 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser, train, argv, _report,
-                   "continue from the last complete epoch with --resume")
+    return run_cli(build_parser, train, argv, _report, "continue with --resume")
 
 
 def _report(args: argparse.Namespace, result: dict[str, Any]) -> None:

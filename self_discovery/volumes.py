@@ -10,8 +10,9 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,10 +20,12 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from runtime.errors import InputError
+from runtime.provenance import file_identities, file_identity
 from runtime.intensity import (HU_MAX, HU_MIN, check_real_array, finite_range, is_unit_range,
                                normalize_hu, within_unit_range)
 
 __all__ = ["SPLITS", "check_dataset_complete", "list_volumes", "open_volume",
+           "volume_identities", "describe_volume_changes", "dataset_manifest_identity",
            "to_unit_range", "GAUSS_TRUNCATE",
            "resize_matrix", "resize_volume", "load_resized", "ResizedVolumeDataset",
            "normalize_crop", "VolumeCrops"]
@@ -59,6 +62,58 @@ def list_volumes(folder: str | os.PathLike, flag: str = "--data_dir") -> list[Pa
     if not files:
         raise InputError(f"{folder}: no .npy volumes; run scripts/prepare_dataset.py or set {flag}")
     return files
+
+
+def volume_identities(data_dir: str | os.PathLike, flag: str = "--data_dir"
+                      ) -> dict[str, list[dict[str, Any]]]:
+    """What identifies the volumes of ``data_dir`` by content: per split, in sorted file order
+    (``list_volumes``), ``{"name", "size", "sha256"}`` of every file (``file_identity``: every
+    byte is hashed, one read of each file)."""
+    out = {}
+    for split in SPLITS:
+        files = list_volumes(Path(data_dir) / split, flag)
+        out[split] = [{"name": f.name, **ident}
+                      for f, ident in zip(files, file_identities(files))]
+    return out
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+
+def describe_volume_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]
+                            ) -> str | None:
+    """None when ``current`` (``volume_identities``) holds the volumes ``recorded``, in the
+    same order; else what differs, for a message (names missing or added, files whose content
+    differs, or another order)."""
+    parts = []
+    for split in SPLITS:
+        try:
+            old = [(str(v["name"]), int(v["size"]), str(v["sha256"])) for v in recorded[split]]
+        except (KeyError, TypeError, ValueError):
+            return f"the record of {split}/ is unreadable"
+        new = [(v["name"], int(v["size"]), v["sha256"]) for v in current[split]]
+        if old == new:
+            continue
+        old_by, new_by = {n: (z, h) for n, z, h in old}, {n: (z, h) for n, z, h in new}
+        missing = [n for n in old_by if n not in new_by]
+        added = [n for n in new_by if n not in old_by]
+        changed = [n for n in new_by if n in old_by and old_by[n] != new_by[n]]
+        if missing:
+            parts.append(f"{split}/ lacks {_names(missing)}")
+        if added:
+            parts.append(f"{split}/ has new {_names(added)}")
+        if changed:
+            parts.append(f"{split}/ {_names(changed)}: other content under the same name")
+        if not (missing or added or changed):
+            parts.append(f"{split}/: the same files in another order")
+    return "; ".join(parts) or None
+
+
+def dataset_manifest_identity(data_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``file_identity`` of the stage-0 ``manifest.json`` of ``data_dir`` (None without one)."""
+    path = Path(data_dir) / "manifest.json"
+    return file_identity(path) if path.is_file() else None
 
 
 def open_volume(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:

@@ -33,12 +33,13 @@ from finetune.classification import count_classes
 from finetune.segmentation import find_volume_files, pair_volumes
 from preparation.phantoms import make_nodule_cubes, write_phantom_dataset, write_volume
 from self_discovery import feature_extractor as fe
+from self_discovery import features_index
 from self_discovery import pattern_generator_3D as pg
 from self_discovery import train_autoencoder as ta
 from self_discovery.volumes import list_volumes, open_volume
 from tests.fold_fixtures import (autoencoder_args, make_fold_files, make_volume_dataset,
                                  tiny_pretraining, train_args)
-from tests.test_patterns import _args, make_dataset
+from tests.test_patterns import _args, make_dataset, reindex_features
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (16, 16, 8)
@@ -450,7 +451,7 @@ def test_full_disk_is_one_line_naming_the_path(volumes, tmp_path, capsys, monkey
     def full(path, array):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(fe, "save_npy_atomic", full)
+    monkeypatch.setattr(features_index, "save_npy_atomic", full)
     rc = fe.main(["--data_dir", str(volumes), "--weights", str(ckpt), "--output_dir",
                   str(tmp_path / "f"), "--input_rows", "16", "--input_cols", "16",
                   "--input_deps", "8", "--num_workers", "0", "--device", "cpu", "--verbose", "0"])
@@ -521,12 +522,14 @@ def test_pattern_generator_reads_every_voxel_for_nan(tmp_path, capsys):
     vol = np.load(root / "data" / "train" / "p001.npy")
     vol[1::2] = np.nan                                 # odd rows only: a strided sample misses it
     np.save(root / "data" / "train" / "p001.npy", vol)
+    reindex_features(root)                             # features recorded for these volumes
     rc = pg.main(_args(root, "out", classes=2, inst=4, inst_val=2))
     one_error_line(capsys, rc, "p001.npy", "NaN")
 
 
 def test_huge_class_count_gives_a_readable_line(tmp_path, capsys):
-    args = train_args(tmp_path / "none", tmp_path)
+    (tmp_path / "empty").mkdir()                       # a folder without the fold files
+    args = train_args(tmp_path / "empty", tmp_path)
     args[args.index("--cls_classes") + 1] = "1000000"
     line = one_error_line(capsys, train_cli.main(args), "more characters", "--cls_classes")
     assert len(line) < 800

@@ -174,13 +174,13 @@ def test_features_killed_between_the_two_files_are_refused_then_redone(features_
     old_index = (out / fe.INDEX_NAME).read_bytes()
     killed_child(f"""
         import os, signal
-        from self_discovery import feature_extractor as fe
-        real = fe.save_npy_atomic
+        from self_discovery import feature_extractor as fe, features_index as fi
+        real = fi.save_npy_atomic
         def save_then_die(path, array):
             real(path, array)
             if path.name == fe.TRAIN_NAME:
                 os.kill(os.getpid(), signal.SIGKILL)
-        fe.save_npy_atomic = save_then_die
+        fi.save_npy_atomic = save_then_die
         fe.main({_features_argv(data, w1, out) + ["--overwrite"]!r})
     """)
     with pytest.raises(InputError, match="interrupted extraction"):

@@ -65,8 +65,19 @@ def make_dataset(root: Path, n_train: int = 10, n_val: int = 4, hu: bool = False
             names[split].append(name)
     save_features(root / "features", rng.standard_normal((n_train, 16)).astype(np.float32),
                   rng.standard_normal((n_val, 16)).astype(np.float32),
-                  {"train": names["train"], "validation": names["validation"], "feature_dim": 16})
+                  {"train": names["train"], "validation": names["validation"], "feature_dim": 16},
+                  data_dir=root / "data")
     return root
+
+
+def reindex_features(root: Path) -> None:
+    """Write the features index of ``make_dataset`` again, for volumes changed since (what
+    re-extracting the features records)."""
+    feats, index = root / "features", json.loads((root / "features" / "features_index.json").read_text())
+    save_features(feats, np.load(feats / "train_features.npy"),
+                  np.load(feats / "validation_features.npy"),
+                  {k: index[k] for k in ("train", "validation", "feature_dim")},
+                  data_dir=root / "data")
 
 
 def _args(root: Path, save: str, *extra: str, classes: int = 3, inst: int = 6,
@@ -272,9 +283,10 @@ def test_volume_neither_unit_nor_hu_is_an_error_like_stage_1(tmp_path, capsys):
     root = make_dataset(tmp_path, n_train=4, n_val=2)
     bad = root / "data" / "train" / "p001.npy"
     np.save(bad, np.load(bad) * 1.3)
+    reindex_features(root)
     assert pg.main(_args(root, "out", classes=2, inst=3, inst_val=2)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error:") and "p001.npy" in err and "neither" in err
+    assert err.startswith("error:") and "p001.npy" in err and "are neither normalised" in err
     with pytest.raises(InputError, match="neither"):
         load_resized(bad, (16, 16, 8))
 

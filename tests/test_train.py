@@ -233,9 +233,12 @@ def _error(argv, capsys) -> str:
 
 
 def test_missing_fold_files_named_with_flags(tmp_path, capsys):
-    err = _error(train_args(tmp_path / "none", tmp_path), capsys)
+    (tmp_path / "empty").mkdir()
+    err = _error(train_args(tmp_path / "empty", tmp_path), capsys)
     assert "train_data1_vwGen_ex_ref_fold1.0.npy" in err and "val_label1" in err
     assert "--data_dir" in err and "--cls_classes" in err
+    err = _error(train_args(tmp_path / "none", tmp_path), capsys)
+    assert "none: folder not found; set --data_dir" in err
 
 
 @pytest.mark.parametrize("defect", ["label_range", "shape", "nan", "rows"])
