@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import infer_model_config, load_checkpoint
+from models.checkpoint import describe_checkpoint, load_checkpoint
 from runtime.errors import InputError
 from runtime.provenance import ResumePolicy
 
@@ -72,23 +72,19 @@ def apply_resumed_lr(optimizer: torch.optim.Optimizer, scheduler: Any, old: floa
         scheduler._last_lr = [float(g["lr"]) for g in optimizer.param_groups]
 
 
-def checkpoint_kind(ckpt: Mapping[str, Any]) -> str:
-    """What wrote a checkpoint, in words: "autoencoder" (stage 1), "en" / "en_de" (stage 4),
-    "unet" (a U-Net without a head: segmentation), or "other"."""
-    arch = ckpt.get("arch")
-    if not isinstance(arch, str):
-        arch = infer_model_config(ckpt.get("state_dict") or {})[0]
-    cfg = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else {}
-    if arch == "UNet3D":
-        mc = ckpt.get("model_config") if isinstance(ckpt.get("model_config"), Mapping) else {}
-        return "autoencoder" if "lr_patience" in cfg or "bn_momentum" in mc else "unet"
-    return {"YNet3D": "en_de", "ClassificationNet3D": "en"}.get(arch or "", "other")
+def checkpoint_kind(ckpt: Mapping[str, Any], source: str = "checkpoint") -> str:
+    """What wrote a checkpoint, in pretraining's words: "autoencoder" (stage 1), "en" / "en_de"
+    (stage 4), "unet" (a U-Net without a head: segmentation), or "other"
+    (``models.checkpoint.describe_checkpoint`` decides)."""
+    kind = describe_checkpoint(ckpt, source).kind
+    return {"pretraining": "en_de", "pretraining_en": "en", "autoencoder": "autoencoder",
+            "segmentation": "unet", "unet": "unet"}.get(kind, "other")
 
 
 def check_pretraining_checkpoint(path: str, flag: str) -> None:
     """Refuse a checkpoint of another stage given to ``flag`` (``--pre_path``/``--resume``) with
     one line naming what the file is and the right file for the flag."""
-    kind = checkpoint_kind(load_checkpoint(path))
+    kind = checkpoint_kind(load_checkpoint(path), path)
     want = ("a checkpoint of pytorch/train.py (e.g. Checkpoints/en/semantic_genesis_chest_ct.pt "
             "of an --exp en run)" if flag == "--pre_path" else
             "the run's own <output_dir>/semantic_genesis_chest_ct_last.pt")
