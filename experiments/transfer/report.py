@@ -68,12 +68,14 @@ def plot_results(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     for k, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), k + 1)
         task_rows = [r for r in rows if r["task"] == task]
-        for method in dict.fromkeys(r["method"] for r in task_rows):
+        methods = list(dict.fromkeys(r["method"] for r in task_rows))
+        for j, method in enumerate(methods):
+            dodge = 1.0 + 0.04 * (j - (len(methods) - 1) / 2)   # side by side on the log axis
             pts = sorted((float(r["fraction"]), 100 * r["mean"], r["ci"]) for r in task_rows
                          if r["method"] == method and math.isfinite(r["mean"]))
             if not pts:
                 continue
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            xs, ys = [p[0] * dodge for p in pts], [p[1] for p in pts]
             lo = [y - (100 * p[2][0] if math.isfinite(p[2][0]) else y) for y, p in zip(ys, pts)]
             hi = [(100 * p[2][1] if math.isfinite(p[2][1]) else y) - y for y, p in zip(ys, pts)]
             ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=method,
