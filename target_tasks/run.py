@@ -261,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue interrupted cells from their last complete epoch")
     p = ap.add_argument_group("protocol (default: the task's published value, see "
                               "docs/target_tasks.md)")
+    choices = {"optimizer": ["adam", "sgd"], "loss": ["bce", "dice", "bce_dice"],
+               "monitor": ["loss", "auc", "dice"]}
     for name, (kind, text) in PROTOCOL_FLAGS.items():
-        p.add_argument(f"--{name}", type=kind, default=None, help=text)
+        p.add_argument(f"--{name}", type=kind, default=None, choices=choices.get(name), help=text)
     p.add_argument("--input", type=positive_int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="input size (published: 64 64 32); segmentation crops and windows")
     p.add_argument("--augment", action="store_true",
@@ -306,6 +308,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
     proto = PROTOCOLS[args.task]
     values, sources = resolve_protocol(args.task, args)
     prepared = check_prepared(args.prepared, args.task, proto.kind, values["input"])
+    _note_hu_window(proto, prepared)
     res = Path(args.output_dir or f"runs/target_tasks/{args.task}")
     check_output_outside(res, [args.prepared], "--output_dir", "--prepared", both_ways=True)
     inits = parse_inits(args.init)
@@ -337,6 +340,16 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
         results = _run_cells(proto, values, width, subsets, jobs, plan, args)
     return _write_results(res, proto, values, sources, prepared, inits, seeds, fractions,
                           jobs, results, command)
+
+
+def _note_hu_window(proto: Protocol, prepared: Prepared) -> None:
+    """Say so when the data were prepared with another HU window than the protocol's."""
+    settings = prepared.manifest.get("settings") or {}
+    window = (settings.get("hu_min"), settings.get("hu_max")) if isinstance(settings, dict) else (None, None)
+    if proto.hu_window and None not in window and tuple(map(float, window)) != proto.hu_window:
+        print(f"note: {prepared.folder} was prepared with the HU window [{window[0]:g}, "
+              f"{window[1]:g}]; the published protocol uses [{proto.hu_window[0]:g}, "
+              f"{proto.hu_window[1]:g}]", file=sys.stderr)
 
 
 def _show(v: Any) -> str:
