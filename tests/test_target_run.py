@@ -227,7 +227,7 @@ def test_prepared_shape_and_stray_cases_are_refused(tmp_path, capsys):
 # end to end
 # ------------------------------------------------------------------------------------------
 def _cells(res: Path) -> list[dict]:
-    return json.loads((res / "results.json").read_text())["cells"]
+    return json.loads((res / "results.json").read_text(encoding="utf-8"))["cells"]
 
 
 def test_ncc_tiny_end_to_end_paired_and_keyed_by_settings(ckpts, tmp_path, monkeypatch, capsys):
@@ -239,7 +239,7 @@ def test_ncc_tiny_end_to_end_paired_and_keyed_by_settings(ckpts, tmp_path, monke
     printed = capsys.readouterr().out
     assert "lr 0.001 [published]" in printed and "nb_epoch 1 [preset tiny]" in printed
     assert "width 2 [the checkpoints]" in printed and "sg seed 1 fraction 0.5: test AUC" in printed
-    out = json.loads((res / "results.json").read_text())
+    out = json.loads((res / "results.json").read_text(encoding="utf-8"))
     assert set(out["results"]) == {"scratch", "sg"}
     assert all(len(v) == 2 for by_f in out["results"].values() for v in by_f.values())
     assert out["paper"]["semantic_genesis"] == [98.46, 0.30]
@@ -257,7 +257,7 @@ def test_ncc_tiny_end_to_end_paired_and_keyed_by_settings(ckpts, tmp_path, monke
     assert half[0]["n"] == 4 and half[0]["sha256"] != half[2]["sha256"]   # seeds differ
     labels = np.load(res / "subsets" / "f0.5_seed0" / "train_labels.npy")
     assert np.bincount(labels).tolist() == [2, 2]                         # stratified
-    table = (res / "results.md").read_text()
+    table = (res / "results.md").read_text(encoding="utf-8")
     assert "| sg | ours_en_de | 100% | 2 |" in table and "98.46 ± 0.30 (Semantic Genesis)" in table
     with Image.open(res / "results.png") as im:
         assert im.format == "PNG" and im.size[0] > 300
@@ -272,7 +272,7 @@ def test_ncc_tiny_end_to_end_paired_and_keyed_by_settings(ckpts, tmp_path, monke
     assert target_run.main(argv + ["--lr", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "finetune.lr: 0.001 -> 0.01" in err and "--overwrite" in err and "--output_dir" in err
-    assert json.loads((res / "results.json").read_text())["values"]["lr"] == 1e-3
+    assert json.loads((res / "results.json").read_text(encoding="utf-8"))["values"]["lr"] == 1e-3
 
 
 def test_an_interrupted_cell_continues_with_resume(ckpts, tmp_path, monkeypatch, capsys):
@@ -281,7 +281,7 @@ def test_an_interrupted_cell_continues_with_resume(ckpts, tmp_path, monkeypatch,
     argv = ["ncc", "--prepared", str(data), "--seeds", "0", "1", "--output_dir", str(res)] + FAST
     assert target_run.main(argv) == 0
     folder = res / "cells" / "scratch" / "f1" / "seed1"
-    record = json.loads((folder / "cell.json").read_text())
+    record = json.loads((folder / "cell.json").read_text(encoding="utf-8"))
     (folder / "cell.json").write_text(json.dumps({"settings": record["settings"], "finished": False}))
     (folder / "metrics.json").unlink()                     # killed after its last epoch
     capsys.readouterr()
@@ -291,7 +291,7 @@ def test_an_interrupted_cell_continues_with_resume(ckpts, tmp_path, monkeypatch,
     real = finetune_classification.run
     monkeypatch.setattr(finetune_classification, "run", lambda a: seen.append(a.resume) or real(a))
     assert target_run.main(argv + ["--resume"]) == 0
-    assert seen == ["auto"] and json.loads((folder / "cell.json").read_text())["finished"]
+    assert seen == ["auto"] and json.loads((folder / "cell.json").read_text(encoding="utf-8"))["finished"]
     assert "scratch seed 1 fraction 1" in capsys.readouterr().out
 
 
@@ -301,7 +301,7 @@ def test_lcs_tiny_end_to_end_encoder_only_and_models_genesis(ckpts, tmp_path, ca
     assert target_run.main(["lcs", "--prepared", str(data), "--init", f"cls={ckpts['en']}",
                             f"models_genesis={ckpts['mg']}", "--seeds", "0", "1",
                             "--output_dir", str(res)] + FAST) == 0
-    out = json.loads((res / "results.json").read_text())
+    out = json.loads((res / "results.json").read_text(encoding="utf-8"))
     assert out["metric"] == "iou" and out["values"]["lr"] == 1e-2
     by_init = {c["init"]: c for c in out["cells"] if c["seed"] == 0}
     assert by_init["cls"]["settings"]["finetune"]["new_decoder"] is True      # no decoder in en
@@ -311,6 +311,6 @@ def test_lcs_tiny_end_to_end_encoder_only_and_models_genesis(ckpts, tmp_path, ca
     assert all(0.0 <= c["value"] <= 1.0 and "iou" in c["test"] for c in out["cells"])
     assert {i["name"]: i["paper_column"] for i in out["inits"]} == {
         "scratch": "scratch", "cls": "classification_only", "models_genesis": "models_genesis"}
-    table = (res / "results.md").read_text()
+    table = (res / "results.md").read_text(encoding="utf-8")
     assert "84.14 ± 1.78 (self-classification only)" in table
     assert "85.10 ± 2.15 (Models Genesis)" in table and "test IoU" in table

@@ -26,7 +26,7 @@ def test_tiny_benchmark_table_and_json(weights, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| task | metric (%) | scratch (2 seeds) | pretrained (2 seeds) |" in printed
     assert "| classification | AUC |" in printed and "| segmentation | IoU |" in printed
-    summary = json.loads((out / "transfer_benchmark.json").read_text())
+    summary = json.loads((out / "transfer_benchmark.json").read_text(encoding="utf-8"))
     assert summary["width"] == 4  # read from the checkpoint
     assert [(r["task"], r["metric"]) for r in summary["rows"]] == [
         ("classification", "AUC"), ("classification", "accuracy"), ("segmentation", "IoU"),
@@ -38,7 +38,7 @@ def test_tiny_benchmark_table_and_json(weights, tmp_path, capsys):
         for init in ("scratch", "pretrained"):
             for seed in (0, 1):
                 run = out / "runs" / task / init / f"seed{seed}"
-                m = json.loads((run / "metrics.json").read_text())
+                m = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
                 assert m["init"] == init and (m["loaded_keys"] > 0) == (init == "pretrained")
 
 
@@ -65,13 +65,13 @@ def test_benchmark_cells_are_keyed_by_settings(weights, tmp_path, monkeypatch, c
     out = tmp_path / "bench"
     argv = ["--weights", str(weights), "--output_dir", str(out), "--tasks", "classification"] + TINY
     assert tb.main(argv) == 0
-    first = json.loads((out / "transfer_benchmark.json").read_text())
+    first = json.loads((out / "transfer_benchmark.json").read_text(encoding="utf-8"))
     from finetune import classification
     real = classification.run
     calls = []
     monkeypatch.setattr(classification, "run", lambda a: calls.append(a.lr) or real(a))
     assert tb.main(argv) == 0 and calls == []
-    assert json.loads((out / "transfer_benchmark.json").read_text())["rows"] == first["rows"]
+    assert json.loads((out / "transfer_benchmark.json").read_text(encoding="utf-8"))["rows"] == first["rows"]
     capsys.readouterr()
     assert tb.main(argv + ["--cls_lr", "0.5"]) == 2
     err = capsys.readouterr().err

@@ -185,7 +185,7 @@ def test_tiny_study_end_to_end_resume_and_settings(tmp_path, monkeypatch, capsys
     argv = ["--preset", "tiny", "--methods", "scratch", "semantic_genesis", "--device", "cpu",
             "--output_dir", str(out), "--results_json", str(results), "--quiet"]
     assert ts.main(argv) == 0
-    study = json.loads(results.read_text())
+    study = json.loads(results.read_text(encoding="utf-8"))
     assert set(study) >= {"machine", "command", "tasks"} and "--preset tiny" in study["command"]
     assert "[pretrain] semantic_genesis done (1 epochs" in capsys.readouterr().out
     for task, metric in (("classification", "auc"), ("segmentation", "dice")):
@@ -198,9 +198,9 @@ def test_tiny_study_end_to_end_resume_and_settings(tmp_path, monkeypatch, capsys
     assert diag[0]["epoch"] == 0 and "probe" in diag[0] and "restoration" in diag[1]
     with Image.open(results.with_suffix(".png")) as im:
         assert im.format == "PNG"
-    assert "| classification (AUC) | 50% | semantic_genesis |" in (out / "transfer_study.md").read_text()
+    assert "| classification (AUC) | 50% | semantic_genesis |" in (out / "transfer_study.md").read_text(encoding="utf-8")
     seg_cell = out / "cells" / "segmentation" / "semantic_genesis" / "f1" / "seed1"
-    record = json.loads((seg_cell / "cell.json").read_text())
+    record = json.loads((seg_cell / "cell.json").read_text(encoding="utf-8"))
     assert record["finished"] and record["result"]["loaded_keys"] > 0
     assert record["settings"]["run"]["lr"] == 1e-3 and "output_dir" not in record["settings"]["run"]
     assert str(tmp_path) not in json.dumps(record)           # no absolute path in a record
@@ -211,7 +211,7 @@ def test_tiny_study_end_to_end_resume_and_settings(tmp_path, monkeypatch, capsys
     with monkeypatch.context() as m:
         _no_run(m)
         assert ts.main(argv) == 0
-    assert json.loads(results.read_text())["tasks"] == study["tasks"]
+    assert json.loads(results.read_text(encoding="utf-8"))["tasks"] == study["tasks"]
 
     # another value: refused before anything runs, naming the setting and the fix
     capsys.readouterr()
@@ -219,7 +219,7 @@ def test_tiny_study_end_to_end_resume_and_settings(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cell classification scratch fraction 0.5 seed 0:")
     assert "run.lr: 0.001 -> 0.5" in err and "--overwrite" in err and len(err.splitlines()) == 1
-    assert json.loads(results.read_text())["config"]["cls_lr"] == 1e-3
+    assert json.loads(results.read_text(encoding="utf-8"))["config"]["cls_lr"] == 1e-3
 
     # --overwrite redoes the classification cells only (pretraining and segmentation are kept)
     ran = []
@@ -229,10 +229,10 @@ def test_tiny_study_end_to_end_resume_and_settings(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(finetune_segmentation, "run", lambda *a: (_ for _ in ()).throw(AssertionError("segmentation again")))
     assert ts.main(argv + ["--set", "cls_lr=0.5", "--overwrite"]) == 0
     assert len(ran) == 8 and all(a.lr == 0.5 for a in ran)
-    again = json.loads(results.read_text())
+    again = json.loads(results.read_text(encoding="utf-8"))
     assert again["config"]["cls_lr"] == 0.5
     assert again["tasks"]["segmentation"] == study["tasks"]["segmentation"]
-    record = json.loads((out / "cells" / "classification" / "scratch" / "f1" / "seed0" / "cell.json").read_text())
+    record = json.loads((out / "cells" / "classification" / "scratch" / "f1" / "seed0" / "cell.json").read_text(encoding="utf-8"))
     assert record["settings"]["run"]["lr"] == 0.5
 
     # the study moved to another folder keeps every step (records hold no absolute path)
@@ -241,7 +241,7 @@ def test_tiny_study_end_to_end_resume_and_settings(tmp_path, monkeypatch, capsys
     with monkeypatch.context() as m:
         _no_run(m)
         assert ts.main(argv[:-5] + ["--output_dir", str(moved), "--set", "cls_lr=0.5", "--quiet"]) == 0
-    assert json.loads((moved / "transfer_study.json").read_text())["tasks"] == again["tasks"]
+    assert json.loads((moved / "transfer_study.json").read_text(encoding="utf-8"))["tasks"] == again["tasks"]
 
 
 def test_parallel_workers_give_the_serial_values(tmp_path):
@@ -252,7 +252,7 @@ def test_parallel_workers_give_the_serial_values(tmp_path):
         assert ts.main(["--preset", "tiny", "--methods", "scratch", "--tasks", "classification",
                         "--device", "cpu", "--output_dir", str(out), "--workers", str(workers),
                         "--threads", "1", "--quiet"]) == 0
-        runs[workers] = json.loads((out / "transfer_study.json").read_text())["tasks"]
+        runs[workers] = json.loads((out / "transfer_study.json").read_text(encoding="utf-8"))["tasks"]
     for f, vals in runs[1]["classification"]["results"]["scratch"].items():
         assert runs[2]["classification"]["results"]["scratch"][f] == pytest.approx(vals, abs=0.02)
 

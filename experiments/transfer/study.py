@@ -383,7 +383,7 @@ def _write_outputs(out: Path, study: dict[str, Any], rows: list, table: str,
                    args: argparse.Namespace) -> None:
     save_json_atomic(out / "transfer_study.json", study)
     with atomic_path(out / "transfer_study.md") as tmp:
-        tmp.write_text(table + "\n")
+        tmp.write_text(table + "\n", encoding="utf-8")
     if args.results_json:
         save_json_atomic(make_output_dir(Path(args.results_json).parent, "--results_json")
                          / Path(args.results_json).name, study)
