@@ -4,11 +4,13 @@ head initialisation), the comparison the target-task tables and the transfer stu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["finite_values", "mean_ci", "mean_std", "paired_difference"]
+__all__ = ["finite_values", "mean_ci", "mean_std", "paired_difference", "fraction_key",
+           "summary_rows"]
 
 
 def finite_values(values: Sequence[float | None]) -> np.ndarray:
@@ -49,3 +51,35 @@ def paired_difference(values: Sequence[float | None], baseline: Sequence[float |
     diffs = [a - b for a, b in zip(values, baseline)
              if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
     return mean_ci(diffs, level)
+
+
+def fraction_key(fraction: float | str) -> str:
+    """A label fraction as the key results are stored under: ``0.05 -> "0.05"``, ``1.0 -> "1"``."""
+    return f"{float(fraction):g}"
+
+
+def summary_rows(results: Mapping[str, Mapping[str, Sequence[float | None]]],
+                 baseline: str | None = "scratch", level: float = 0.95) -> list[dict[str, Any]]:
+    """Summary of ``results[init][fraction] = [value per seed]`` (the same seed order for every
+    init): one row per (fraction, init), fractions in increasing order, inits in the order
+    given, each ``{"init", "fraction", "n", "values", "mean", "std", "ci": [lo, hi]}`` plus, for
+    an init other than ``baseline`` where the baseline has the same fraction and number of
+    seeds, ``"diff"`` and ``"diff_ci"``: the paired difference to the baseline (seed by seed)
+    and its interval."""
+    fractions = sorted({f for by_f in results.values() for f in by_f}, key=float)
+    rows = []
+    for f in fractions:
+        base = results.get(baseline, {}).get(f) if baseline is not None else None
+        for init, by_f in results.items():
+            vals = by_f.get(f)
+            if vals is None:
+                continue
+            m, lo, hi = mean_ci(vals, level)
+            row: dict[str, Any] = {"init": init, "fraction": f, "n": int(finite_values(vals).size),
+                                   "values": list(vals), "mean": m, "std": mean_std(vals)[1],
+                                   "ci": [lo, hi]}
+            if base is not None and init != baseline and len(base) == len(vals):
+                dm, dlo, dhi = paired_difference(vals, base, level)
+                row.update(diff=dm, diff_ci=[dlo, dhi])
+            rows.append(row)
+    return rows

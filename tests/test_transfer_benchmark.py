@@ -26,7 +26,7 @@ def test_tiny_benchmark_table_and_json(weights, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| task | metric (%) | scratch (2 seeds) | pretrained (2 seeds) |" in printed
     assert "| classification | AUC |" in printed and "| segmentation | IoU |" in printed
-    summary = json.loads((out / "transfer_benchmark.json").read_text())
+    summary = json.loads((out / "transfer_benchmark.json").read_text(encoding="utf-8"))
     assert summary["width"] == 4  # read from the checkpoint
     assert [(r["task"], r["metric"]) for r in summary["rows"]] == [
         ("classification", "AUC"), ("classification", "accuracy"), ("segmentation", "IoU"),
@@ -38,7 +38,7 @@ def test_tiny_benchmark_table_and_json(weights, tmp_path, capsys):
         for init in ("scratch", "pretrained"):
             for seed in (0, 1):
                 run = out / "runs" / task / init / f"seed{seed}"
-                m = json.loads((run / "metrics.json").read_text())
+                m = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
                 assert m["init"] == init and (m["loaded_keys"] > 0) == (init == "pretrained")
 
 
@@ -57,3 +57,28 @@ def test_transfer_benchmark_bad_width_or_missing_weights_are_one_line_errors(wei
     assert "pass --width 4" in capsys.readouterr().err
     assert tb.main(["--weights", str(tmp_path / "none.pt"), "--output_dir", str(tmp_path)] + TINY) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_benchmark_cells_are_keyed_by_settings(weights, tmp_path, monkeypatch, capsys):
+    """A re-run with the same settings reuses every run; another learning rate is refused,
+    naming the setting, and --overwrite redoes the runs; another checkpoint is refused too."""
+    out = tmp_path / "bench"
+    argv = ["--weights", str(weights), "--output_dir", str(out), "--tasks", "classification"] + TINY
+    assert tb.main(argv) == 0
+    first = json.loads((out / "transfer_benchmark.json").read_text(encoding="utf-8"))
+    from finetune import classification
+    real = classification.run
+    calls = []
+    monkeypatch.setattr(classification, "run", lambda a: calls.append(a.lr) or real(a))
+    assert tb.main(argv) == 0 and calls == []
+    assert json.loads((out / "transfer_benchmark.json").read_text(encoding="utf-8"))["rows"] == first["rows"]
+    capsys.readouterr()
+    assert tb.main(argv + ["--cls_lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "run.lr: 0.01 -> 0.5" in err and "--overwrite" in err and calls == []
+    assert tb.main(argv + ["--cls_lr", "0.5", "--overwrite"]) == 0 and calls == [0.5] * 4
+    torch.manual_seed(1)
+    other = save_checkpoint(tmp_path / "other.pt", YNet3D(cls_classes=4, width=4))
+    argv[1] = str(other)
+    assert tb.main(argv + ["--cls_lr", "0.5"]) == 2
+    assert "weights.sha256" in capsys.readouterr().err
