@@ -26,11 +26,10 @@ import numpy as np
 from runtime.errors import InputError
 from runtime.files import atomic_path
 from runtime.provenance import file_identity
+from target_tasks.common import FORMAT_VERSION, MANIFEST, SPLITS
 
 __all__ = ["SPLITS", "FORMAT_VERSION", "Prepared", "check_prepared"]
 
-SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1
 _PREPARE = "python scripts/prepare_target.py {task} --data_dir ... --output_dir {folder}"
 
 
@@ -105,7 +104,7 @@ def _read_manifest(folder: Path, task: str) -> tuple[dict[str, Any], Path]:
     fix = "prepare it with " + _PREPARE.format(task=task, folder=folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: --prepared is not a folder; {fix}")
-    path = folder / "manifest.json"
+    path = folder / MANIFEST
     if not path.is_file():
         raise InputError(f"{path}: missing: {folder} is not a folder prepared by "
                          f"scripts/prepare_target.py; {fix}")
