@@ -185,64 +185,58 @@ def _model(args, device: torch.device, ours: bool):
     return model, torch.optim.Adam(model.parameters(), lr=1e-3), None, loss_cfg
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """All requested paths; returns the results dict (also what ``--json`` writes)."""
+def _time_published(args: argparse.Namespace, device: torch.device, paths: list[str],
+                    cubes_np: np.ndarray, labels_np: np.ndarray) -> dict[str, Any]:
+    """The published-style paths: NumPy perturbations in DataLoader workers (``published_loader``:
+    the loader alone; ``published``: loader + fp32 step)."""
     from experiments.published_style import PublishedStyleDataset  # local: pulls in scipy.ndimage
 
-    device = resolve_device(args.device)
-    shape = parse_input(args.input)
-    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    bad = [p for p in paths if p not in PATHS]
-    if bad:
-        raise InputError(f"--paths: unknown {bad}; choose from {', '.join(PATHS)}")
-    if min(args.batch_size, args.steps) < 1 or args.warmup < 0 or args.workers < 0:
-        raise InputError("--batch_size and --steps must be >= 1, --warmup and --workers >= 0")
-    B = args.batch_size
-    n_cubes = max(args.n_cubes, B)
-    cubes_np, labels_np = smooth_random_cubes(n_cubes, shape, args.seed)
-    labels_np = labels_np % args.cls_classes
-    results: dict[str, Any] = {}
+    B, results = args.batch_size, {}
+    ds = PublishedStyleDataset(cubes_np, labels_np, seed=args.seed)
+    total = (args.warmup + args.steps) * B
 
-    # ---- published-style: NumPy perturbations in DataLoader workers, fp32 step -------------
-    if "published_loader" in paths or "published" in paths:
-        ds = PublishedStyleDataset(cubes_np, labels_np, seed=args.seed)
-        total = (args.warmup + args.steps) * B
+    def loader_iter():
+        sampler = torch.utils.data.RandomSampler(
+            ds, replacement=True, num_samples=total,
+            generator=torch.Generator().manual_seed(args.seed))
+        dl = torch.utils.data.DataLoader(ds, batch_size=B, sampler=sampler,
+                                         num_workers=args.workers, drop_last=True,
+                                         pin_memory=device.type == "cuda")
+        return iter(dl)
 
-        def loader_iter():
-            sampler = torch.utils.data.RandomSampler(
-                ds, replacement=True, num_samples=total,
-                generator=torch.Generator().manual_seed(args.seed))
-            dl = torch.utils.data.DataLoader(ds, batch_size=B, sampler=sampler,
-                                             num_workers=args.workers, drop_last=True,
-                                             pin_memory=device.type == "cuda")
-            return iter(dl)
+    def next_batch(it):
+        x, y, lab = next(it)
+        return (x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                lab.to(device, non_blocking=True))
 
-        def next_batch(it):
-            x, y, lab = next(it)
-            return (x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                    lab.to(device, non_blocking=True))
+    if "published_loader" in paths:
+        it = loader_iter()
+        results["published_loader"] = time_path(lambda: next_batch(it), device,
+                                                args.warmup, args.steps, B)
+        del it
+    if "published" in paths:
+        model, opt, amp, loss_cfg = _model(args, device, ours=False)
+        it = loader_iter()
 
-        if "published_loader" in paths:
-            it = loader_iter()
-            results["published_loader"] = time_path(lambda: next_batch(it), device,
-                                                    args.warmup, args.steps, B)
-            del it
-        if "published" in paths:
-            model, opt, amp, loss_cfg = _model(args, device, ours=False)
-            it = loader_iter()
+        def published_step():
+            x, y, lab = next_batch(it)
+            model.train()
+            train_step(model, opt, x, y, lab, loss_cfg, None)
 
-            def published_step():
-                x, y, lab = next_batch(it)
-                model.train()
-                train_step(model, opt, x, y, lab, loss_cfg, None)
+        results["published"] = time_path(published_step, device, args.warmup, args.steps, B)
+        del model, opt, it
+    return results
 
-            results["published"] = time_path(published_step, device, args.warmup, args.steps, B)
-            del model, opt, it
 
-    # ---- ours: cubes resident on the device, perturbations on the device ------------------
+def _time_ours(args: argparse.Namespace, device: torch.device, paths: list[str],
+               cubes_np: np.ndarray, labels_np: np.ndarray, shape: tuple[int, int, int]
+               ) -> tuple[dict[str, Any], Any]:
+    """Our paths (cubes resident on the device, perturbations on the device): ``ours_perturb``,
+    ``model_only`` (synthetic batches, the ceiling), ``ours``. Returns (results, amp dtype)."""
+    B, results = args.batch_size, {}
     store_dtype = torch.float16 if device.type == "cuda" else torch.float32
     data = PretrainingCubes(torch.from_numpy(cubes_np)[:, None].to(device, store_dtype),
-                   torch.from_numpy(labels_np).to(device))
+                            torch.from_numpy(labels_np).to(device))
     feeder = BatchFeeder(data, device, B)
     gen = torch.Generator(device).manual_seed(args.seed)
     perm_gen = torch.Generator(device).manual_seed(args.seed + 1)
@@ -256,28 +250,45 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             perturb_inputs(original, gen)
 
         results["ours_perturb"] = time_path(perturb_step, device, args.warmup, args.steps, B)
+    if "model_only" not in paths and "ours" not in paths:
+        return results, resolve_amp(args.amp, device)
+    model, opt, amp, loss_cfg = _model(args, device, ours=True)
+    model.train()
+    if "model_only" in paths:
+        g = torch.Generator(device).manual_seed(args.seed + 2)
+        syn_x = torch.rand((B, 1, *shape), generator=g, device=device)
+        syn_y = torch.rand((B, 1, *shape), generator=g, device=device)
+        syn_l = torch.randint(0, args.cls_classes, (B,), generator=g, device=device)
+        results["model_only"] = time_path(
+            lambda: train_step(model, opt, syn_x, syn_y, syn_l, loss_cfg, amp),
+            device, args.warmup, args.steps, B)
+    if "ours" in paths:
+        def ours_step():
+            original, labels = feeder(next_indices())
+            inputs = perturb_inputs(original, gen)
+            train_step(model, opt, inputs, original, labels, loss_cfg, amp)
 
-    if "model_only" in paths or "ours" in paths:
-        model, opt, amp, loss_cfg = _model(args, device, ours=True)
-        model.train()
-        if "model_only" in paths:
-            g = torch.Generator(device).manual_seed(args.seed + 2)
-            syn_x = torch.rand((B, 1, *shape), generator=g, device=device)
-            syn_y = torch.rand((B, 1, *shape), generator=g, device=device)
-            syn_l = torch.randint(0, args.cls_classes, (B,), generator=g, device=device)
-            results["model_only"] = time_path(
-                lambda: train_step(model, opt, syn_x, syn_y, syn_l, loss_cfg, amp),
-                device, args.warmup, args.steps, B)
-        if "ours" in paths:
-            def ours_step():
-                original, labels = feeder(next_indices())
-                inputs = perturb_inputs(original, gen)
-                train_step(model, opt, inputs, original, labels, loss_cfg, amp)
+        results["ours"] = time_path(ours_step, device, args.warmup, args.steps, B)
+    return results, amp
 
-            results["ours"] = time_path(ours_step, device, args.warmup, args.steps, B)
-        del model, opt
-    else:
-        amp = resolve_amp(args.amp, device)
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """All requested paths; returns the results dict (also what ``--json`` writes)."""
+    device = resolve_device(args.device)
+    shape = parse_input(args.input)
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    bad = [p for p in paths if p not in PATHS]
+    if bad:
+        raise InputError(f"--paths: unknown {bad}; choose from {', '.join(PATHS)}")
+    B = args.batch_size
+    n_cubes = max(args.n_cubes, B)
+    cubes_np, labels_np = smooth_random_cubes(n_cubes, shape, args.seed)
+    labels_np = labels_np % args.cls_classes
+    results: dict[str, Any] = {}
+    if "published_loader" in paths or "published" in paths:
+        results.update(_time_published(args, device, paths, cubes_np, labels_np))
+    ours, amp = _time_ours(args, device, paths, cubes_np, labels_np, shape)
+    results.update(ours)
     amp_name = str(amp).replace("torch.", "") if amp is not None else "fp32"
 
     base = results.get("published", {}).get("cubes_per_s")
