@@ -50,10 +50,10 @@ from runtime.distributed import (DistInfo, all_reduce_sum, barrier, distributed_
                                  shard_indices)
 from runtime.errors import InputError
 from runtime.files import output_session, write_run_config
-from runtime.images import middle_slice_grid
 from runtime.training import (EarlyStopping, EpochCheckpoints, MetricLogger, RunState, batch_sums,
                               check_finite_training, evaluate, per_sample_mean, record_epoch,
                               restart_from_checkpoint, train_one_epoch)
+from self_discovery.montage import reconstruction_grid
 from self_discovery.volumes import ResizedVolumeDataset, list_volumes
 
 __all__ = ["BEST_NAME", "LAST_NAME", "ARCH", "build_parser", "build_autoencoder", "model_config",
@@ -319,7 +319,7 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
             log.line(f"saved {checkpoints.best}", 2)
         log.scalars({"loss/train": train_loss, "loss/val": val_loss, "lr": lr}, state.epoch)
         if grid_rows:
-            log.image("val/input|reconstruction", middle_slice_grid(grid_rows), state.epoch)
+            log.image("val/input|reconstruction", reconstruction_grid(grid_rows), state.epoch)
         log.flush()
         if decision.stop:
             log.line(f"early stopping: {state.no_improve} epochs without validation improvement")
