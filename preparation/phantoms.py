@@ -484,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(N,), half with a nodule (label 1), into --output_dir, instead of volumes")
     g.add_argument("--cube_size", type=positive_int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="size of the nodule cubes")
+    g.add_argument("--nodule_radius", type=positive_float, nargs=2, default=None,
+                   metavar=("LOW", "HIGH"),
+                   help="in-plane nodule radius drawn uniformly in [LOW, HIGH) voxels (half that "
+                        "along z); default 2 to max(2.5, smallest cube side / 6)")
     return ap
 
 
@@ -493,7 +497,12 @@ def run(args: argparse.Namespace) -> None:
         if folder:
             make_output_dir(folder, flag)
     if args.nodule_cubes > 0:
-        cubes, labels = make_nodule_cubes(args.nodule_cubes, args.cube_size, args.seed)
+        radius = tuple(args.nodule_radius) if args.nodule_radius else None
+        if radius and radius[0] > radius[1]:
+            raise InputError(f"--nodule_radius {radius[0]:g} {radius[1]:g}: LOW must not exceed "
+                             "HIGH")
+        cubes, labels = make_nodule_cubes(args.nodule_cubes, args.cube_size, args.seed,
+                                          radius=radius)
         out = Path(args.output_dir)
         save_npy_atomic(out / "cubes.npy", cubes)
         save_npy_atomic(out / "labels.npy", labels)

@@ -13,6 +13,7 @@
   drawn and written with Pillow;
 * ``parallel``: per-scan work in worker processes, results in input order;
 * ``provenance``: content identity of files and settings changes (re-runs, ``--resume``).
+* ``pipeline_summary``: what a quickstart run established, read from its stages' records.
 
 Nothing here imports a stage: the stages import the runtime.
 """

@@ -96,8 +96,8 @@ def test_class_montage_rows_in_order_with_patient_names():
     keys = [("validation", 1), ("train", 3), ("train", 1), ("train", 2)]
     assert montage_rows(keys) == [("train", 1), ("train", 2), ("train", 3), ("validation", 1)]
     specs = [CubeSpec("train", r, f"train/p{i}.npy", 1, 2, 3, (16, 12, 6) if r == 1 else (20, 20, 6))
-             for r in (1, 2) for i in (4, 7)] + [CubeSpec("validation", 1, "validation/v0.npy",
-                                                          1, 2, 3, (16, 12, 6))]
+             for r in (1, 2) for i in (4, 7)]
+    specs.append(CubeSpec("validation", 1, "validation/v0.npy", 1, 2, 3, (16, 12, 6)))
     plan = ClassPlan(5, "train/p4.npy", (1, 2, 3), specs)
     cubes = _cubes(5)
     by_key = {("validation", 1): cubes[4:], ("train", 2): cubes[2:4], ("train", 1): cubes[:2]}

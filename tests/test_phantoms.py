@@ -22,3 +22,19 @@ def test_fixed_seed_gives_the_recorded_phantom():
     assert int(mask.sum()) == 1287
     assert hashlib.sha256(hu.tobytes()).hexdigest() == HU_SHA256
     assert hashlib.sha256(mask.tobytes()).hexdigest() == MASK_SHA256
+
+
+def test_nodule_radius_flag(tmp_path, capsys):
+    from preparation import phantoms
+
+    args = ["--nodule_cubes", "4", "--cube_size", "16", "16", "8", "--seed", "3"]
+    assert phantoms.main(["--output_dir", str(tmp_path / "a"), *args]) == 0
+    assert phantoms.main(["--output_dir", str(tmp_path / "b"), *args, "--nodule_radius", "4", "5"]) == 0
+    a, b = (np.load(tmp_path / d / "cubes.npy") for d in "ab")
+    labels = np.load(tmp_path / "a" / "labels.npy")
+    assert np.array_equal(labels, np.load(tmp_path / "b" / "labels.npy"))
+    # default radius 2-2.5 voxels here; 4-5 voxels: more nodule (soft tissue) voxels
+    assert (b[labels == 1] > 0.45).sum() > (a[labels == 1] > 0.45).sum() + 50
+    capsys.readouterr()
+    assert phantoms.main(["--output_dir", str(tmp_path / "c"), *args, "--nodule_radius", "5", "4"]) == 2
+    assert "LOW must not exceed HIGH" in capsys.readouterr().err
