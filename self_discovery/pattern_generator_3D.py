@@ -81,6 +81,7 @@ from self_discovery.volumes import VolumeCrops, open_volume, resize_volume
 
 __all__ = ["MONTAGE_TILE", "build_parser", "generate_patterns", "main"]
 
+
 def _write_class(ctx: DiscoveryContext, plan: ClassPlan, files: BlockFiles, row0: dict,
                  montage_n: int) -> dict[tuple[str, int], list[np.ndarray]]:
     """Crop every cube of ``plan``, resize it to the cube size (X, Y, Z) and write it to the
