@@ -104,7 +104,7 @@ def pretext_lines(history: list[dict[str, Any]], n_val: int) -> list[str]:
     lines = [f"  pretext tasks on {n_val} validation cubes (patients pretraining never trains on):",
              f"    self-classification top-1 after epoch {d['epoch']}: {100 * top1:.1f}% "
              f"({right} of {n_val}; chance {100 * chance:.1f}%, {round(1 / chance)} classes): "
-             f"{verdict} (p = {p:.2g} that guessing does as well)"]
+             f"{verdict} (p = {p:.2g}: the chance that guessing does at least as well)"]
     gains = d.get("restoration") or {}
     if gains:
         lines += ["    restoration gain = 1 - MSE(restored) / MSE(perturbed), the share of the "

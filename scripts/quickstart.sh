@@ -21,6 +21,8 @@
 # --epochs sets every stage's epochs). --full: the published sizes (width 32, 128x128x64
 # autoencoder input, 64x64x32 cubes, 44 classes, batch 64, published early stopping) -- for a
 # GPU. --no_finetune stops after the pretraining (the summary still reports it).
+# Measured (quick, --no_real, --device cpu): 140 s on an idle 2-core AMD EPYC VM; 34 min on the
+# same VM shared with jobs keeping its load average at 8-10.
 #
 # Usage: bash scripts/quickstart.sh [--full] [--out DIR] [--input_dir DIR] [--phantoms N]
 #                                   [--no_real] [--epochs N] [--device auto|cpu|cuda]

@@ -235,3 +235,24 @@ def test_summary_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert summary.main(["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pretraining configuration not found" in err[0]
+
+
+def test_own_data_commands_parse():
+    """The five commands of docs/own_data.md name flags their stages accept, and chain."""
+    text = (REPO / "docs" / "own_data.md").read_text(encoding="utf-8")
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    cmds = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    assert [c[1] for c in cmds] == ["scripts/prepare_dataset.py", "self_discovery/train_autoencoder.py",
+                                    "self_discovery/feature_extractor.py",
+                                    "self_discovery/pattern_generator_3D.py", "pytorch/train.py"]
+    args = [importlib.import_module(STAGE_MODULES[c[1]]).build_parser().parse_args(c[2:])
+            for c in cmds]
+    prep, ae_args, fe_args, pg_args, pt_args = args
+    assert Path(ae_args.data_dir) == Path(prep.output_dir) == Path(pg_args.data_dir)
+    assert Path(fe_args.weights) == Path(ae_args.output_dir) / "Unet_autoencoder.pt"
+    assert (fe_args.input_rows, fe_args.input_cols, fe_args.input_deps) == \
+        (ae_args.input_rows, ae_args.input_cols, ae_args.input_deps)
+    assert Path(pg_args.train_features) == Path(fe_args.output_dir) / "train_features.npy"
+    assert Path(pt_args.data_dir) == Path(pg_args.output_dir)
+    # 12 patients, --val_fraction 0.25: 9 train / 3 validation patients
+    assert pg_args.nb_instances <= 9 and pg_args.nb_classes <= 9 and pg_args.nb_instances_val <= 3
