@@ -127,7 +127,7 @@ def probe_lines(history: list[dict[str, Any]]) -> list[str]:
     if len(probes) < 2 or probes[0]["epoch"] != 0:
         return []
     first, last = probes[0]["probe"], probes[-1]["probe"]
-    metric = first["metric"]
+    metric = "AUC" if first["metric"] == "auc" else first["metric"]
     return [f"  representation: linear probe of the frozen encoder ({first['folds']}-fold "
             f"cross-validated {metric}, the same cubes and folds):",
             f"    random initialisation (scratch)  {first['value']:.3f}",
