@@ -101,6 +101,145 @@ def _anatomy(shape: tuple[int, int, int], rng: np.random.Generator) -> dict:
     )
 
 
+def _body(u: np.ndarray, v: np.ndarray, p: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Body ellipse (X, Y, 1) bool, its subcutaneous fat ring (X, Y, 1) bool and the
+    normalised radius (X, Y, 1) the ribs are placed on."""
+    vb = v - p["body_v"]
+    body_r = np.sqrt((u / p["body_a"]) ** 2 + (vb / p["body_b"]) ** 2)
+    body = body_r <= 1.0
+    return body, body & (body_r > 1.0 - p["fat"]), body_r
+
+
+def _lungs_and_heart(shape: tuple[int, int, int], u: np.ndarray, v: np.ndarray, t: np.ndarray,
+                     p: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Lungs (X, Y, Z) bool: two ellipses whose size changes along z above a dome-shaped
+    diaphragm, minus the heart; the heart (X, Y, Z) bool, in the lower half."""
+    lung_profile = np.sqrt(np.clip((p["apex"] - t) / 0.3, 0.0, 1.0))               # (1,1,Z)
+    lung = np.zeros(shape, bool)
+    for side in (-1.0, 1.0):
+        lu = (u - side * p["lung_u"]) / p["lung_a"]
+        lv = (v - p["lung_v"]) / p["lung_b"]
+        rr = lu ** 2 + lv ** 2                                                    # (X, Y, 1)
+        diaphragm = p["dome"] + 0.15 * np.clip(1.0 - rr, 0, 1)                     # (X, Y, 1)
+        lung |= (rr <= lung_profile ** 2) & (t >= diaphragm)
+    # the heart pushes into the lungs (mostly the left one: high x)
+    hu_ = (u - p["heart_u"]) / p["heart_a"]
+    hv = (v - p["heart_v"]) / p["heart_b"]
+    ht = np.clip((p["heart_top"] - t) / max(p["heart_top"], 1e-3), 0, 1)          # (1,1,Z)
+    heart = (hu_ ** 2 + hv ** 2 <= np.sqrt(ht)) & (t < p["heart_top"])
+    return lung & ~heart, heart
+
+
+def _vessels_and_texture(rng: np.random.Generator, shape: tuple[int, int, int], lung: np.ndarray,
+                         u: np.ndarray, v: np.ndarray, p: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Lung vessels (X, Y, Z) bool: thin tubes where two smooth random fields both cross zero,
+    thicker near the hila; and a smooth parenchyma texture (X, Y, Z) of unit std."""
+    nx, ny, nz = shape
+    cells = (max(4, nx // 6), max(4, ny // 6), max(3, nz // 4))
+    f1 = _smooth_noise(rng, shape, cells)
+    f2 = _smooth_noise(rng, shape, cells)
+    hilum = np.sqrt(np.minimum((u - p["lung_u"]) ** 2, (u + p["lung_u"]) ** 2) + v ** 2)
+    eps = p["vessel_eps"] * np.clip(1.2 - hilum / 0.45, 0.35, 1.2)
+    vessels = lung & (np.abs(f1) < eps) & (np.abs(f2) < eps * 2.0)
+    texture = _smooth_noise(rng, shape, (max(4, nx // 6), max(4, ny // 6), max(3, nz // 3)))
+    return vessels, texture
+
+
+def _airway(shape: tuple[int, int, int], u: np.ndarray, v: np.ndarray, t: np.ndarray,
+            p: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Airway lumen (X, Y, Z) bool (trachea above the carina, two bronchi diverging below it)
+    and its wall (X, Y, Z) bool."""
+    tv = v - (p["lung_v"] - 0.08)
+    airway = ((u ** 2 + tv ** 2) <= p["trachea_r"] ** 2) & (t >= p["carina"])
+    depth = np.clip(p["carina"] - t, 0, None)                                      # (1,1,Z)
+    for side in (-1.0, 1.0):
+        cu = side * depth * 1.6
+        airway = airway | ((((u - cu) ** 2 + tv ** 2) <= (0.7 * p["trachea_r"]) ** 2)
+                           & (t < p["carina"]) & (depth < 0.18))
+    wall = ndimage.binary_dilation(airway, iterations=max(1, shape[0] // 96)) & ~airway
+    return airway, wall
+
+
+def _skeleton(u: np.ndarray, v: np.ndarray, t: np.ndarray, body_r: np.ndarray,
+              p: dict) -> dict[str, np.ndarray]:
+    """Descending aorta, vertebra (body, cortex, canal, arch), ribs and sternum as bool masks
+    ((X, Y, 1), the ribs (X, Y, Z))."""
+    vb = v - p["body_v"]
+    sv = v - p["spine_v"]
+    spine_rr = u ** 2 + sv ** 2
+    vertebra = spine_rr <= p["spine_r"] ** 2
+    canal_rr = u ** 2 + (v - p["spine_v"] - p["spine_r"] - 0.06) ** 2
+    canal = canal_rr <= 0.045 ** 2
+    angle = np.arctan2(vb, u)                                                      # (X, Y, 1)
+    rib_shell = (body_r > 0.80 - p["fat"]) & (body_r < 0.88 - p["fat"])
+    rib_wave = np.cos(2 * np.pi * (t * p["n_ribs"] + p["rib_phase"]
+                                   + 0.12 * np.abs(np.sin(angle))))
+    return dict(
+        aorta=((u - 0.12) ** 2 + (v - (p["spine_v"] - 0.2)) ** 2) <= 0.065 ** 2,
+        vertebra=vertebra,
+        cortex=vertebra & (spine_rr > (0.75 * p["spine_r"]) ** 2),
+        canal=canal,
+        arch=(canal_rr <= 0.085 ** 2) & ~canal,
+        ribs=rib_shell & (rib_wave > 0.55) & (np.abs(u) > 0.12),
+        sternum=((u / 0.09) ** 2 + ((v - (p["body_v"] - p["body_b"] * 0.88)) / 0.045) ** 2) <= 1.0,
+    )
+
+
+def _compose_hu(shape: tuple[int, int, int], m: dict[str, np.ndarray],
+                texture: np.ndarray) -> np.ndarray:
+    """The HU volume (X, Y, Z) float32 from the tissue masks ``m``; later layers overwrite
+    earlier ones."""
+    def full(mask: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(mask, shape)
+
+    hu = np.full(shape, HU_AIR, np.float32)
+    body, lung = m["body"], m["lung"]
+    hu[full(body)] = HU_SOFT
+    hu[full(m["fat"])] = HU_FAT
+    np.copyto(hu, (HU_LUNG + 25.0 * texture).astype(np.float32), where=lung)
+    hu[m["vessels"]] = HU_SOFT
+    hu[full(m["heart"] & body)] = HU_SOFT + 5.0
+    hu[full(m["aorta"] & body) & ~lung] = HU_SOFT + 10.0
+    hu[m["wall"] & full(body)] = HU_SOFT
+    hu[m["airway"]] = HU_AIR
+    bone_in = full(body)
+    hu[full(m["vertebra"]) & bone_in] = 300.0
+    hu[full(m["cortex"] | m["arch"]) & bone_in] = HU_BONE
+    hu[full(m["canal"]) & bone_in] = 20.0
+    hu[m["ribs"] & ~lung] = 750.0
+    hu[full(m["sternum"]) & bone_in] = 650.0
+    return hu
+
+
+def _paint_nodules(rng: np.random.Generator, hu: np.ndarray, lung: np.ndarray, nodules: int,
+                   spacing: Sequence[float]) -> np.ndarray:
+    """Paint ``nodules`` solid spheres (+20..+60 HU, radius 3..10 mm) inside the lungs of
+    ``hu`` (X, Y, Z) in place, on their bounding boxes only; return their mask (X, Y, Z) uint8."""
+    shape = hu.shape
+    mask = np.zeros(shape, np.uint8)
+    if nodules <= 0:
+        return mask
+    sp = np.asarray(spacing, np.float64)
+    inner = ndimage.binary_erosion(lung, iterations=2)
+    cand = np.flatnonzero(inner if inner.any() else lung)
+    if cand.size == 0:
+        raise ValueError(f"shape {shape} too small: no lung voxel to place a nodule in")
+    for _ in range(int(nodules)):
+        c = np.array(np.unravel_index(cand[rng.integers(cand.size)], shape))
+        r_mm = rng.uniform(3.0, 10.0)
+        r = np.maximum(r_mm / sp, 1.5)                                           # voxels per axis
+        r = np.minimum(r, np.array(shape) / 8.0 + 1.0)
+        lo = np.maximum(np.floor(c - r - 1).astype(int), 0)
+        hi = np.minimum(np.ceil(c + r + 2).astype(int), shape)
+        gx, gy, gz = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        d = ((gx - c[0]) / r[0]) ** 2 + ((gy - c[1]) / r[1]) ** 2 + ((gz - c[2]) / r[2]) ** 2
+        inside = d <= 1.0
+        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        hu[box][inside] = float(rng.uniform(20.0, 60.0))
+        mask[box][inside] = 1
+    return mask
+
+
 def make_chest_phantom(shape: Sequence[int] = (128, 128, 64), seed: int = 0,
                        spacing: Sequence[float] = DEFAULT_SPACING, nodules: int = 0,
                        noise_hu: float = 15.0) -> tuple[np.ndarray, np.ndarray]:
@@ -122,108 +261,19 @@ def make_chest_phantom(shape: Sequence[int] = (128, 128, 64), seed: int = 0,
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 4:
         raise ValueError(f"shape must be (X, Y, Z) with every side >= 4, got {shape}")
+    # the draws happen in a fixed order (anatomy, vessel fields, texture, nodules, noise):
+    # the same seed gives the same patient
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EC7]))
     p = _anatomy(shape, rng)
     u, v, t = _grids(shape)
-    nx, ny, nz = shape
-
-    # --- body: ellipse, tapering slightly at the top (shoulders are out of view) ----------
-    vb = v - p["body_v"]
-    body_r = np.sqrt((u / p["body_a"]) ** 2 + (vb / p["body_b"]) ** 2)          # (X, Y, 1)
-    body = body_r <= 1.0
-    fat = body & (body_r > 1.0 - p["fat"])                                         # (X, Y, 1)
-
-    # --- lungs: two ellipses whose size changes along z, a dome-shaped diaphragm ---------
-    lung_profile = np.sqrt(np.clip((p["apex"] - t) / 0.3, 0.0, 1.0))               # (1,1,Z)
-    lung = np.zeros(shape, bool)
-    for side in (-1.0, 1.0):
-        lu = (u - side * p["lung_u"]) / p["lung_a"]
-        lv = (v - p["lung_v"]) / p["lung_b"]
-        rr = lu ** 2 + lv ** 2                                                    # (X, Y, 1)
-        diaphragm = p["dome"] + 0.15 * np.clip(1.0 - rr, 0, 1)                     # (X, Y, 1)
-        lung |= (rr <= lung_profile ** 2) & (t >= diaphragm)
-    # heart pushes into the lungs (mostly the left one: high x) in the lower half
-    hu_ = (u - p["heart_u"]) / p["heart_a"]
-    hv = (v - p["heart_v"]) / p["heart_b"]
-    ht = np.clip((p["heart_top"] - t) / max(p["heart_top"], 1e-3), 0, 1)          # (1,1,Z)
-    heart = (hu_ ** 2 + hv ** 2 <= np.sqrt(ht)) & (t < p["heart_top"])
-    lung &= ~heart
-
-    # --- vessels: where two smooth random fields both cross zero (thin tubes) ------------
-    cells = (max(4, nx // 6), max(4, ny // 6), max(3, nz // 4))
-    f1 = _smooth_noise(rng, shape, cells)
-    f2 = _smooth_noise(rng, shape, cells)
-    hilum = np.sqrt(np.minimum((u - p["lung_u"]) ** 2, (u + p["lung_u"]) ** 2) + v ** 2)
-    eps = p["vessel_eps"] * np.clip(1.2 - hilum / 0.45, 0.35, 1.2)                   # thicker near hila
-    vessels = lung & (np.abs(f1) < eps) & (np.abs(f2) < eps * 2.0)
-    texture = _smooth_noise(rng, shape, (max(4, nx // 6), max(4, ny // 6), max(3, nz // 3)))
-
-    # --- airway: trachea above the carina, two bronchi diverging below it ----------------
-    tv = v - (p["lung_v"] - 0.08)
-    trachea = ((u ** 2 + tv ** 2) <= p["trachea_r"] ** 2) & (t >= p["carina"])
-    airway = trachea.copy()
-    depth = np.clip(p["carina"] - t, 0, None)                                      # (1,1,Z)
-    for side in (-1.0, 1.0):
-        cu = side * depth * 1.6
-        bronch = (((u - cu) ** 2 + tv ** 2) <= (0.7 * p["trachea_r"]) ** 2) \
-            & (t < p["carina"]) & (depth < 0.18)
-        airway |= bronch
-    wall = ndimage.binary_dilation(airway, iterations=max(1, nx // 96)) & ~airway
-
-    # --- mediastinum vessels, spine, ribs, sternum --------------------------------------
-    aorta = ((u - 0.12) ** 2 + (v - (p["spine_v"] - 0.2)) ** 2) <= 0.065 ** 2
-    sv = v - p["spine_v"]
-    spine_rr = u ** 2 + sv ** 2
-    vertebra = spine_rr <= p["spine_r"] ** 2
-    cortex = vertebra & (spine_rr > (0.75 * p["spine_r"]) ** 2)
-    canal = (u ** 2 + (v - p["spine_v"] - p["spine_r"] - 0.06) ** 2) <= 0.045 ** 2
-    arch = ((u ** 2 + (v - p["spine_v"] - p["spine_r"] - 0.06) ** 2) <= 0.085 ** 2) & ~canal
-    angle = np.arctan2(vb, u)                                                      # (X, Y, 1)
-    rib_shell = (body_r > 0.80 - p["fat"]) & (body_r < 0.88 - p["fat"])
-    rib_wave = np.cos(2 * np.pi * (t * p["n_ribs"] + p["rib_phase"]
-                                   + 0.12 * np.abs(np.sin(angle))))
-    ribs = rib_shell & (rib_wave > 0.55) & (np.abs(u) > 0.12)
-    sternum = ((u / 0.09) ** 2 + ((v - (p["body_v"] - p["body_b"] * 0.88)) / 0.045) ** 2) <= 1.0
-
-    # --- compose in HU, later layers overwrite earlier ones ------------------------------
-    hu = np.full(shape, HU_AIR, np.float32)
-    hu[np.broadcast_to(body, shape)] = HU_SOFT
-    hu[np.broadcast_to(fat, shape)] = HU_FAT
-    np.copyto(hu, (HU_LUNG + 25.0 * texture).astype(np.float32), where=lung)
-    hu[vessels] = HU_SOFT
-    hu[np.broadcast_to(heart & body, shape)] = HU_SOFT + 5.0
-    hu[np.broadcast_to(aorta & body, shape) & ~lung] = HU_SOFT + 10.0
-    hu[wall & np.broadcast_to(body, shape)] = HU_SOFT
-    hu[airway] = HU_AIR
-    bone_in = np.broadcast_to(body, shape)
-    hu[np.broadcast_to(vertebra, shape) & bone_in] = 300.0
-    hu[np.broadcast_to(cortex | arch, shape) & bone_in] = HU_BONE
-    hu[np.broadcast_to(canal, shape) & bone_in] = 20.0
-    hu[ribs & ~lung] = 750.0
-    hu[np.broadcast_to(sternum, shape) & bone_in] = 650.0
-
-    # --- nodules (solid spheres inside the lungs), painted on their bounding box only ----
-    mask = np.zeros(shape, np.uint8)
-    if nodules > 0:
-        sp = np.asarray(spacing, np.float64)
-        inner = ndimage.binary_erosion(lung, iterations=2)
-        cand = np.flatnonzero(inner if inner.any() else lung)
-        if cand.size == 0:
-            raise ValueError(f"shape {shape} too small: no lung voxel to place a nodule in")
-        for _ in range(int(nodules)):
-            c = np.array(np.unravel_index(cand[rng.integers(cand.size)], shape))
-            r_mm = rng.uniform(3.0, 10.0)
-            r = np.maximum(r_mm / sp, 1.5)                                       # voxels per axis
-            r = np.minimum(r, np.array(shape) / 8.0 + 1.0)
-            lo = np.maximum(np.floor(c - r - 1).astype(int), 0)
-            hi = np.minimum(np.ceil(c + r + 2).astype(int), shape)
-            gx, gy, gz = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-            d = ((gx - c[0]) / r[0]) ** 2 + ((gy - c[1]) / r[1]) ** 2 + ((gz - c[2]) / r[2]) ** 2
-            inside = d <= 1.0
-            box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-            hu[box][inside] = float(rng.uniform(20.0, 60.0))
-            mask[box][inside] = 1
-
+    body, fat, body_r = _body(u, v, p)
+    lung, heart = _lungs_and_heart(shape, u, v, t, p)
+    vessels, texture = _vessels_and_texture(rng, shape, lung, u, v, p)
+    airway, wall = _airway(shape, u, v, t, p)
+    masks = dict(body=body, fat=fat, lung=lung, heart=heart, vessels=vessels, airway=airway,
+                 wall=wall, **_skeleton(u, v, t, body_r, p))
+    hu = _compose_hu(shape, masks, texture)
+    mask = _paint_nodules(rng, hu, lung, nodules, spacing)
     if noise_hu > 0:
         noise = rng.standard_normal(shape, dtype=np.float32)
         noise *= np.float32(noise_hu)
@@ -434,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(N,), half with a nodule (label 1), into --output_dir, instead of volumes")
     g.add_argument("--cube_size", type=positive_int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="size of the nodule cubes")
+    g.add_argument("--nodule_radius", type=positive_float, nargs=2, default=None,
+                   metavar=("LOW", "HIGH"),
+                   help="in-plane nodule radius drawn uniformly in [LOW, HIGH) voxels (half that "
+                        "along z); default 2 to max(2.5, smallest cube side / 6)")
     return ap
 
 
@@ -443,7 +497,12 @@ def run(args: argparse.Namespace) -> None:
         if folder:
             make_output_dir(folder, flag)
     if args.nodule_cubes > 0:
-        cubes, labels = make_nodule_cubes(args.nodule_cubes, args.cube_size, args.seed)
+        radius = tuple(args.nodule_radius) if args.nodule_radius else None
+        if radius and radius[0] > radius[1]:
+            raise InputError(f"--nodule_radius {radius[0]:g} {radius[1]:g}: LOW must not exceed "
+                             "HIGH")
+        cubes, labels = make_nodule_cubes(args.nodule_cubes, args.cube_size, args.seed,
+                                          radius=radius)
         out = Path(args.output_dir)
         save_npy_atomic(out / "cubes.npy", cubes)
         save_npy_atomic(out / "labels.npy", labels)

@@ -51,6 +51,7 @@ from pytorch.engine import (LossConfig, build_model, convert_sync_batchnorm, eva
                             restoration_sums, summarize_stats, train_step)
 from pytorch.manifest import resolve_data_flags
 from pytorch.perturbations import OPERATIONS
+from pytorch.preview import PREVIEW_TAG, restoration_preview
 from pytorch.probe import load_probe_set
 from pytorch.resume import (PRETRAINING_POLICY, apply_resumed_lr, check_pretraining_checkpoint,
                             describe_identity_changes)
@@ -63,7 +64,6 @@ from runtime.devices import (device_name, enable_fast_math, full_device, resolve
                              resolve_device, seed_everything)
 from runtime.errors import InputError
 from runtime.files import output_session, write_run_config
-from runtime.images import middle_slice_grid
 from runtime.training import (DATA_IDENTITY, Decision, EarlyStopping, EpochCheckpoints,
                               MetricLogger, RunState, check_finite_training,
                               check_resume_checkpoint, evaluate, record_epoch,
@@ -220,8 +220,8 @@ def _output_flags(g: argparse._ArgumentGroup) -> None:
                    help="update the progress bar's loss every this many steps (the only "
                         "in-epoch host synchronisation)")
     g.add_argument("--nb_preview", type=nonneg_int, default=4,
-                   help="validation cubes shown each epoch in TensorBoard (original | "
-                        "perturbed | restored middle slices)")
+                   help="validation cubes shown each epoch in TensorBoard, one per "
+                        "transformation first (original | perturbed | restored middle slices)")
     g.add_argument("--notes", default="", help="free text, appended to the TensorBoard run name "
                                                "and stored in the configuration")
     add_verbosity_flag(g, "1: progress bars and one line per epoch; 2: also the data and "
@@ -499,8 +499,8 @@ def _train(args: argparse.Namespace, info: D.DistInfo, device: torch.device,
         checkpoints.save(state, decision.improved, model, optimizer, scheduler,
                          extra={"world_size": ws, "train": tr, "val": va, "lr": lr})
         if args.nb_preview > 0 and log.curves:
-            log.image("val/original_perturbed_restored",
-                      _preview(model, val_set, args, device, amp_dtype, loss_cfg), epoch + 1)
+            log.image(PREVIEW_TAG, restoration_preview(model, val_set, val_choices, args.nb_preview,
+                                                       device, amp_dtype, loss_cfg), epoch + 1)
         if decision.stop:
             log.line(f"early stopping: no lower validation loss for {args.patience} epochs")
             break
@@ -526,22 +526,6 @@ def _log_epoch(log: MetricLogger, state: RunState, decision: Decision, tr: dict[
                  "acc/train": tr["acc"], "acc/val": va["acc"], "lr": lr,
                  "time/epoch_s": seconds,
                  "time/train_cubes_per_s": tr["n"] / max(seconds, 1e-9)}, state.epoch)
-
-
-@torch.no_grad()
-def _preview(model, val_set: PretrainingCubes, args, device, amp_dtype, loss_cfg):
-    """Middle slices (original | perturbed | restored) of the first validation cubes."""
-    n = min(args.nb_preview, len(val_set))
-    both = val_set.cubes[:n].to(device, torch.float32)
-    labels = val_set.labels[:n].to(device)
-    _, restored = eval_step(model, both[:, 1:2], both[:, 0:1], labels, loss_cfg, amp_dtype)
-    rows = []
-    for i in range(n):
-        row = [both[i, 0], both[i, 1]]
-        if restored is not None:
-            row.append(restored[i, 0].float())
-        rows.append(row)
-    return middle_slice_grid(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,11 @@
 * ``intensity``: the CT intensity rule (HU window, "already in [0, 1]", finiteness);
 * ``training``: the loop runtime of every training CLI (resume, early stopping shared across
   ranks, checkpoints of an epoch, one logger, ``train_one_epoch``);
-* ``images``: middle-slice montages and a dependency-free PNG writer;
+* ``images``: labelled grids of middle slices (montages, TensorBoard pictures) and PNG files,
+  drawn and written with Pillow;
 * ``parallel``: per-scan work in worker processes, results in input order;
 * ``provenance``: content identity of files and settings changes (re-runs, ``--resume``).
+* ``pipeline_summary``: what a quickstart run established, read from its stages' records.
 
 Nothing here imports a stage: the stages import the runtime.
 """

@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
-# Semantic Genesis quickstart: the whole pipeline on embedded default data.
+# Semantic Genesis quickstart: the whole pipeline on embedded default data, then a summary of
+# what the run established.
 #
-#   prepare -> autoencoder -> features -> anatomical patterns -> pretraining -> fine-tune
+#   prepare -> autoencoder -> features -> anatomical patterns -> pretraining
+#   -> fine-tune twice, pretrained and from scratch (same cubes, split and seed) -> summary
 #
 # Data: the two real chest CTs of the pyradiomics 3.0.1 sdist (scripts/fetch_sample_ct.py)
 # plus procedural phantom patients (scripts/phantoms.py): the pattern generator needs at least
 # --nb_instances train patients, and two scans are not enough. Without network access the
 # run uses phantoms only, and says so. --input_dir uses your own scans instead.
 #
-# Default (quick): small settings that finish in minutes on a 2-core CPU (width 8,
-# autoencoder input 64x64x32, cubes 32x32x16, 4 classes x 8 instances, 2 epochs per stage;
-# the fine-tune: 96 nodule / no-nodule cubes of 64x64x32, 10 epochs; --epochs sets them all).
-# --full: the published sizes (width 32, 128x128x64 autoencoder input, 64x64x32 cubes,
-# 44 classes, batch 64, published early stopping) -- for a GPU.
+# The summary (scripts/quickstart_summary.py) prints the pretext self-classification top-1
+# against chance, the restoration gain per transformation, a linear probe of the frozen
+# encoder before and after pretraining, the two fine-tunes side by side with their test AUC
+# and its standard error, and where the montages, TensorBoard curves and checkpoints are.
+#
+# Default (quick): small settings for a CPU (width 8, autoencoder input 64x64x32, cubes
+# 32x32x16, 6 classes x 8 instances, 12 phantom patients; 6 autoencoder, 8 pretraining and 6
+# fine-tuning epochs; nodule / no-nodule cubes of 32x32x16: 96 to fine-tune on, 96 to test;
+# --epochs sets every stage's epochs). --full: the published sizes (width 32, 128x128x64
+# autoencoder input, 64x64x32 cubes, 44 classes, batch 64, published early stopping) -- for a
+# GPU. --no_finetune stops after the pretraining (the summary still reports it).
+# Measured (quick, --no_real, --device cpu): 140 s on an idle 2-core AMD EPYC VM; 34 min on the
+# same VM shared with jobs keeping its load average at 8-10.
 #
 # Usage: bash scripts/quickstart.sh [--full] [--out DIR] [--input_dir DIR] [--phantoms N]
 #                                   [--no_real] [--epochs N] [--device auto|cpu|cuda]
-#                                   [--dry_run]
+#                                   [--no_finetune] [--dry_run]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."          # repository root, from any working directory
 REPO="$(pwd)"
@@ -30,6 +40,7 @@ USE_REAL=1
 EPOCHS=""
 DEVICE=auto
 DRY=0
+FINETUNE=1
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
@@ -42,6 +53,7 @@ while [[ $# -gt 0 ]]; do
     --epochs) EPOCHS="$2"; shift ;;
     --device) DEVICE="$2"; shift ;;
     --dry_run) DRY=1 ;;
+    --no_finetune) FINETUNE=0 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -53,32 +65,36 @@ if [[ $MODE == quick ]]; then
   PH_SHAPE=(192 192 80)
   AE_SIZE=(64 64 32); WIDTH=8; AE_BATCH=4
   CUBE=(32 32 16); PATCH_MIN=25; PATCH_MAX=40
-  CLASSES=4; INSTANCES=8; INSTANCES_VAL=2; BORDER=40; BORDER_Z=4
-  BATCH=8; FT_CUBES=96; FT_BATCH=8
-  # nodules of a few mm are only separable from vessels at the published 64x64x32 cube size
-  FT_CUBE=(64 64 32); FT_OPT=(--optimizer adam --lr 1e-3)
-  : "${N_PHANTOMS:=10}"
-  AE_EPOCH=(--nb_epoch "${EPOCHS:-2}"); PT_EPOCH=(--nb_epoch "${EPOCHS:-2}")
-  FT_EPOCH=(--nb_epoch "${EPOCHS:-10}")
+  CLASSES=6; INSTANCES=8; INSTANCES_VAL=3; BORDER=40; BORDER_Z=4
+  BATCH=8; FT_BATCH=8; FT_CUBES=96; TEST_CUBES=96
+  # at 32x32x16 the default nodules (radius 2-2.7 voxels) hide among vessels: 2-4 voxels
+  FT_CUBE=(32 32 16); FT_RADIUS=(--nodule_radius 2 4); FT_OPT=(--optimizer adam --lr 1e-3)
+  : "${N_PHANTOMS:=12}"
+  AE_EPOCHS="${EPOCHS:-6}"; PT_EPOCHS="${EPOCHS:-8}"
+  AE_EPOCH=(--nb_epoch "$AE_EPOCHS"); PT_EPOCH=(--nb_epoch "$PT_EPOCHS")
+  FT_EPOCH=(--nb_epoch "${EPOCHS:-6}")
+  PROBE_EVERY=$PT_EPOCHS      # the probe before the first epoch and after the last
 else
   SPACING=(1.0 1.0 2.5)
   PH_SHAPE=(320 320 112)
   AE_SIZE=(128 128 64); WIDTH=32; AE_BATCH=8
   CUBE=(64 64 32); PATCH_MIN=50; PATCH_MAX=80
   CLASSES=44; INSTANCES=200; INSTANCES_VAL=30; BORDER=60; BORDER_Z=10
-  BATCH=64; FT_CUBES=400; FT_BATCH=16
-  FT_CUBE=(64 64 32); FT_OPT=()
+  BATCH=64; FT_BATCH=16; FT_CUBES=400; TEST_CUBES=200
+  FT_CUBE=(64 64 32); FT_RADIUS=(); FT_OPT=()
   : "${N_PHANTOMS:=60}"
   if [[ -n $EPOCHS ]]; then
     AE_EPOCH=(--nb_epoch "$EPOCHS"); PT_EPOCH=(--nb_epoch "$EPOCHS"); FT_EPOCH=(--nb_epoch "$EPOCHS")
   else                        # published schedules: early stopping ends them
     AE_EPOCH=(); PT_EPOCH=(); FT_EPOCH=()
   fi
+  PROBE_EVERY=10
 fi
 
+# folder names: runtime/pipeline_summary.py (QuickstartLayout) reads the same ones
 IN="$OUT/input"; DS="$OUT/dataset"; AE="$OUT/autoencoder"; FEAT="$OUT/features"
-PAT="$OUT/patterns"; PRE="$OUT/pretrain"; NOD="$OUT/nodule_cubes"; FT="$OUT/finetune_classification"
-RUNS="$OUT/runs"
+PAT="$OUT/patterns"; PRE="$OUT/pretrain"; NOD="$OUT/nodule_cubes"; RUNS="$OUT/runs"
+FT_PRE="$OUT/finetune_pretrained"; FT_SCR="$OUT/finetune_scratch"
 
 run() {  # run NAME CMD...: print the command, run it, time it
   local name="$1"; shift
@@ -117,7 +133,7 @@ fi
 
 # ---- 1. prepare: HU -> [0, 1] .npy per patient, train/validation split ---------------------
 run prepare "$PY" scripts/prepare_dataset.py --input_dir "${SOURCES[@]}" --output_dir "$DS" \
-    --spacing "${SPACING[@]}" --val_fraction 0.2 --seed 0
+    --spacing "${SPACING[@]}" --val_fraction 0.25 --seed 0
 
 # ---- 2. autoencoder on whole volumes -------------------------------------------------------
 run autoencoder "$PY" self_discovery/train_autoencoder.py --data_dir "$DS" \
@@ -145,33 +161,39 @@ run patterns "$PY" self_discovery/pattern_generator_3D.py --data_dir "$DS" --out
     --nb_instances "$INSTANCES" --nb_instances_val "$INSTANCES_VAL" \
     --len_border "$BORDER" --len_border_z "$BORDER_Z" --seed 0 --overwrite
 
-# ---- 5. pretraining: self-classification + self-restoration (Y-Net 3D) ----------------------
+# ---- 5. target-task cubes (nodule / no nodule) from other phantom patients ------------------
+# the fine-tuning set doubles as the probe set of the pretraining; the test set is apart
+run nodule_cubes "$PY" scripts/phantoms.py --output_dir "$NOD/train" --nodule_cubes "$FT_CUBES" \
+    --cube_size "${FT_CUBE[@]}" "${FT_RADIUS[@]}" --seed 7
+run test_cubes "$PY" scripts/phantoms.py --output_dir "$NOD/test" --nodule_cubes "$TEST_CUBES" \
+    --cube_size "${FT_CUBE[@]}" "${FT_RADIUS[@]}" --seed 8
+
+# ---- 6. pretraining: self-classification + self-restoration (Y-Net 3D) ----------------------
 # cube size, classes, instances and resolutions: from the pattern generator's $PAT/config.json
 run pretrain "$PY" pytorch/train.py --data_dir "$PAT" \
     --width "$WIDTH" --batch_size "$BATCH" "${PT_EPOCH[@]}" \
+    --probe_data "$NOD/train/cubes.npy" --probe_labels "$NOD/train/labels.npy" \
+    --probe_every "$PROBE_EVERY" \
     --device "$DEVICE" --output_dir "$PRE" --log_dir "$RUNS" --notes quickstart --overwrite
 
-# ---- 6. fine-tune the pretrained encoder: nodule / no-nodule cubes -------------------------
-run nodule_cubes "$PY" scripts/phantoms.py --output_dir "$NOD" --nodule_cubes "$FT_CUBES" \
-    --cube_size "${FT_CUBE[@]}" --seed 7
-run finetune "$PY" scripts/finetune_classification.py --data "$NOD/cubes.npy" \
-    --labels "$NOD/labels.npy" --weights "$PRE/semantic_genesis_chest_ct.pt" --width "$WIDTH" \
-    --batch_size "$FT_BATCH" "${FT_EPOCH[@]}" "${FT_OPT[@]}" --num_workers 0 --device "$DEVICE" \
-    --output_dir "$FT" --overwrite
+# ---- 7. fine-tune the same cubes twice: pretrained encoder, then from scratch ---------------
+if [[ $FINETUNE == 1 ]]; then
+  FT_COMMON=(--data "$NOD/train/cubes.npy" --labels "$NOD/train/labels.npy" --val_fraction 0.25
+             --test_data "$NOD/test/cubes.npy" --test_labels "$NOD/test/labels.npy"
+             --width "$WIDTH" --batch_size "$FT_BATCH" "${FT_EPOCH[@]}" "${FT_OPT[@]}" --seed 0
+             --num_workers 0 --device "$DEVICE" --overwrite)
+  run finetune_pretrained "$PY" scripts/finetune_classification.py "${FT_COMMON[@]}" \
+      --weights "$PRE/semantic_genesis_chest_ct.pt" --output_dir "$FT_PRE"
+  run finetune_scratch "$PY" scripts/finetune_classification.py "${FT_COMMON[@]}" \
+      --output_dir "$FT_SCR"
+else
+  [[ $DRY == 1 ]] || rm -rf "$FT_PRE" "$FT_SCR"   # no stale fine-tunes in the summary
+fi
 
-[[ $DRY == 1 ]] && exit 0
-[[ $OUT == /* ]] && ABS_OUT="$OUT" || ABS_OUT="$REPO/$OUT"
-cat <<EOF
-
-Quickstart finished in $((SECONDS - START)) s ($MODE mode). Outputs (paths relative to $REPO):
-  input volumes (HU)        $IN
-  prepared dataset          $DS/{train,validation}/*.npy, manifest $DS/manifest.json
-  autoencoder               $AE/Unet_autoencoder.pt
-  features                  $FEAT/train_features.npy, $FEAT/validation_features.npy
-  anatomical patterns       $PAT/*_vwGen_ex_ref_fold*.0.npy, $PAT/coordinates.csv, $PAT/montage/
-  pretrained Semantic Genesis  $PRE/semantic_genesis_chest_ct.pt
-  nodule cubes              $NOD/cubes.npy, $NOD/labels.npy
-  fine-tuned classifier     $FT/best.pt, metrics $FT/metrics.json
-TensorBoard (losses, reconstructions):
-  tensorboard --logdir $ABS_OUT
-EOF
+# ---- 8. what the run established -------------------------------------------------------------
+[[ $DRY == 1 ]] && { run summary "$PY" scripts/quickstart_summary.py --out "$OUT"; exit 0; }
+echo
+echo "Quickstart finished in $((SECONDS - START)) s ($MODE mode); outputs in $OUT"
+echo "  (input volumes $IN, prepared dataset $DS, features $FEAT, pattern cubes $PAT, target cubes $NOD)"
+echo
+"$PY" scripts/quickstart_summary.py --out "$OUT"

@@ -73,7 +73,7 @@ from runtime.cli import (ArgumentParser, HelpFormatter, add_hu_flags, add_overwr
                          run_cli, seed_int)
 from runtime.errors import InputError
 from runtime.files import check_output_outside, output_session, write_run_config
-from runtime.images import middle_slice_grid, save_png
+from runtime.images import save_png
 from runtime.provenance import file_identity
 from self_discovery.coordinates import (SPLITS, check_continuation, plans_from_csv,
                                         read_coordinates, same_cube_config, write_coordinates)
@@ -84,18 +84,17 @@ from self_discovery.fold_files import (CLASSES_PER_BLOCK, FOLD_GLOB, FOLD_INDEX,
                                        files_match_index, fold_blocks, fold_file_names,
                                        open_block, write_fold_index)
 from self_discovery.lung_test import lung_threshold_unit
+from self_discovery.montage import MONTAGE_TILE, class_montage
 from self_discovery.volumes import VolumeCrops, list_volumes, open_volume, resize_volume
 
 __all__ = ["MONTAGE_TILE", "build_parser", "generate_patterns", "main"]
 
-#: Montage tiles are enlarged (nearest neighbour) to at least this many pixels a side.
-MONTAGE_TILE = 96
-
 
 def _write_class(ctx: DiscoveryContext, plan: ClassPlan, files: BlockFiles, row0: dict,
-                 montage_n: int) -> list[list[np.ndarray]]:
+                 montage_n: int) -> dict[tuple[str, int], list[np.ndarray]]:
     """Crop every cube of ``plan``, resize it to the cube size (X, Y, Z) and write it to the
-    block at row ``row0[(split, res)] + j``; return the montage rows (first cubes)."""
+    block at row ``row0[(split, res)] + j``; return the first ``montage_n`` cubes per
+    (split, resolution)."""
     a = ctx.args
     size = (a.input_rows, a.input_cols, a.input_deps)
     montage: dict[tuple[str, int], list[np.ndarray]] = {}
@@ -109,7 +108,7 @@ def _write_class(ctx: DiscoveryContext, plan: ClassPlan, files: BlockFiles, row0
         files.write(key, row0[key] + j, cube)
         if j < montage_n:
             montage.setdefault(key, []).append(cube)
-    return [montage[k] for k in sorted(montage, key=lambda k: (k[0] != "train", k[1]))]
+    return montage
 
 
 def _write_blocks(ctx: DiscoveryContext, plans: list[ClassPlan], same_run: bool,
@@ -148,7 +147,7 @@ def _write_blocks(ctx: DiscoveryContext, plans: list[ClassPlan], same_run: bool,
                 rows = _write_class(ctx, plans[c], files, row0, a.montage_instances)
                 if a.montage_instances > 0:
                     save_png(target / "montage" / f"class_{c:03d}.png",
-                             middle_slice_grid(rows, min_tile=MONTAGE_TILE))
+                             class_montage(plans[c], rows, cube_size))
                 bar.update(1)
         write_coordinates(target / "coordinates.csv", plans[:last], per_file, counts)
     bar.close()

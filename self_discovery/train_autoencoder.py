@@ -51,7 +51,6 @@ from runtime.distributed import (DistInfo, all_reduce_sum, barrier, distributed_
                                  shard_indices)
 from runtime.errors import InputError
 from runtime.files import output_session, write_run_config
-from runtime.images import middle_slice_grid
 from runtime.provenance import ResumePolicy
 from runtime.training import (DATA_IDENTITY, EarlyStopping, EpochCheckpoints, MetricLogger,
                               RunState, batch_sums, check_finite_training,
@@ -60,6 +59,7 @@ from runtime.training import (DATA_IDENTITY, EarlyStopping, EpochCheckpoints, Me
                               unfinished_checkpoint)
 from self_discovery.volumes import (ResizedVolumeDataset, describe_volume_changes, list_volumes,
                                     volume_identities)
+from self_discovery.montage import reconstruction_grid
 
 __all__ = ["BEST_NAME", "LAST_NAME", "ARCH", "build_parser", "build_autoencoder", "model_config",
            "plateau_scheduler", "train_step", "train", "main", "BN_MOMENTUM", "BN_EPS",
@@ -353,7 +353,7 @@ def _train(args: argparse.Namespace, info: DistInfo, device: torch.device,
             log.line(f"saved {checkpoints.best}", 2)
         log.scalars({"loss/train": train_loss, "loss/val": val_loss, "lr": lr}, state.epoch)
         if grid_rows:
-            log.image("val/input|reconstruction", middle_slice_grid(grid_rows), state.epoch)
+            log.image("val/input|reconstruction", reconstruction_grid(grid_rows), state.epoch)
         log.flush()
         if decision.stop:
             log.line(f"early stopping: {state.no_improve} epochs without validation improvement")

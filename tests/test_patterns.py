@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pytorch.data import load_pretraining_data
 from pytorch.manifest import DATA_FLAGS, resolve_data_flags
 from runtime.errors import InputError
-from runtime.images import middle_slice_grid
+from runtime.images import labelled_grid, middle_slice_grid
 from runtime.intensity import is_unit_range
 from experiments.benchmark_patterns import naive_weight_sum  # the reference's per-voxel loop
 from self_discovery import pattern_generator_3D as pg
@@ -171,9 +171,15 @@ def test_files_counts_and_cubes_match_coordinates(dataset, run3):
     # a montage per class and the run config
     assert sorted(p.name for p in (save / "montage").glob("*.png")) == \
         ["class_000.png", "class_001.png", "class_002.png"]
-    # 4 rows (resolutions 1-3, validation) x 3 cubes; 64-pixel slices shown at 128 (2 px gaps)
-    png = (save / "montage" / "class_000.png").read_bytes()
-    assert png[12:16] == b"IHDR" and struct.unpack(">II", png[16:24]) == (3 * 130 + 2, 4 * 130 + 2)
+    # 4 rows (resolutions 1-3, validation) x 3 cubes; 64-voxel slices shown at 128 pixels
+    with Image.open(save / "montage" / "class_000.png") as im:
+        assert im.format == "PNG" and im.mode == "L"
+        img = np.asarray(im)
+    assert img.shape[0] > 4 * 128 and img.shape[1] > 3 * 128
+    for prefix, res in [("train", 1), ("train", 2), ("train", 3), ("val", 1)]:
+        d = np.load(save / f"{prefix}_data{res}_vwGen_ex_ref_fold1.0.npy", mmap_mode="r")
+        for cube in d[:3]:   # the class's first three cubes of the row, each shown once
+            assert _tile_count(img, cube) == 1, (prefix, res)
     assert json.loads((save / "config.json").read_text())["nb_classes"] == 3
 
 
@@ -384,10 +390,24 @@ def test_multi_resolution_crops_shift_within_the_range(dataset, run3):
     assert multi_res_crop(rng, 30, 30, (60, 60, 40), 50, 80) == (10, 10, 50)
 
 
+def _tile_count(img: np.ndarray, cube: np.ndarray, k: int = 2) -> int:
+    """How often the middle z-slice of ``cube`` (X, Y, Z), x across and each voxel k x k
+    pixels, appears in the 8-bit picture ``img`` (H, W)."""
+    tile = np.kron(cube[:, :, cube.shape[2] // 2].T, np.ones((k, k), np.float32))
+    tile = (np.clip(tile, 0, 1) * 255 + 0.5).astype(np.uint8)
+    th, tw = tile.shape
+    rows = np.lib.stride_tricks.sliding_window_view(img, tw, axis=1)   # (H, W - tw + 1, tw)
+    ys, xs = np.nonzero((rows == tile[0]).all(axis=2))
+    return sum(np.array_equal(img[y:y + th, x:x + tw], tile) for y, x in zip(ys, xs))
+
+
 def test_montage_tiles_are_enlarged_voxel_by_voxel():
     cube = np.random.default_rng(0).random((32, 24, 8)).astype(np.float32)
-    img = middle_slice_grid([[cube, cube]], pad=2, min_tile=pg.MONTAGE_TILE)
-    assert img.shape == (2 + 4 * 32 + 2, 2 + 2 * (4 * 24 + 2))  # x4: the 24-voxel side -> 96
-    tile = img[2:2 + 128, 2:2 + 96]
-    np.testing.assert_array_equal(tile, np.kron(cube[:, :, 4], np.ones((4, 4), np.float32)))
+    grid = labelled_grid([[cube, cube]], min_tile=pg.MONTAGE_TILE)
+    assert pg.MONTAGE_TILE >= 128
+    expected = np.kron(cube[:, :, 4].T, np.ones((6, 6), np.float32))  # x6: 24 voxels -> 144
+    for top, left, h, w in grid.tiles[0]:
+        assert (h, w) == (6 * 24, 6 * 32)   # y down, x across
+        shown = grid.image[top:top + h, left:left + w]
+        np.testing.assert_allclose(shown, expected, atol=0.5 / 255 + 1e-6)
     assert middle_slice_grid([[cube]]).shape == (36, 28)  # no min_tile: one pixel per voxel
