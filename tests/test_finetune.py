@@ -300,3 +300,27 @@ def test_segmentation_bad_inputs(volumes, tmp_path, capsys):
         fs.main(["--images", str(volumes / "img"), "--masks", str(volumes / "msk"),
                  "--crop", "30", "32", "16"] + base[:-4])
     assert exit_.value.code == 2 and "'30' is not a multiple of 8" in capsys.readouterr().err
+
+
+def test_test_metrics_on_hand_made_predictions():
+    """The reported metrics on predictions computed by hand: the classification AUC and
+    accuracy, and the whole-volume sliding-window IoU / Dice of segmentation (an identity
+    "model" predicts its input, so the prediction is the image thresholded at 0.5)."""
+    m = fc.classification_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    assert m["auc"] == pytest.approx(0.75) and m["accuracy"] == pytest.approx(0.75)
+
+    class Identity(nn.Module):
+        def forward(self, x):
+            return x
+
+    shape = (24, 20, 12)
+    image = np.zeros(shape, np.float32)
+    image[4:12, 4:12, 2:6] = 1.0                     # predicted: 8 x 8 x 4 = 256 voxels
+    mask = np.zeros(shape, np.uint8)
+    mask[8:16, 4:12, 2:6] = 1                        # truth: shifted by 4 in x, overlap 128
+    empty = fs.Case("empty", image, np.zeros(shape, np.uint8), np.zeros((0, 3), np.int32), "", "")
+    case = fs.Case("case", image, mask, np.argwhere(mask).astype(np.int32), "", "")
+    out = fs.evaluate_cases(Identity(), [case, empty], crop=(16, 16, 8), overlap=0.5,
+                            batch_size=2, device=torch.device("cpu"))
+    assert out["iou"] == pytest.approx(128 / 384) and out["dice"] == pytest.approx(256 / 512)
+    assert out["n"] == 2 and out["n_empty"] == 1     # an empty mask leaves the means alone
