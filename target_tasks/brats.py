@@ -31,8 +31,8 @@ import numpy as np
 from runtime.cli import positive_float
 from runtime.errors import InputError
 from runtime.provenance import file_identity
-from target_tasks.common import (Plan, TaskHooks, check_labels, check_same_grid,
-                                 missing_or_refuse, plan_settings, read_header, relative_to,
+from target_tasks.common import (Plan, TaskHooks, check_same_grid, missing_or_refuse,
+                                 plan_settings, read_header, read_labelled_volume, relative_to,
                                  write_case)
 
 __all__ = ["FOLDS_CSV", "LABELS", "add_flags", "read_folds", "published_split",
@@ -169,18 +169,9 @@ def zscore_to_unit(flair: np.ndarray, clip: float, path: Path) -> tuple[np.ndarr
 
 def work(item: dict[str, Any]) -> dict[str, Any]:
     """Read one patient's FLAIR and segmentation, normalise, write the case."""
-    from preparation.ct_io import CTReadError, read_ct
-
-    flair_path, seg_path = Path(item["image"]), Path(item["mask"])
-    try:
-        flair, spacing, meta = read_ct(flair_path)
-        seg, _, _ = read_ct(seg_path)
-    except CTReadError as e:
-        raise InputError(f"{e}; {_FIX}") from None
-    if flair.shape != seg.shape:
-        raise InputError(f"{seg_path}: shape {seg.shape} differs from the FLAIR's {flair.shape}; "
-                         f"{_FIX}")
-    check_labels(seg, LABELS, seg_path, _FIX)
+    flair_path = Path(item["image"])
+    flair, seg, spacing, meta = read_labelled_volume(flair_path, Path(item["mask"]), LABELS,
+                                                     _FIX, what="FLAIR")
     image, stats = zscore_to_unit(flair, item["z_clip"], flair_path)
     tumour = seg > 0
     files = write_case(Path(item["out"]), item["split"], item["key"], image, tumour)

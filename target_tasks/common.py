@@ -32,7 +32,7 @@ from runtime.provenance import ResumePolicy, check_resume_settings, file_identit
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "SPLITS", "SEG_FOLDERS", "Plan", "TaskHooks",
            "check_disjoint", "missing_or_refuse", "outputs", "run_plan", "write_case", "check_labels",
-           "read_header", "check_same_grid", "relative_to", "plan_settings"]
+           "read_header", "read_labelled_volume", "check_same_grid", "relative_to", "plan_settings"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -150,6 +150,26 @@ def check_labels(labels: np.ndarray, allowed: Iterable[int], path: Path, fix: st
         bad = np.unique(labels[~ok])[:6]
         raise InputError(f"{path}: label values {[float(b) for b in bad]} besides the expected "
                          f"{allowed}; {fix}")
+
+
+def read_labelled_volume(image_path: Path, mask_path: Path, labels: Iterable[int], fix: str,
+                         what: str = "volume") -> tuple[np.ndarray, np.ndarray, tuple, dict]:
+    """One image and its label volume through ``preparation.ct_io.read_ct`` (both in (x, y, z),
+    reoriented alike): ``(image, labels, spacing, meta of the image)``. A file that cannot be
+    read, label volumes of another shape and label values outside ``labels`` are one
+    ``InputError`` naming the file and ``fix``."""
+    from preparation.ct_io import CTReadError, read_ct  # local: SimpleITK only in the workers
+
+    try:
+        image, spacing, meta = read_ct(image_path)
+        seg, _, _ = read_ct(mask_path)
+    except CTReadError as e:
+        raise InputError(f"{e}; {fix}") from None
+    if image.shape != seg.shape:
+        raise InputError(f"{mask_path}: shape {seg.shape} differs from its {what}'s "
+                         f"{image.shape}; {fix}")
+    check_labels(seg, labels, mask_path, fix)
+    return image, seg, spacing, meta
 
 
 def read_header(path: Path, fix: str) -> dict[str, Any]:

@@ -26,8 +26,8 @@ import numpy as np
 from runtime.cli import add_hu_flags, check_hu_window, nonneg_int
 from runtime.errors import InputError
 from runtime.intensity import normalize_hu
-from target_tasks.common import (Plan, TaskHooks, check_labels, check_same_grid,
-                                 missing_or_refuse, plan_settings, read_header, relative_to,
+from target_tasks.common import (Plan, TaskHooks, check_same_grid, missing_or_refuse,
+                                 plan_settings, read_header, read_labelled_volume, relative_to,
                                  write_case)
 
 __all__ = ["SPLIT_IDS", "LABELS", "add_flags", "find_pairs", "plan", "work", "HOOKS"]
@@ -120,18 +120,8 @@ def resize_inplane(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, fl
 
 def work(item: dict[str, Any]) -> dict[str, Any]:
     """Read, normalise (and resize) one volume and its liver mask; write the case."""
-    from preparation.ct_io import CTReadError, read_ct
-
-    image_path, mask_path = Path(item["image"]), Path(item["mask"])
-    try:
-        hu, spacing, meta = read_ct(image_path)
-        seg, _, _ = read_ct(mask_path)
-    except CTReadError as e:
-        raise InputError(f"{e}; {_FIX}") from None
-    if hu.shape != seg.shape:
-        raise InputError(f"{mask_path}: shape {seg.shape} differs from its volume's {hu.shape}; "
-                         f"{_FIX}")
-    check_labels(seg, LABELS, mask_path, _FIX)
+    hu, seg, spacing, meta = read_labelled_volume(Path(item["image"]), Path(item["mask"]),
+                                                  LABELS, _FIX)
     liver = seg > 0
     del seg
     image = normalize_hu(hu, *item["hu"])

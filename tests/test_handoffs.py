@@ -19,22 +19,13 @@ from pytorch.data import load_pretraining_data
 from runtime.errors import CheckpointError, InputError
 from runtime.provenance import file_identity
 from self_discovery import feature_extractor as fe
-from self_discovery import features_index
 from self_discovery import pattern_generator_3D as pg
 from self_discovery import train_autoencoder as ta
 from tests.fold_fixtures import SHAPE, make_fold_files, make_volume_dataset, train_args
 from tests.test_patterns import _args, make_dataset
+from tests.test_cli_errors import one_error_line
 
 SPLITS = ("train", "validation")
-
-
-def one_error_line(capsys, rc: int, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def autoencoder_checkpoint(path: Path, size=(32, 32, 16)) -> Path:

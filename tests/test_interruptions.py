@@ -32,17 +32,9 @@ from self_discovery.fold_files import check_fold_index
 from self_discovery.volumes import list_volumes
 from tests.fold_fixtures import autoencoder_args, make_volume_dataset, tiny_pretraining, train_args
 from tests.test_patterns import _args, make_dataset
+from tests.test_cli_errors import one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def one_error_line(capsys, rc: int, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def killed_child(code: str) -> None:

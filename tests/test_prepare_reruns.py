@@ -11,20 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from preparation import prepare as pd
 from preparation.phantoms import make_chest_phantom, write_phantom_dataset, write_volume
+from tests.test_prepare_dataset import _manifest, _run
 
 SHAPE = (24, 24, 10)
-
-
-def _run(capsys, *argv: str) -> tuple[int, str]:
-    rc = pd.main(list(argv))
-    cap = capsys.readouterr()
-    return rc, cap.out + cap.err
-
-
-def _manifest(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
 
 
 def _layout(out: Path) -> dict[str, bytes]:

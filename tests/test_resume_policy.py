@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,17 +17,9 @@ from self_discovery import train_autoencoder as ta
 from tests.fold_fixtures import (autoencoder_args, make_fold_files, make_volume_dataset,
                                  tiny_pretraining)
 from tests.test_patterns import _args, make_dataset
+from tests.test_cli_errors import one_error_line
 
 CKPT = "semantic_genesis_chest_ct"
-
-
-def one_error_line(capsys, rc: int, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _set(argv: list[str], flag: str, value: str) -> list[str]:
