@@ -363,7 +363,9 @@ def load_training_state(ckpt: Mapping[str, Any], optimizer: torch.optim.Optimize
 def clean_state_dict(state_dict: Mapping[str, torch.Tensor],
                      source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Strip wrapper prefixes (``module.``, ``_orig_mod.``, ``classficationNet.``) and drop
-    keys of heads that are not part of our networks (``projection_head.*``, ``prototypes.*``)."""
+    keys of heads that are not part of our networks (``projection_head.*``, ``prototypes.*``).
+    A key that is not a name or a value that is not a tensor is a ``CheckpointError`` (a damaged
+    file): every reader of weights goes through here first."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if not isinstance(key, str):
@@ -373,6 +375,10 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor],
         if key.startswith(IGNORED_PREFIXES):
             continue
         out[key] = value
+    odd = [f"{k} ({type(v).__name__})" for k, v in out.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CheckpointError(f"{source}: {len(odd)} state_dict value(s) are not tensors: "
+                              f"{', '.join(odd[:5])}; the file is damaged or not a checkpoint")
     return out
 
 
@@ -430,10 +436,6 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
     new_keys = tuple(new_keys)
     target = model.state_dict()
     state = clean_state_dict(state_dict, source)
-    odd = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if odd:
-        raise CheckpointError(f"{source}: {len(odd)} state_dict value(s) are not tensors: "
-                              f"{', '.join(odd[:5])}; the file is damaged or not a checkpoint")
     bad = [k for k, v in state.items() if k in target and v.is_floating_point()
            and not bool(torch.isfinite(v).all())]
     if bad:
