@@ -39,7 +39,8 @@ import numpy as np
 from tqdm import tqdm
 
 from runtime.cli import (ArgumentParser, HelpFormatter, nonneg_int, positive_int, probability,
-                         seed_int)
+                         run_cli, seed_int)
+from runtime.errors import InputError, ReportedError
 from runtime.files import atomic_path, save_json_atomic, save_npy_atomic
 from self_discovery.feature_extractor import INDEX_NAME, save_features
 from self_discovery.lung_test import lung_test_weight_sum
@@ -126,7 +127,7 @@ def write_dataset(root: Path, n_train: int, n_val: int, shape: Sequence[int], fe
     save_features(feats, rng.standard_normal((n_train, feat_dim)).astype(np.float32),
                   rng.standard_normal((n_val, feat_dim)).astype(np.float32),
                   {"train": names["train"], "validation": names["validation"],
-                   "feature_dim": feat_dim})
+                   "feature_dim": feat_dim}, data_dir=root / "data")
     return root
 
 
@@ -202,12 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+def run(a: argparse.Namespace) -> dict:
+    """Time the lung test (and, unless ``--skip_end_to_end``, the generator end to end);
+    return the results (also what ``--json`` writes)."""
     n_train = a.patients - a.val_patients
     if n_train < 1 or a.val_patients < 1:
-        print("error: --patients must exceed --val_patients >= 1", file=sys.stderr)
-        return 2
+        raise InputError("--patients must exceed --val_patients >= 1")
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                                 f"{platform.python_implementation()} {platform.python_version()}",
                      "config": vars(a)}
@@ -243,9 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.perf_counter() - t
             if proc.returncode != 0:
                 print(proc.stdout[-2000:], file=sys.stderr)
-                print(f"error: the pattern generator failed (exit {proc.returncode})",
-                      file=sys.stderr)
-                return 1
+                raise ReportedError(f"the pattern generator failed (exit {proc.returncode}); "
+                                    "its output is above")
             results["end_to_end_s"] = wall
             results["seconds_per_class"] = wall / a.classes
             # ru_maxrss: KiB on Linux, the largest child waited for (only the generator here)
@@ -257,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         elif not a.keep:
             shutil.rmtree(root / "data", ignore_errors=True)
             shutil.rmtree(root / "out", ignore_errors=True)
+    if a.json:
+        save_json_atomic(a.json, results)
+    return results
+
+
+def _report(a: argparse.Namespace, results: dict) -> None:
     print(f"machine: {results['machine']}")
     print(f"lung test per candidate: vectorised {results['lung_test_vectorised_s'] * 1e3:.3f} ms, "
           f"naive loop {results['lung_test_naive_s']:.3f} s, speed-up "
@@ -271,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
               f"multi_res={not a.no_multi_res}: {results['end_to_end_s']:.1f} s, "
               f"{results['seconds_per_class']:.2f} s/class, peak RSS "
               f"{results['peak_rss_gib']:.2f} GiB, output {results['output_gib']:.2f} GiB")
-    if a.json:
-        save_json_atomic(a.json, results)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser, run, argv, report=_report)
 
 
 if __name__ == "__main__":

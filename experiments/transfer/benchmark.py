@@ -24,8 +24,8 @@ from finetune import segmentation as finetune_segmentation
 from finetune.cells import Cell, plan_cells, run_config, run_finetune_cell
 from models.checkpoint import load_checkpoint
 from models.targets import infer_width
-from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, nonneg_int,
-                         positive_float, positive_int, run_cli, seed_int)
+from runtime.cli import (ArgumentParser, HelpFormatter, add_overwrite_flag, add_verbosity_flag,
+                         nonneg_int, positive_float, positive_int, run_cli, seed_int)
 from runtime.devices import device_name
 from runtime.errors import InputError
 from runtime.files import make_output_dir, output_session, save_json_atomic, write_run_config
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=nonneg_int, default=2, help="DataLoader workers per run")
     g.add_argument("--output_dir", default="runs/transfer_benchmark",
                    help="data/, runs/, config.json and transfer_benchmark.json go here")
-    g.add_argument("--quiet", action="store_true", help="no per-epoch lines from the runs")
+    add_verbosity_flag(g, "1: each run's epoch lines and progress bars; 2: the same")
     add_overwrite_flag(g, "the runs (and data) whose recorded settings differ from this run's")
 
     c = ap.add_argument_group("classification task (nodule / no nodule cubes)")
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     weights_id = file_identity(args.weights)
     out = Path(args.output_dir)
     common = {"--width": str(width), "--norm": args.norm, "--device": args.device,
-              "--num_workers": str(args.num_workers), "--quiet": args.quiet, "--overwrite": True}
+              "--num_workers": str(args.num_workers), "--verbose": str(args.verbose), "--overwrite": True}
     data_cells, jobs = {}, []
     for task in args.tasks:
         spec, module, specific = _task(args, task)

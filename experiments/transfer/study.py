@@ -49,7 +49,8 @@ from finetune.cells import Cell, plan_cells, run_config, run_finetune_cell, star
 from finetune.stats import fraction_key
 from pytorch import train
 from pytorch.diagnostics import format_diagnostics
-from runtime.cli import ArgumentParser, HelpFormatter, nonneg_int, positive_int, run_cli
+from runtime.cli import (ArgumentParser, HelpFormatter, add_verbosity_flag, nonneg_int,
+                         positive_int, run_cli)
 from runtime.devices import resolve_device
 from runtime.errors import InputError, ReportedError
 from runtime.files import atomic_path, make_output_dir, save_json_atomic, write_run_config
@@ -292,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=nonneg_int, default=0,
                     help="torch CPU threads per process (0: torch's default); 1 is faster on a "
                          "busy machine")
-    ap.add_argument("--quiet", action="store_true", help="no per-epoch pretraining lines")
+    add_verbosity_flag(ap, "1: per-epoch pretraining lines (with --workers 1) and progress bars; "
+                           "2: the same")
     return ap
 
 
@@ -304,7 +306,7 @@ def _run_steps(out: Path, cfg: dict[str, Any], study: dict[str, Any], flags: dic
     pre: dict[str, dict[str, Any]] = {}
     values: dict[tuple, float] = {}
     bar = tqdm(total=len(cells), desc="fine-tuning cells", dynamic_ncols=True)
-    quiet = args.quiet or args.workers > 1   # parallel epoch lines would interleave
+    quiet = args.verbose == 0 or args.workers > 1   # parallel epoch lines would interleave
     with _executor(args.workers, args.threads) as ex:
         pending: dict[Any, tuple[str, Any]] = {}
 
