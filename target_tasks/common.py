@@ -31,8 +31,9 @@ from runtime.parallel import ordered_map
 from runtime.provenance import ResumePolicy, check_resume_settings, file_identity
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "SPLITS", "SEG_FOLDERS", "Plan", "TaskHooks",
-           "check_disjoint", "missing_or_refuse", "outputs", "run_plan", "write_case", "check_labels",
-           "read_header", "read_labelled_volume", "check_same_grid", "relative_to", "plan_settings"]
+           "check_disjoint", "find_one", "missing_or_refuse", "outputs", "run_plan", "write_case",
+           "check_labels", "read_header", "read_labelled_volume", "check_same_grid", "relative_to",
+           "plan_settings"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -170,6 +171,21 @@ def read_labelled_volume(image_path: Path, mask_path: Path, labels: Iterable[int
                          f"{image.shape}; {fix}")
     check_labels(seg, labels, mask_path, fix)
     return image, seg, spacing, meta
+
+
+def find_one(data_dir: Path, name: str, missing: str, several_fix: str) -> Path:
+    """The one file called ``name`` in ``data_dir`` (directly, else anywhere below it: the
+    downloads unzip into sub-folders). None (``missing``: what to say, with the fix) or
+    several are an ``InputError`` naming ``data_dir``."""
+    direct = data_dir / name
+    if direct.is_file():
+        return direct
+    found = sorted(p for p in data_dir.rglob(name) if p.is_file())
+    if not found:
+        raise InputError(f"{data_dir}: {missing}")
+    if len(found) > 1:
+        raise InputError(f"{data_dir}: several {name} ({found[0]}, {found[1]}); {several_fix}")
+    return found[0]
 
 
 def read_header(path: Path, fix: str) -> dict[str, Any]:

@@ -30,7 +30,8 @@ import numpy as np
 from runtime.errors import InputError
 from runtime.intensity import check_real_array, finite_range, within_unit_range
 from runtime.provenance import file_identity
-from target_tasks.common import Plan, TaskHooks, plan_settings, relative_to, write_case
+from target_tasks.common import (Plan, TaskHooks, find_one, plan_settings, relative_to,
+                                 write_case)
 
 __all__ = ["SOURCE_SPLITS", "CUBE", "add_flags", "plan", "cube_layout", "work", "HOOKS"]
 
@@ -47,16 +48,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _find(data_dir: Path, name: str) -> Path:
-    direct = data_dir / name
-    if direct.is_file():
-        return direct
-    found = sorted(p for p in data_dir.rglob(name) if p.is_file())
-    if not found:
-        raise InputError(f"{data_dir}: {name} not found; put the six processed NCS arrays "
-                         "(x_ and m_ of train, valid and test, _64x64x32.npy) into it")
-    if len(found) > 1:
-        raise InputError(f"{data_dir}: several {name} ({found[0]}, {found[1]}); keep one")
-    return found[0]
+    return find_one(data_dir, name, f"{name} not found; put the six processed NCS arrays (x_ "
+                    "and m_ of train, valid and test, _64x64x32.npy) into it", "keep one")
 
 
 def cube_layout(shape: tuple[int, ...], path: Path) -> tuple[int, int | None]:

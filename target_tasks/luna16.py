@@ -39,8 +39,8 @@ from runtime.errors import InputError
 from runtime.files import atomic_path, save_npy_atomic
 from runtime.intensity import normalize_hu
 from runtime.provenance import file_identity
-from target_tasks.common import (SPLITS, Plan, TaskHooks, missing_or_refuse, plan_settings,
-                                 relative_to)
+from target_tasks.common import (SPLITS, Plan, TaskHooks, find_one, missing_or_refuse,
+                                 plan_settings, relative_to)
 
 __all__ = ["CUBE", "SPLIT_SUBSETS", "CANDIDATES_NAME", "CSV_FIELDS", "add_flags", "plan",
            "read_candidates", "find_scans", "check_mhd", "extract_cube", "work", "HOOKS"]
@@ -93,17 +93,10 @@ def _find_candidates(data_dir: Path, given: Path | None) -> Path:
         if not given.is_file():
             raise InputError(f"{given}: --candidates not found; give the path of {CANDIDATES_NAME}")
         return given
-    direct = data_dir / CANDIDATES_NAME
-    if direct.is_file():
-        return direct
-    found = sorted(p for p in data_dir.rglob(CANDIDATES_NAME) if p.is_file())
-    if not found:
-        raise InputError(f"{data_dir}: no {CANDIDATES_NAME} found; unzip candidates_V2.zip of "
-                         "LUNA16 into it, or give --candidates")
-    if len(found) > 1:
-        raise InputError(f"{data_dir}: several {CANDIDATES_NAME} ({found[0]}, {found[1]}); give "
-                         "the one to use with --candidates")
-    return found[0]
+    return find_one(data_dir, CANDIDATES_NAME,
+                    f"no {CANDIDATES_NAME} found; unzip candidates_V2.zip of LUNA16 into it, or "
+                    "give --candidates",
+                    "give the one to use with --candidates")
 
 
 def read_candidates(path: Path) -> dict[str, Any]:
