@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from runtime.files import atomic_path
 
-__all__ = ["TILE_PX", "LabelledGrid", "labelled_grid", "middle_slice_grid", "save_png",
+__all__ = ["TILE_PX", "LabelledGrid", "labelled_grid", "save_png",
            "tile_scale", "wrap_text"]
 
 #: Smallest side, in pixels, of a tile of a labelled grid (small cubes are enlarged).
@@ -42,29 +42,6 @@ def tile_scale(side: int, min_tile: int = TILE_PX) -> int:
     """The smallest integer factor that makes a slice whose shorter side is ``side`` voxels
     at least ``min_tile`` pixels a side."""
     return max(1, -(-min_tile // max(1, side)))
-
-
-def middle_slice_grid(rows: list[list[_Cube]], pad: int = 2, min_tile: int = 0) -> np.ndarray:
-    """Tile middle z-slices of cubes into one grayscale image, without text.
-
-    ``rows[r][c]`` is a cube (X, Y, Z) or (1, X, Y, Z) with values in [0, 1]; each tile is its
-    slice at Z // 2 with x down and y across. With ``min_tile``, the slices are enlarged by
-    the smallest integer factor (nearest neighbour) that makes each tile at least ``min_tile``
-    pixels on a side. Returns a float32 image (H, W) in [0, 1], white between tiles.
-    """
-    tiles = [[_cube_array(c) for c in row] for row in rows]
-    h = max(t.shape[0] for row in tiles for t in row)
-    w = max(t.shape[1] for row in tiles for t in row)
-    ncols = max(len(row) for row in tiles)
-    k = tile_scale(min(h, w), min_tile) if min_tile else 1
-    h, w = h * k, w * k
-    img = np.ones(((h + pad) * len(tiles) + pad, (w + pad) * ncols + pad), np.float32)
-    for r, row in enumerate(tiles):
-        for c, cube in enumerate(row):
-            sl = cube[:, :, cube.shape[2] // 2].repeat(k, axis=0).repeat(k, axis=1)
-            y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
-            img[y0:y0 + sl.shape[0], x0:x0 + sl.shape[1]] = np.clip(sl, 0, 1)
-    return img
 
 
 @lru_cache(maxsize=4)

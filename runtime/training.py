@@ -320,7 +320,7 @@ class MetricLogger:
                     self.writer.add_scalar(tag, value, step)
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
-        """A grayscale (H, W) image in [0, 1] (e.g. ``runtime.images.middle_slice_grid``)."""
+        """A grayscale (H, W) image in [0, 1] (e.g. ``runtime.images.labelled_grid(...).image``)."""
         if self.writer is not None:
             self.writer.add_image(tag, image, step, dataformats="HW")
 

@@ -116,6 +116,6 @@ PAPER: dict[str, dict[str, tuple[float, float]]] = {
 
 
 def paper_row(task: str) -> str:
-    """The paper's row of ``task`` as text: ``Semantic Genesis 98.46 ± 0.30, ...``."""
-    return ", ".join(f"{PAPER_COLUMN_LABELS[c]} {m:.2f} ± {s:.2f}"
+    """The paper's row of ``task`` as text: ``Semantic Genesis 98.46 ± 0.30; ...``."""
+    return "; ".join(f"{PAPER_COLUMN_LABELS[c]} {m:.2f} ± {s:.2f}"
                      for c, (m, s) in PAPER[task].items())

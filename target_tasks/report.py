@@ -12,7 +12,7 @@ from typing import Any
 
 from runtime.files import atomic_path
 from target_tasks.inits import Init
-from target_tasks.protocols import PAPER, PAPER_COLUMN_LABELS, Protocol
+from target_tasks.protocols import PAPER, PAPER_COLUMN_LABELS, Protocol, paper_row
 
 __all__ = ["format_table", "plot_results"]
 
@@ -56,8 +56,7 @@ def format_table(proto: Protocol, rows: list[dict[str, Any]], inits: list[Init])
         lines.append(f"| {init.name} | {init.kind} | {100 * float(r['fraction']):g}% | {r['n']} | "
                      f"{_pct(r['mean'])} ± {std} | {_interval(*r['ci'])} | {diff} | {paper} |")
     lines += ["", f"Paper (Haghighi et al., MICCAI 2020), {proto.dataset}, test "
-              f"{proto.metric_label} %, all labels: " + "; ".join(
-                  f"{PAPER_COLUMN_LABELS[c]} {m:.2f} ± {s:.2f}" for c, (m, s) in PAPER[proto.task].items())]
+              f"{proto.metric_label} %, all labels: " + paper_row(proto.task)]
     return "\n".join(lines)
 
 

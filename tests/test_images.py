@@ -11,7 +11,7 @@ from PIL import Image
 from pytorch.data import PretrainingCubes
 from pytorch.engine import LossConfig, build_model
 from pytorch.preview import preview_rows, restoration_preview
-from runtime.images import (TILE_PX, _font, labelled_grid, middle_slice_grid, save_png,
+from runtime.images import (TILE_PX, _font, labelled_grid, save_png,
                             tile_scale, wrap_text)
 from self_discovery.discovery import ClassPlan, CubeSpec
 from self_discovery.montage import class_montage, montage_rows, reconstruction_grid
@@ -82,13 +82,6 @@ def test_wrap_text_fits_the_width_and_keeps_every_word():
     assert all(font.getlength(x) <= 90 for x in lines)
     assert "".join(lines).replace(" ", "") == text.replace("\n", "").replace(" ", "")
     assert wrap_text("a\nb", 500, font) == ["a", "b"]
-
-
-def test_middle_slice_grid_without_text_is_unchanged():
-    cube = _cubes(1, (8, 6, 4))[0]
-    img = middle_slice_grid([[cube]], pad=2)
-    assert img.shape == (12, 10)
-    np.testing.assert_array_equal(img[2:10, 2:8], cube[:, :, 2])
 
 
 # ------------------------------------------------------------------------------- montage

@@ -19,7 +19,7 @@ from PIL import Image
 from pytorch.data import load_pretraining_data
 from pytorch.manifest import DATA_FLAGS, resolve_data_flags
 from runtime.errors import InputError
-from runtime.images import labelled_grid, middle_slice_grid
+from runtime.images import labelled_grid
 from runtime.intensity import is_unit_range
 from experiments.benchmark_patterns import naive_weight_sum  # the reference's per-voxel loop
 from self_discovery import pattern_generator_3D as pg
@@ -410,4 +410,3 @@ def test_montage_tiles_are_enlarged_voxel_by_voxel():
         assert (h, w) == (6 * 24, 6 * 32)   # y down, x across
         shown = grid.image[top:top + h, left:left + w]
         np.testing.assert_allclose(shown, expected, atol=0.5 / 255 + 1e-6)
-    assert middle_slice_grid([[cube]]).shape == (36, 28)  # no min_tile: one pixel per voxel
